@@ -1,0 +1,4 @@
+"""The devbox command (work in progress)."""
+
+def main() -> int:
+    return 0
