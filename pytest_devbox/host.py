@@ -1,0 +1,219 @@
+"""What this host can do: accelerator, libvirt, tools, kernel for libguestfs, cache dir.
+
+Every check returns a `Check` with a fix a person can act on; `devbox doctor` prints them
+and the machine layer uses the same functions to fail early with the same advice.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import libvirt
+
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "/usr/lib/virtiofsd")
+TOOLS = {
+    "virt-builder": "guestfs-tools",
+    "qemu-img": "qemu-utils",
+    "guestfish": "libguestfs-tools",
+    "mmdebstrap": "mmdebstrap",
+}
+START_LIBVIRTD = (
+    "start libvirtd: `sudo systemctl start libvirtd`, or on a host without systemd "
+    "`sudo virtlogd -d && sudo libvirtd -d` (in a pytest-devbox checkout: `sudo scripts/setup-host`)"
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `devbox doctor`."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def default_cache_dir() -> Path:
+    """Where images, keys and templates live: shared by every project of this user."""
+    override = os.environ.get("PYTEST_DEVBOX_CACHE")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/var/cache/pytest-devbox")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pytest-devbox"
+
+
+def kvm_problem() -> str | None:
+    """Why KVM cannot run our guests here, or None when it really works."""
+    if platform.machine() != "x86_64":
+        return f"guests are x86_64 and this host is {platform.machine()}"
+    if not os.path.exists("/dev/kvm"):
+        return (
+            "/dev/kvm does not exist (no hardware virtualisation or the kvm module is not loaded)"
+        )
+    if os.path.exists("/sys/module/kvm_pvm"):
+        # PVM runs only guest kernels built for it: qemu aborts with -cpu host and
+        # stock distro kernels hang early, so it is no use to us.
+        return "/dev/kvm is PVM (kvm_pvm), which cannot boot stock distro kernels"
+    if not any(os.path.exists(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd")):
+        return "neither kvm_intel nor kvm_amd is loaded"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user (join the kvm group)"
+    return None
+
+
+def resolve_accel(requested: str = "auto") -> str:
+    """'kvm' or 'tcg'. 'auto' picks KVM only where it really works."""
+    if requested == "tcg":
+        return "tcg"
+    problem = kvm_problem()
+    if requested == "kvm":
+        if problem:
+            from .errors import HostNotReady
+
+            raise HostNotReady(f"--devbox-accel=kvm but {problem}; use --devbox-accel=auto or tcg")
+        return "kvm"
+    if requested != "auto":
+        from .errors import HostNotReady
+
+        raise HostNotReady(f"unknown accel {requested!r}: use auto, kvm or tcg")
+    return "tcg" if problem else "kvm"
+
+
+def libvirt_problem(uri: str) -> tuple[str, str] | None:
+    """(what is wrong, how to fix it) when libvirt at `uri` cannot be reached, else None."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        msg = str(e.get_error_message() or e)
+        if "ermission denied" in msg or e.get_error_code() == libvirt.VIR_ERR_AUTH_FAILED:
+            return (
+                f"no permission to use libvirt at {uri}: {msg}",
+                "add yourself to the libvirt group (`sudo usermod -aG libvirt $USER`, then log in "
+                "again) or use --devbox-uri qemu:///session",
+            )
+        if "No such file" in msg or "Connection refused" in msg or "Failed to connect" in msg:
+            return (f"libvirtd is not running ({uri}: {msg})", START_LIBVIRTD)
+        return (f"cannot open libvirt at {uri}: {msg}", START_LIBVIRTD)
+    conn.close()
+    return None
+
+
+def find_virtiofsd() -> str | None:
+    for path in VIRTIOFSD_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which("virtiofsd")
+
+
+def host_kernel() -> str | None:
+    """A kernel libguestfs (supermin) can boot its appliance with, or None."""
+    for vmlinuz in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+        version = vmlinuz.split("vmlinuz-", 1)[1]
+        if os.access(vmlinuz, os.R_OK) and os.path.isdir(f"/lib/modules/{version}"):
+            return vmlinuz
+    return None
+
+
+def cache_problem(cache_dir: Path) -> str | None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {cache_dir}: {e.strerror}"
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        return f"{cache_dir} is not writable by this user"
+    return None
+
+
+def run_checks(uri: str, cache_dir: Path, accel: str = "auto") -> list[Check]:
+    """Every doctor check, in the order a person would fix them."""
+    checks: list[Check] = []
+    problem = libvirt_problem(uri)
+    checks.append(
+        Check(
+            "libvirt",
+            problem is None,
+            problem[0] if problem else f"reachable at {uri}",
+            problem[1] if problem else "",
+        )
+    )
+    kvm = kvm_problem()
+    if accel == "kvm" and kvm:
+        checks.append(Check("accel", False, f"kvm requested but {kvm}", "use --devbox-accel=auto"))
+    else:
+        chosen = "tcg" if accel == "tcg" or kvm else "kvm"
+        why = f" ({kvm})" if kvm and accel != "tcg" else ""
+        slow = (
+            "; guests run under software emulation, boots take about 30 s"
+            if chosen == "tcg"
+            else ""
+        )
+        checks.append(Check("accel", True, f"{chosen}{why}{slow}"))
+    vfsd = find_virtiofsd()
+    checks.append(
+        Check(
+            "virtiofsd",
+            vfsd is not None,
+            vfsd or "not found (needed for virtiofs shares)",
+            "" if vfsd else "install qemu-system-common (Debian 12) or virtiofsd",
+            required=False,
+        )
+    )
+    for tool, package in TOOLS.items():
+        path = shutil.which(tool)
+        checks.append(
+            Check(
+                tool,
+                path is not None,
+                path or "not found",
+                "" if path else f"install the {package} package (`sudo apt-get install {package}`)",
+                required=tool != "mmdebstrap",
+            )
+        )
+    kernel = host_kernel()
+    checks.append(
+        Check(
+            "libguestfs kernel",
+            kernel is not None,
+            kernel or "no readable /boot/vmlinuz-* with matching /lib/modules",
+            ""
+            if kernel
+            else "install a kernel package (`sudo apt-get install linux-image-amd64`) "
+            "and make it readable (`sudo chmod 0644 /boot/vmlinuz-*`)",
+        )
+    )
+    cproblem = cache_problem(cache_dir)
+    checks.append(
+        Check(
+            "cache",
+            cproblem is None,
+            cproblem or f"{cache_dir} writable",
+            f"use --devbox-cache DIR or fix the permissions of {cache_dir}" if cproblem else "",
+        )
+    )
+    return checks
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    lines = []
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+        line = f"[{mark}] {c.name:<18} {c.detail}"
+        if c.fix and not c.ok:
+            line += f"\n       fix: {c.fix}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def checks_json(checks: Sequence[Check]) -> str:
+    return json.dumps([asdict(c) for c in checks], indent=2)
