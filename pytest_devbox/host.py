@@ -26,7 +26,8 @@ TOOLS = {
 }
 START_LIBVIRTD = (
     "start libvirtd: `sudo systemctl start libvirtd`, or on a host without systemd "
-    "`sudo virtlogd -d && sudo libvirtd -d` (in a pytest-devbox checkout: `sudo scripts/setup-host`)"
+    "`sudo virtlogd -d && sudo libvirtd -d`"
+    " (in a pytest-devbox checkout: `sudo scripts/setup-host`)"
 )
 
 
