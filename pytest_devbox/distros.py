@@ -1,0 +1,305 @@
+"""Distribution profiles: which template to build from, how to customise it, how to share /code.
+
+Built-in profiles cover the distributions devbox has always supported; a project adds
+or adjusts profiles in ``pyproject.toml`` (``[tool.pytest-devbox.distros.NAME]``) or in
+a ``devbox.toml`` beside it (``[distros.NAME]``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ProfileError, UnknownDistro
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+SHARE_KINDS = ("virtiofs", "9p")
+
+# virt-builder operations that reach a package repository.
+_PACKAGE_OPS = frozenset({"install", "update", "uninstall", "firstboot-install"})
+_PACKAGE_TOOLS = frozenset({"yum", "dnf", "apt-get", "apt"})
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SIZE_RE = re.compile(r"^[0-9]+(\.[0-9]+)?[KMGTPE]?$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How to build and boot one distribution.
+
+    ``customize`` holds virt-builder commands-file lines, applied in order before the
+    lines pytest-devbox adds itself (``/code`` mount point, guest user).
+    """
+
+    name: str
+    template: str
+    share: str = "virtiofs"
+    customize: tuple[str, ...] = ()
+    repos: tuple[str, ...] = ()
+    memory_mib: int = 1024
+    vcpus: int = 2
+    disk_size: str | None = None
+    extends: str | None = None
+
+    @property
+    def needs_network(self) -> bool:
+        """True when a customize line installs, updates or removes packages.
+
+        Those lines fetch from the distribution's mirrors, so virt-builder must run
+        without ``--no-network``.
+        """
+        for line in self.customize:
+            words = line.split()
+            if not words:
+                continue
+            if words[0] in _PACKAGE_OPS:
+                return True
+            if words[0] == "run-command" and any(
+                re.sub(r"^.*/", "", w) in _PACKAGE_TOOLS for w in words[1:]
+            ):
+                return True
+        return False
+
+
+# --- built-in profiles ------------------------------------------------------------------
+
+# CentOS 7 and 8 are end-of-life: mirror.centos.org is gone, so yum must use the vault
+# before anything is installed. $releasever ("7", "8") has no directory in the vault,
+# hence the fixed last release of each.
+_CENTOS7_VAULT = (
+    "run-command sed -i -e 's/^mirrorlist=/#mirrorlist=/'"
+    " -e 's|^#\\?baseurl=http://mirror.centos.org/centos/\\$releasever/"
+    "|baseurl=http://vault.centos.org/7.9.2009/|' /etc/yum.repos.d/CentOS-*.repo"
+)
+_CENTOS8_VAULT = (
+    "run-command sed -i -e 's/^mirrorlist=/#mirrorlist=/'"
+    " -e 's|^#\\?baseurl=http://mirror.centos.org/\\$contentdir/\\$releasever/"
+    "|baseurl=http://vault.centos.org/8.5.2111/|' /etc/yum.repos.d/CentOS-*.repo"
+)
+_CENTOSSTREAM8_VAULT = (
+    "run-command sed -i -e 's/^mirrorlist=/#mirrorlist=/'"
+    " -e 's|^#\\?baseurl=http://mirror.centos.org/\\$contentdir/\\$stream/"
+    "|baseurl=http://vault.centos.org/centos/8-stream/|' /etc/yum.repos.d/CentOS-Stream-*.repo"
+)
+
+# The CentOS 7 kernel (3.10) has no usable 9p transport; CentOS Plus kernel-plus does.
+# These lines are devbox's original recipe, kept verbatim.
+_CENTOS7_9P = (
+    "run-command yum-config-manager --enable centosplus",
+    'run-command sed -ie "s/DEFAULTKERNEL=kernel/DEFAULTKERNEL=kernel-plus/" /etc/sysconfig/kernel',
+    "append-line /etc/dracut.conf.d/virtio.conf:"
+    'add_drivers+="virtio_scsi virtio_pci virtio_console"',
+    "append-line /etc/modules-load.d/9pnet_virtio.conf:9pnet_virtio",
+    "install kernel-plus",
+    "append-line /etc/fstab:/code /code 9p trans=virtio 0 0",
+)
+
+
+def _builtin(name: str, share: str, customize: tuple[str, ...] = (), template: str = "") -> Profile:
+    return Profile(name=name, template=template or name, share=share, customize=customize)
+
+
+# The share follows the guest kernel: virtiofs from Linux 5.4 (RHEL 8's 4.18 has it
+# backported), 9p before.
+BUILTIN_PROFILES: Mapping[str, Profile] = MappingProxyType(
+    {
+        p.name: p
+        for p in (
+            _builtin("centos-7", "9p", (_CENTOS7_VAULT, *_CENTOS7_9P), template="centos-7.8"),
+            _builtin(
+                "centos-8",
+                "virtiofs",
+                (_CENTOS8_VAULT, "append-line /etc/fstab:/code /code virtiofs defaults,nofail 0 0"),
+                template="centos-8.2",
+            ),
+            _builtin("centosstream-8", "virtiofs", (_CENTOSSTREAM8_VAULT,)),
+            _builtin("centosstream-9", "virtiofs"),
+            _builtin("debian-10", "9p"),
+            _builtin("debian-11", "virtiofs"),
+            _builtin("debian-12", "virtiofs"),
+            _builtin("debian-13", "virtiofs"),
+            _builtin("fedora-40", "virtiofs"),
+            _builtin("fedora-41", "virtiofs"),
+            _builtin("fedora-42", "virtiofs"),
+            _builtin("ubuntu-18.04", "9p"),
+            _builtin("ubuntu-20.04", "virtiofs"),
+        )
+    }
+)
+
+
+# --- user profiles ------------------------------------------------------------------------
+
+_FIELD_TYPES: dict[str, str] = {
+    "template": "a string (a virt-builder os-version)",
+    "share": "one of " + ", ".join(repr(k) for k in SHARE_KINDS),
+    "customize": "a list of strings (virt-builder commands-file lines)",
+    "repos": "a list of strings (virt-builder repository URIs)",
+    "memory_mib": "a positive integer",
+    "vcpus": "a positive integer",
+    "disk_size": 'a size such as "8G" or "10240M"',
+    "extends": "the name of another profile",
+}
+assert set(_FIELD_TYPES) == {f.name for f in fields(Profile)} - {"name"}
+
+
+def _check_field(where: str, key: str, value: Any) -> Any:
+    """Return ``value`` converted for Profile, or raise ProfileError saying what is allowed."""
+
+    def bad() -> ProfileError:
+        return ProfileError(f"{where}: field {key!r} must be {_FIELD_TYPES[key]}, got {value!r}")
+
+    if key in ("template", "extends"):
+        if not isinstance(value, str) or not value:
+            raise bad()
+        return value
+    if key == "share":
+        if value not in SHARE_KINDS:
+            raise bad()
+        return value
+    if key in ("customize", "repos"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        return tuple(value)
+    if key in ("memory_mib", "vcpus"):
+        # bool is an int in Python; `vcpus = true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad()
+        return value
+    if key == "disk_size":
+        if not isinstance(value, str) or not _SIZE_RE.match(value):
+            raise bad()
+        return value
+    raise AssertionError(key)  # pragma: no cover
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from e
+    return data
+
+
+def _raw_user_profiles(project_dir: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Profile tables from pyproject.toml and devbox.toml: name -> (file, table)."""
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    sources = (
+        (project_dir / "pyproject.toml", ("tool", "pytest-devbox", "distros")),
+        (project_dir / "devbox.toml", ("distros",)),
+    )
+    for path, table_path in sources:
+        if not path.is_file():
+            continue
+        table: Any = _read_toml(path)
+        for part in table_path:
+            table = table.get(part, {}) if isinstance(table, dict) else {}
+        if not isinstance(table, dict):
+            raise ProfileError(f"{path}: [{'.'.join(table_path)}] must be a table of profiles")
+        for name, body in table.items():
+            where = f"{path}: profile {name!r}"
+            if not isinstance(body, dict):
+                raise ProfileError(f"{where} must be a table, e.g. [{'.'.join(table_path)}.{name}]")
+            if not _NAME_RE.match(name):
+                raise ProfileError(
+                    f"{where}: a profile name uses letters, digits, '.', '_' and '-' only"
+                )
+            if name in found:
+                raise ProfileError(f"{where} is also defined in {found[name][0]}; keep one of them")
+            found[name] = (path, body)
+    return found
+
+
+def load_profiles(project_dir: Path | None) -> dict[str, Profile]:
+    """Return the built-in profiles plus the project's own, by name.
+
+    A user profile may ``extends`` another (built-in or user; chains allowed) and
+    override any field. A user profile named like a built-in without ``extends``
+    starts from that built-in. Any mistake raises ProfileError naming the file, the
+    profile and the field.
+    """
+    profiles: dict[str, Profile] = dict(BUILTIN_PROFILES)
+    if project_dir is None:
+        return profiles
+    raw = _raw_user_profiles(project_dir)
+    resolved: dict[str, Profile] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Profile:
+        if name in resolved:
+            return resolved[name]
+        path, body = raw[name]
+        where = f"{path}: profile {name!r}"
+        values: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in _FIELD_TYPES:
+                raise ProfileError(
+                    f"{where}: unknown field {key!r}; allowed fields: "
+                    + ", ".join(sorted(_FIELD_TYPES))
+                )
+            values[key] = _check_field(where, key, value)
+        parent_name = values.get("extends")
+        base: Profile | None = None
+        if parent_name is not None:
+            if parent_name in chain or (parent_name == name and name not in BUILTIN_PROFILES):
+                cycle = " -> ".join((*chain, name, parent_name))
+                raise ProfileError(f"{where}: field 'extends' makes a cycle: {cycle}")
+            if parent_name in raw and parent_name != name:
+                base = resolve(parent_name, (*chain, name))
+            elif parent_name in BUILTIN_PROFILES:
+                base = BUILTIN_PROFILES[parent_name]
+            else:
+                known = sorted(set(BUILTIN_PROFILES) | set(raw))
+                raise ProfileError(
+                    f"{where}: field 'extends' names an unknown profile {parent_name!r}; "
+                    "known profiles: " + ", ".join(known)
+                )
+        elif name in BUILTIN_PROFILES:
+            base = BUILTIN_PROFILES[name]
+        if base is None:
+            if "template" not in values:
+                raise ProfileError(
+                    f"{where}: field 'template' is required for a new profile "
+                    "(a virt-builder os-version such as 'debian-12'), or set 'extends'"
+                )
+            profile = Profile(name=name, **values)
+        else:
+            profile = replace(base, name=name, **values)
+        resolved[name] = profile
+        return profile
+
+    for name in raw:
+        profiles[name] = resolve(name, ())
+    return profiles
+
+
+def select(names: Iterable[str], profiles: Mapping[str, Profile]) -> list[Profile]:
+    """Return the profiles for ``names`` in the order given, without duplicates.
+
+    ``"all"`` stands for every profile. An unknown name raises UnknownDistro listing
+    the known ones.
+    """
+    chosen: dict[str, Profile] = {}
+    for raw_name in names:
+        name = raw_name.strip()
+        if not name:
+            continue
+        if name == "all":
+            for p in profiles.values():
+                chosen.setdefault(p.name, p)
+            continue
+        if name not in profiles:
+            raise UnknownDistro(
+                f"unknown distro {name!r}; known distros: {', '.join(sorted(profiles))} "
+                "(or define it under [tool.pytest-devbox.distros] in pyproject.toml)"
+            )
+        chosen.setdefault(name, profiles[name])
+    return list(chosen.values())
