@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host import resolve_accel
+from pytest_devbox.host import default_cache_dir, resolve_accel
 
 BAD_URI = "qemu:///system?socket=/nonexistent"
+# Read before any test changes the environment: the VM tier uses the real image cache.
+REAL_CACHE = default_cache_dir()
 
 TESTS = """
 import pytest
@@ -348,3 +350,36 @@ def test_disabled_plugin(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:devbox")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*fixture 'devbox' not found*"])
+
+
+# --- VM tier: a real guest ----------------------------------------------------------------
+
+
+@pytest.mark.vm
+def test_failed_test_reports_console_and_commands(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_passes(devbox):
+            assert devbox.run("echo hello").stdout == "hello\\n"
+
+        def test_fails(devbox):
+            devbox.run("echo about to fail")
+            devbox.run("exit 3")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--devbox=debian-12", "--devbox-offline", f"--devbox-cache={REAL_CACHE}"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*CommandFailed: command `exit 3` exited with status 3*",
+            "*- Captured devbox debian-12 console -*",
+            "*- Captured devbox debian-12 commands -*",
+            "exit    0 * s  echo hello",
+            "exit    0 * s  echo about to fail",
+            "exit    3 * s  exit 3",
+            "*= devbox =*",
+            "debian-12 * 1 * s * 1 * 1 * 0",
+        ]
+    )

@@ -1,0 +1,106 @@
+"""The example project tested on real guests.
+
+    pytest examples --devbox=debian-11,debian-12 -v -s
+
+Every test taking `devbox` runs once per selected distro on that distro's shared guest
+(one boot per distro for the whole session); `devbox_fresh` boots a guest of its own.
+The guests see this directory (the rootdir, examples/) at /code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from pytest_devbox.machine import Machine
+
+PROJECT = Path(__file__).resolve().parent.parent
+# The Debian release behind each profile this project knows (see pyproject.toml).
+DEBIAN_MAJOR = {"debian-11": "11", "debian-12": "12", "debian-13": "13"}
+
+
+def debian_major(devbox: Machine) -> str:
+    # A user profile such as debian-11-9p names its template: that is the release.
+    return DEBIAN_MAJOR[devbox.profile.template]
+
+
+def test_kernel(devbox: Machine) -> None:
+    kernel = devbox.run("uname -r").stdout.strip()
+    print(f"{devbox.distro}: kernel {kernel}, booted in {devbox.boot_seconds:.1f} s")
+    assert kernel
+
+
+def test_debian_version(devbox: Machine) -> None:
+    version = devbox.run("cat /etc/debian_version").stdout.strip()
+    assert version.split(".")[0] == debian_major(devbox)
+
+
+def test_sysinfo_script(devbox: Machine) -> None:
+    info = json.loads(devbox.run("python3 /code/sysinfo.py").stdout)
+    print(f"{devbox.distro}: {info}")
+    assert info["id"] == "debian"
+    assert info["version_id"] == debian_major(devbox)
+    assert info["kernel"] == devbox.run("uname -r").stdout.strip()
+
+
+def test_code_is_the_project(devbox: Machine) -> None:
+    remote = devbox.run("sha256sum /code/hello.c").stdout.split()[0]
+    assert remote == hashlib.sha256((PROJECT / "hello.c").read_bytes()).hexdigest()
+    fstype = devbox.run("findmnt -n -o FSTYPE /code").stdout.strip()
+    assert fstype == devbox.profile.share
+
+
+def test_hello_builds_and_runs(devbox: Machine) -> None:
+    # Out of tree: both guests build the same shared /code at the same time.
+    out = f"/tmp/build-{devbox.distro}"
+    devbox.run(f"make -C /code O={out}")
+    hello = devbox.run(f"{out}/hello").stdout
+    print(f"{devbox.distro}: {hello.strip()}")
+    pretty = devbox.run('. /etc/os-release && echo "$PRETTY_NAME"').stdout.strip()
+    libc = devbox.run("getconf GNU_LIBC_VERSION").stdout.split()[1]
+    assert f"hello from {pretty}\n" in hello
+    assert f"glibc {libc} " in hello
+    assert not (PROJECT / "hello").exists(), "the build wrote into the shared source tree"
+
+
+def test_put_and_get(devbox: Machine, tmp_path: Path) -> None:
+    text = f"round trip {secrets.token_hex(8)}\n"
+    sent = tmp_path / "sent.txt"
+    sent.write_text(text)
+    devbox.put(sent, "/tmp/example.txt")
+    devbox.run("tr a-z A-Z < /tmp/example.txt > /tmp/example.upper")
+    back = tmp_path / "back.txt"
+    devbox.get("/tmp/example.upper", back)
+    assert back.read_text() == text.upper()
+
+
+@pytest.mark.devbox("debian-12")
+def test_bookworm_python(devbox: Machine) -> None:
+    # Only where it holds: Debian 12 ships Python 3.11.
+    assert devbox.run("python3 --version").stdout.startswith("Python 3.11.")
+
+
+@pytest.mark.devbox(exclude=["debian-11", "debian-11-9p"])
+def test_tomllib(devbox: Machine) -> None:
+    # Everywhere but where it cannot hold: Debian 11's Python 3.9 has no tomllib.
+    devbox.run(["python3", "-c", "import tomllib"])
+
+
+def test_runs_as_root_and_devbox_user(devbox: Machine) -> None:
+    assert devbox.run("id -un").stdout.strip() == "root"
+    assert devbox.run("id -un", user="devbox").stdout.strip() == "devbox"
+
+
+@pytest.mark.devbox("debian-12")  # one extra boot is enough for the demo
+def test_fresh_guest_is_private(devbox_fresh: Machine, devbox: Machine) -> None:
+    devbox_fresh.run("echo broken > /etc/devbox-example && rm /usr/bin/make")
+    assert devbox_fresh.run("test -e /usr/bin/make", check=False).exit_status == 1
+    # The shared guest of the same distro is untouched by what the fresh one did.
+    assert devbox.run("test -e /etc/devbox-example", check=False).exit_status == 1
+    devbox.run("test -x /usr/bin/make")
