@@ -1,0 +1,392 @@
+"""The domain layer: XML builder (golden files), libvirt errors, lifecycle.
+
+Golden files live in tests/data/domain/. After an intended change to the XML, rewrite
+them with `UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_domain.py` and review
+the diff. Lifecycle tests use the libvirt test:///default driver where it can do the job;
+AUTODESTROY, monitor commands (port forwarding) and the share devices are tested against
+real qemu at qemu:///system with an empty disk (qemu stays in the BIOS: about a second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import libvirt_qemu
+import pytest
+
+from pytest_devbox import domain as dom
+from pytest_devbox.errors import DomainError, HostNotReady
+
+DATA = Path(__file__).parent / "data" / "domain"
+QEMU_URI = "qemu:///system"
+
+
+def spec_for(share: str, accel: str, **kw: object) -> dom.DomainSpec:
+    args: dict[str, object] = {
+        "name": "devbox-debian-12-r0a1b2c3",
+        "disk": Path("/var/cache/pytest-devbox/run/r0a1b2c3/devbox-debian-12-r0a1b2c3.qcow2"),
+        "code_dir": Path("/home/dev/project"),
+        "share": share,
+        "accel": accel,
+        "console_log": Path("/var/cache/pytest-devbox/run/r0a1b2c3/console.log"),
+    }
+    args.update(kw)
+    return dom.DomainSpec(**args)  # type: ignore[arg-type]
+
+
+def check_golden(name: str, text: str) -> None:
+    path = DATA / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), f"{name} changed: review, then UPDATE_GOLDEN=1"
+
+
+# --- XML ------------------------------------------------------------------------------
+
+GOLDEN = {
+    "virtiofs-tcg.xml": spec_for("virtiofs", "tcg"),
+    "9p-kvm.xml": spec_for("9p", "kvm", memory_mib=2048, vcpus=1),
+    "metadata.xml": spec_for(
+        "9p",
+        "tcg",
+        # deliberately unsorted: the XML must not depend on dict order
+        metadata={
+            "started": "1764100000",
+            "owner_pid": "4242",
+            "run_id": "r0a1b2c3",
+            "distro": "debian-12",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden(name: str) -> None:
+    check_golden(name, dom.build_xml(GOLDEN[name]))
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_xml_is_valid_for_libvirt_schema(name: str) -> None:
+    # START_VALIDATE checks the XML against libvirt's RelaxNG schema (domain.rng), so
+    # a misspelt element or attribute fails here instead of being silently dropped.
+    conn = dom.connect("test:///default")
+    try:
+        conn.createXML(dom.build_xml(GOLDEN[name]), libvirt.VIR_DOMAIN_START_VALIDATE)
+    finally:
+        conn.close()
+
+
+def test_build_is_deterministic() -> None:
+    spec = GOLDEN["metadata.xml"]
+    reordered = spec_for("9p", "tcg", metadata=dict(reversed(list(spec.metadata.items()))))
+    assert dom.build_xml(spec) == dom.build_xml(reordered)
+
+
+def test_accel_and_share_shape_the_xml() -> None:
+    tcg = ET.fromstring(dom.build_xml(spec_for("virtiofs", "tcg")))
+    assert tcg.get("type") == "qemu"
+    assert tcg.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
+    assert tcg.find("devices/filesystem/driver").get("type") == "virtiofs"  # type: ignore[union-attr]
+    kvm = ET.fromstring(dom.build_xml(spec_for("9p", "kvm")))
+    assert kvm.get("type") == "kvm"
+    assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    assert kvm.find("memoryBacking") is None
+    assert kvm.find("devices/filesystem/driver") is None
+
+
+def test_metadata_round_trip() -> None:
+    meta = {
+        "owner_pid": "123",
+        "run_id": "abc",
+        "odd key & <stuff>": "value with 'quotes' & \"more\" <tags>",
+        "unicode": "héllo ✓",
+        "empty": "",
+    }
+    assert dom.read_metadata(dom.build_xml(spec_for("9p", "tcg", metadata=meta))) == meta
+
+
+def test_read_metadata_of_foreign_domain_is_empty() -> None:
+    assert dom.read_metadata("<domain type='kvm'><name>other</name></domain>") == {}
+    assert (
+        dom.read_metadata("<domain><metadata><x:y xmlns:x='urn:other'/></metadata></domain>") == {}
+    )
+
+
+def test_odd_paths_are_escaped() -> None:
+    odd = Path('/tmp/R&D\'s "code" <dir>')
+    xml = dom.build_xml(spec_for("virtiofs", "tcg", code_dir=odd, disk=odd / "d.qcow2"))
+    assert "R&amp;D's" in xml  # escaped by ElementTree, not by hand
+    root = ET.fromstring(xml)
+    assert root.find("devices/filesystem/source").get("dir") == str(odd)  # type: ignore[union-attr]
+    assert root.find("devices/disk/source").get("file") == str(odd / "d.qcow2")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("name", "debian-12"), ("share", "nfs"), ("accel", "hvf")],
+)
+def test_bad_spec_is_refused(field: str, value: str) -> None:
+    kw = {"share": "9p", "accel": "tcg", field: value}
+    with pytest.raises(DomainError, match=value):
+        spec_for(kw.pop("share"), kw.pop("accel"), **kw)
+
+
+def test_forwards_parses_info_usernet() -> None:
+    # Verbatim from qemu 7.2 (plus an established connection, which is not a forward).
+    out = textwrap.dedent("""\
+        Hub -1 (hostua-devbox-net):
+          Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
+          TCP[HOST_FORWARD]  22       127.0.0.1 35799       10.0.2.15    22     0     0
+          TCP[HOST_FORWARD]  23       127.0.0.1 41000       10.0.2.15  8080     0     0
+          TCP[ESTABLISHED]   24       10.0.2.15 51234      10.0.2.2    80     0     0
+        """)
+    assert dom._forwards(out) == {("127.0.0.1", 35799, 22), ("127.0.0.1", 41000, 8080)}
+
+
+# --- connect --------------------------------------------------------------------------
+
+
+def test_connect_to_missing_socket_says_start_libvirtd() -> None:
+    with pytest.raises(HostNotReady) as e:
+        dom.connect("qemu:///system?socket=/nonexistent/libvirt-sock")
+    assert "libvirtd is not running" in str(e.value)
+    assert "libvirtd -d" in str(e.value)
+    assert "/nonexistent" in str(e.value)
+
+
+def test_connect_to_unknown_driver_says_check_uri() -> None:
+    with pytest.raises(HostNotReady, match="--devbox-uri"):
+        dom.connect("nosuchdriver:///system")
+
+
+def test_connect_permission_denied_says_join_libvirt_group(tmp_path: Path) -> None:
+    # A real listening socket the connecting user may not reach.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(locked / "sock"))
+    server.listen()
+    locked.chmod(0o700)
+    code = (
+        "from pytest_devbox.domain import connect\n"
+        f"connect('qemu:///system?socket={locked}/sock')\n"
+    )
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:  # root passes any permission check: try as nobody
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    else:
+        locked.chmod(0o000)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd="/")
+    finally:
+        locked.chmod(0o700)
+        server.close()
+    assert "HostNotReady: no permission to use libvirt" in r.stderr, r.stderr
+    assert "libvirt group" in r.stderr
+    assert "qemu:///session" in r.stderr
+
+
+# --- lifecycle on the test:///default driver ------------------------------------------
+
+
+@pytest.fixture
+def testconn() -> Iterator[libvirt.virConnect]:
+    conn = dom.connect("test:///default")  # a fresh in-memory host per connection
+    yield conn
+    conn.close()
+
+
+def test_lifecycle_on_test_driver(testconn: libvirt.virConnect) -> None:
+    spec = spec_for("virtiofs", "tcg", metadata={"run_id": "r1", "owner_pid": "7"})
+    d = dom.Domain.create(testconn, spec, autodestroy=False)
+    assert d.name == spec.name
+    assert d.state() == "running" and d.is_running()
+    d.dom.suspend()
+    assert d.state() == "paused" and not d.is_running()
+    d.dom.resume()
+    assert [n for n, _ in dom.list_devbox_domains(testconn)] == [spec.name]
+    d.destroy()
+    assert d.state() == "shutoff"  # transient: it no longer exists at all
+    d.destroy()  # idempotent
+    assert dom.list_devbox_domains(testconn) == []
+
+
+def test_list_devbox_domains_filters_and_reads_metadata(testconn: libvirt.virConnect) -> None:
+    # test:///default has a domain "test" of its own: not ours, not listed.
+    assert "test" in [d.name() for d in testconn.listAllDomains(0)]
+    for i, share in enumerate(("9p", "virtiofs")):
+        name = f"devbox-debian-1{i}-run{i}"
+        meta = {"run_id": f"run{i}", "distro": f"debian-1{i}"}
+        dom.Domain.create(
+            testconn, spec_for(share, "tcg", name=name, metadata=meta), autodestroy=False
+        )
+    assert dom.list_devbox_domains(testconn) == [
+        ("devbox-debian-10-run0", {"distro": "debian-10", "run_id": "run0"}),
+        ("devbox-debian-11-run1", {"distro": "debian-11", "run_id": "run1"}),
+    ]
+
+
+def test_odd_paths_survive_libvirt(testconn: libvirt.virConnect) -> None:
+    odd = Path('/tmp/R&D\'s "code" <dir>')
+    d = dom.Domain.create(testconn, spec_for("9p", "tcg", code_dir=odd), autodestroy=False)
+    fs = ET.fromstring(d.dom.XMLDesc(0)).find("devices/filesystem/source")
+    assert fs is not None and fs.get("dir") == str(odd)
+
+
+def test_create_failure_is_a_domain_error(testconn: libvirt.virConnect) -> None:
+    # The test driver supports no AUTODESTROY: a real libvirt refusal, wrapped.
+    with pytest.raises(DomainError, match="could not start devbox-debian-12-r0a1b2c3"):
+        dom.Domain.create(testconn, spec_for("9p", "tcg"))
+
+
+def test_forward_port_without_qemu_is_a_domain_error(testconn: libvirt.virConnect) -> None:
+    d = dom.Domain.create(testconn, spec_for("9p", "tcg"), autodestroy=False)
+    with pytest.raises(DomainError, match="QEMU monitor command"):
+        d.forward_port()
+
+
+# --- real qemu (qemu:///system), no OS: the guest sits in the BIOS --------------------
+
+
+@pytest.fixture
+def qemuconn() -> Iterator[libvirt.virConnect]:
+    conn = dom.connect(QEMU_URI)
+    yield conn
+    conn.close()
+
+
+def unique_name() -> str:
+    return f"devbox-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def empty_disk(tmp_path: Path) -> Path:
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    return disk
+
+
+def real_spec(tmp_path: Path, share: str, **kw: object) -> dom.DomainSpec:
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    return spec_for(
+        share,
+        "tcg",
+        name=unique_name(),
+        disk=empty_disk(tmp_path),
+        code_dir=code,
+        console_log=tmp_path / "console.log",
+        memory_mib=128,
+        vcpus=1,
+        **kw,
+    )
+
+
+def names(conn: libvirt.virConnect) -> list[str]:
+    return [d.name() for d in conn.listAllDomains(0)]
+
+
+def listeners(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.append(addr)
+    return found
+
+
+def test_real_domain_forward_port_and_destroy(qemuconn: libvirt.virConnect, tmp_path: Path) -> None:
+    spec = real_spec(tmp_path, "9p")
+    t0 = time.monotonic()
+    d = dom.Domain.create(qemuconn, spec)
+    try:
+        assert d.state() == "running"
+        port = d.forward_port(22)
+        other = d.forward_port(22)
+        assert port != other
+        for p in (port, other):
+            assert listeners(p) == ["0100007F"]  # 127.0.0.1 only, never 0.0.0.0
+            socket.create_connection(("127.0.0.1", p), timeout=5).close()
+        # The BIOS reports the empty disk on the serial console log.
+        deadline = time.monotonic() + 30
+        while "No bootable device" not in spec.console_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, spec.console_log.read_text(errors="replace")
+            time.sleep(0.1)
+    finally:
+        d.destroy()
+    print(f"create + 2 forwards + BIOS + destroy: {time.monotonic() - t0:.2f} s")
+    assert spec.name not in names(qemuconn)
+    assert d.state() == "shutoff"
+    assert listeners(port) == []
+    d.destroy()  # idempotent
+
+
+@pytest.mark.parametrize("share", ["virtiofs", "9p"])
+def test_real_share_devices(qemuconn: libvirt.virConnect, tmp_path: Path, share: str) -> None:
+    spec = real_spec(tmp_path, share)
+    d = dom.Domain.create(qemuconn, spec)
+    try:
+        qtree = libvirt_qemu.qemuMonitorCommand(
+            d.dom, "info qtree", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        )
+        device = "vhost-user-fs-pci" if share == "virtiofs" else "virtio-9p-pci"
+        assert f"dev: {device}" in qtree
+        if share == "virtiofs":  # libvirt found and started virtiofsd on our directory
+            cmdlines = [
+                p.read_bytes().replace(b"\0", b" ").decode()
+                for p in Path("/proc").glob("[0-9]*/cmdline")
+                if p.exists()
+            ]
+            assert any("virtiofsd" in c and f"source={spec.code_dir}" in c for c in cmdlines), (
+                cmdlines
+            )
+    finally:
+        d.destroy()
+    assert spec.name not in names(qemuconn)
+
+
+def test_real_autodestroy_survives_sigkill(qemuconn: libvirt.virConnect, tmp_path: Path) -> None:
+    spec = real_spec(tmp_path, "9p")
+    child = textwrap.dedent(f"""\
+        import sys, time
+        from pathlib import Path
+        from pytest_devbox import domain as dom
+        spec = dom.DomainSpec(name={spec.name!r}, disk=Path({str(spec.disk)!r}),
+            code_dir=Path({str(spec.code_dir)!r}), share="9p", accel="tcg",
+            console_log=Path({str(spec.console_log)!r}), memory_mib=128, vcpus=1)
+        d = dom.Domain.create(dom.connect({QEMU_URI!r}), spec)
+        print("up", flush=True)
+        time.sleep(600)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "up\n"
+        assert spec.name in names(qemuconn)
+        proc.kill()  # SIGKILL: no Python cleanup runs
+        proc.wait()
+        t0 = time.monotonic()
+        while spec.name in names(qemuconn):
+            assert time.monotonic() - t0 < 15, "libvirtd did not autodestroy the domain"
+            time.sleep(0.1)
+        print(f"domain gone {time.monotonic() - t0:.2f} s after SIGKILL")
+    finally:
+        proc.kill()
+        proc.wait()
+        with contextlib.suppress(libvirt.libvirtError):  # already gone: the expected case
+            qemuconn.lookupByName(spec.name).destroy()
