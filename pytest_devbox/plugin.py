@@ -432,7 +432,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(state)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    # trylast: session-scoped fixtures of the user may still use a guest in teardown.
     state = session.config.stash.get(state_key, None)
     if state is not None:
         state.close()
