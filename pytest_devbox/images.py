@@ -308,6 +308,9 @@ class ImageCache:
             f"append-line /etc/sudoers.d/{user}:{user} ALL=(ALL) NOPASSWD:ALL",
             f"chmod 0440:/etc/sudoers.d/{user}",
             f"ssh-inject {user}:file:{pub}",
+            # Host keys made now belong to the image, so every guest booted from it
+            # presents the same key and the pin per image holds.
+            "run-command ssh-keygen -A",
         ]
         return lines
 

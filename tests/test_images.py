@@ -78,6 +78,7 @@ def user_lines(c: ImageCache) -> list[str]:
         "append-line /etc/sudoers.d/devbox:devbox ALL=(ALL) NOPASSWD:ALL",
         "chmod 0440:/etc/sudoers.d/devbox",
         f"ssh-inject devbox:file:{c.root}/ssh/id_ed25519.pub",
+        "run-command ssh-keygen -A",
     ]
 
 
