@@ -1,0 +1,506 @@
+"""The SSH layer against a real OpenSSH server started on 127.0.0.1 for this session."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
+from pytest_devbox.ssh import Connection, Result, ensure_keypair, probe_banner, public_key_line
+
+SSHD = "/usr/sbin/sshd"
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(SSHD) and shutil.which("ssh-keygen")),
+    reason="needs OpenSSH server and ssh-keygen (apt-get install openssh-server)",
+)
+
+
+@dataclass
+class Sshd:
+    port: int
+    host_key: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _host_key(path: Path) -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return path
+
+
+@contextlib.contextmanager
+def run_sshd(workdir: Path, authorized_keys: Path, host_key: Path) -> Iterator[Sshd]:
+    """Start sshd in the foreground on a free loopback port; stop it afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+    root_login = "PermitRootLogin prohibit-password" if os.geteuid() == 0 else ""
+    for _attempt in range(3):  # another process may grab the port between probe and bind
+        port = _free_port()
+        config = workdir / "sshd_config"
+        config.write_text(
+            f"""
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+AuthorizedKeysFile {authorized_keys}
+{root_login}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile {workdir / "sshd.pid"}
+Subsystem sftp internal-sftp
+MaxSessions 50
+LogLevel INFO
+"""
+        )
+        log = workdir / "sshd.log"
+        proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+        )
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            if probe_banner("127.0.0.1", port, 1):
+                break
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            proc.wait()
+            continue
+        try:
+            yield Sshd(port, host_key, proc, log)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return
+    raise RuntimeError(f"sshd did not start; see {log}:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ssh") / "keys"
+
+
+@pytest.fixture(scope="session")
+def client_key(keydir: Path) -> Path:
+    return ensure_keypair(keydir)
+
+
+@pytest.fixture(scope="session")
+def authorized_keys(client_key: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("authorized") / "authorized_keys"
+    path.write_text(public_key_line(client_key) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sshd(authorized_keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    work = tmp_path_factory.mktemp("sshd")
+    with run_sshd(work, authorized_keys, _host_key(work / "host_ed25519")) as server:
+        yield server
+
+
+def _username() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _connection(port: int, key: Path, known_hosts: Path, alias: str = "img-1") -> Connection:
+    return Connection(
+        "127.0.0.1",
+        port,
+        username=_username(),
+        key_path=key,
+        known_hosts=known_hosts,
+        host_key_alias=alias,
+    )
+
+
+@pytest.fixture(scope="session")
+def session_conn(
+    sshd: Sshd, client_key: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Connection]:
+    known_hosts = tmp_path_factory.mktemp("known") / "known_hosts"
+    conn = _connection(sshd.port, client_key, known_hosts)
+    conn.connect(timeout=10)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def conn(session_conn: Connection) -> Connection:
+    if not session_conn.connected:  # a test closed it on purpose
+        session_conn.connect(timeout=10)
+    return session_conn
+
+
+def _remote_processes(pattern: str) -> str:
+    # The "remote" side is this very host, so pgrep here sees the guest's processes.
+    return subprocess.run(
+        ["pgrep", "-af", pattern], capture_output=True, text=True, check=False
+    ).stdout
+
+
+# --- Result ------------------------------------------------------------------------------
+
+
+def test_result_tails_and_failure_description() -> None:
+    out = "".join(f"out {i}\n" for i in range(30))
+    r = Result("make test", 2, out, "boom\n", 1.25)
+    assert r.failed and not r.ok
+    tails = r.tails(5)
+    assert "--- stdout (last 5 of 30 lines) ---" in tails
+    assert "out 29" in tails and "out 24" not in tails
+    assert "--- stderr ---\nboom" in tails
+    message = r.describe_failure()
+    assert message.startswith("command `make test` exited with status 2 after 1.2 s")
+    assert Result("true", 0, "", "", 0.0).tails() == (
+        "--- stdout: (empty) ---\n--- stderr: (empty) ---"
+    )
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def test_echo_and_result_fields(conn: Connection) -> None:
+    r = conn.run("echo hello; echo oops >&2", cwd=None)
+    assert r == Result("echo hello; echo oops >&2", 0, "hello\n", "oops\n", r.duration)
+    assert r.ok and not r.failed
+    assert 0 < r.duration < 5
+    assert conn.history[-1] is r
+
+
+def test_exit_codes_without_check(conn: Connection) -> None:
+    for status in (0, 1, 3, 255):
+        r = conn.run(f"exit {status}", check=False, cwd=None)
+        assert r.exit_status == status
+        assert r.ok is (status == 0)
+
+
+def test_command_failed_shows_command_status_and_tails(conn: Connection) -> None:
+    cmd = "for i in $(seq 1 50); do echo line$i; done; echo 'it broke' >&2; exit 7"
+    with pytest.raises(CommandFailed) as info:
+        conn.run(cmd, cwd=None)
+    message = str(info.value)
+    assert f"command `{cmd}` exited with status 7" in message
+    assert "line50" in message and "line20\n" not in message  # only the tail
+    assert "--- stderr ---\nit broke" in message
+    assert info.value.result.exit_status == 7
+    assert conn.history[-1] is info.value.result
+
+
+def test_ten_megabytes_of_output_do_not_deadlock(conn: Connection) -> None:
+    size = 10 * 1024 * 1024
+    cmd = (
+        f"head -c {size} /dev/zero | tr '\\0' x; head -c 300000 /dev/zero | tr '\\0' e >&2; exit 3"
+    )
+    r = conn.run(cmd, check=False, cwd=None, timeout=60)
+    assert r.exit_status == 3
+    assert len(r.stdout) == size and set(r.stdout) == {"x"}
+    assert len(r.stderr) == 300000 and set(r.stderr) == {"e"}
+    with pytest.raises(CommandFailed) as info:
+        conn.run(cmd, cwd=None, timeout=60)
+    assert info.value.result.exit_status == 3
+    assert "exited with status 3" in str(info.value)
+
+
+def test_invalid_utf8_is_replaced(conn: Connection) -> None:
+    r = conn.run(r"printf 'a\377b'", cwd=None)
+    assert r.stdout == "a\ufffdb"
+
+
+def test_timeout_kills_the_remote_command(conn: Connection) -> None:
+    marker = "sleep 100.4242"  # a duration nobody else on this host sleeps
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout) as info:
+        conn.run(f"echo started; {marker}; echo never", timeout=2, cwd=None)
+    elapsed = time.monotonic() - start
+    assert 1.9 < elapsed < 10
+    assert info.value.result.exit_status == -1
+    assert info.value.result.stdout == "started\n"
+    assert "timed out after 2 s" in str(info.value)
+    assert marker in str(info.value)
+    time.sleep(0.2)
+    assert _remote_processes(marker) == ""
+    assert conn.run("echo still here", cwd=None).stdout == "still here\n"
+
+
+def test_timeout_kills_background_children_too(conn: Connection) -> None:
+    marker = "sleep 100.4343"
+    with pytest.raises(CommandTimeout):
+        conn.run(f"{marker} & {marker} & wait", timeout=1, cwd=None)
+    time.sleep(0.2)
+    assert _remote_processes(marker) == ""
+
+
+def test_timeout_not_hit(conn: Connection) -> None:
+    r = conn.run("sleep 0.2; echo done", timeout=5, cwd=None)
+    assert r.stdout == "done\n"
+
+
+def test_list_commands_are_quoted(conn: Connection) -> None:
+    args = ["a b", "it's", '"double"', "$HOME", "`id`", "semi;colon", "", "*"]
+    r = conn.run(["printf", "[%s]\\n", *args], cwd=None)
+    assert r.stdout.splitlines() == [f"[{a}]" for a in args]
+    assert r.command.startswith("printf '[%s]\\n' 'a b' ")
+
+
+def test_cwd(conn: Connection, tmp_path: Path) -> None:
+    odd = tmp_path / "dir with 'quote'"
+    odd.mkdir()
+    assert conn.run("pwd", cwd=str(odd)).stdout == f"{odd}\n"
+    r = conn.run("pwd", cwd=str(tmp_path / "missing"), check=False)
+    assert r.exit_status != 0 and "missing" in r.stderr
+    # The default is /code, the share: a command fails clearly where it is absent.
+    if not os.path.isdir("/code"):
+        with pytest.raises(CommandFailed, match="/code"):
+            conn.run("pwd")
+
+
+def test_env(conn: Connection) -> None:
+    env = {"GREETING": "hello world", "TRICKY": "$HOME 'q' \"d\"", "EMPTY": ""}
+    r = conn.run('printf "%s|%s|%s" "$GREETING" "$TRICKY" "${EMPTY-unset}"', env=env, cwd=None)
+    assert r.stdout == "hello world|$HOME 'q' \"d\"|"
+    with pytest.raises(ValueError, match="invalid environment variable name"):
+        conn.run("true", env={"A B": "x"}, cwd=None)
+
+
+def test_stdin(conn: Connection) -> None:
+    assert conn.run("tr a-z A-Z", stdin="hello\n", cwd=None).stdout == "HELLO\n"
+    blob = bytes(range(256)) * 8192  # 2 MiB, more than a channel window
+    r = conn.run("wc -c", stdin=blob, cwd=None, timeout=30)
+    assert r.stdout.strip() == str(len(blob))
+    # Without stdin a command reads end-of-file instead of hanging.
+    assert conn.run("cat", cwd=None, timeout=5).stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="needs sudo on this host")
+def test_user_runs_through_sudo(conn: Connection) -> None:
+    r = conn.run("id -un; pwd; echo $FOO", user="nobody", env={"FOO": "bar"}, cwd="/tmp")
+    assert r.stdout == "nobody\n/tmp\nbar\n"
+    r = conn.run("echo out; echo err >&2; exit 4", user="nobody", cwd=None, check=False)
+    assert (r.stdout, r.stderr, r.exit_status) == ("out\n", "err\n", 4)
+    assert conn.run("cat", user="nobody", stdin="piped", cwd=None).stdout == "piped"
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="needs sudo on this host")
+def test_timeout_stops_a_command_run_through_sudo(conn: Connection) -> None:
+    marker = "sleep 100.4646"
+    with pytest.raises(CommandTimeout):
+        conn.run(f"{marker}; true", user="nobody", timeout=1, cwd=None)
+    time.sleep(0.5)
+    assert _remote_processes(marker) == ""
+
+
+def test_put_get_round_trip(conn: Connection, tmp_path: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    src.chmod(0o750)
+    remote = tmp_path / "remote dir"
+    remote.mkdir()
+    conn.put(src, str(remote / "copy.bin"))
+    assert (remote / "copy.bin").stat().st_mode & 0o777 == 0o750
+    back = tmp_path / "back.bin"
+    conn.get(str(remote / "copy.bin"), back)
+    assert back.read_bytes() == payload
+    with pytest.raises(SSHError, match="no/such/dir"):
+        conn.put(src, "/no/such/dir/x")
+    with pytest.raises(SSHError, match="/no/such/file"):
+        conn.get("/no/such/file", tmp_path / "x")
+
+
+def test_history_is_short(conn: Connection) -> None:
+    for i in range(22):
+        conn.run(f"echo {i}", cwd=None)
+    assert len(conn.history) == 20
+    assert conn.history[-1].stdout == "21\n"
+
+
+# --- connection --------------------------------------------------------------------------
+
+
+def test_reconnects_once_when_the_transport_died(conn: Connection) -> None:
+    assert conn._transport is not None
+    conn._transport.close()  # what a dropped connection looks like to us
+    assert not conn.connected
+    assert conn.run("echo back", cwd=None).stdout == "back\n"
+    assert conn.connected
+
+
+def test_connection_lost_mid_command_is_an_ssh_error(conn: Connection) -> None:
+    transport = conn._transport
+    assert transport is not None
+    threading.Timer(0.5, transport.close).start()
+    with pytest.raises(SSHError, match="dropped while running"):
+        conn.run("sleep 100.4545", cwd=None, timeout=20)
+    assert conn.run("echo ok", cwd=None).stdout == "ok\n"
+    # A dropped connection cannot stop what it ran (sshd leaves pty-less commands be).
+    conn.run("pkill -f 'sleep 100[.]4545'", check=False, cwd=None)
+
+
+def test_host_key_pinning(
+    sshd: Sshd, authorized_keys: Path, client_key: Path, tmp_path: Path
+) -> None:
+    known_hosts = tmp_path / "state" / "known_hosts"
+    first = _connection(sshd.port, client_key, known_hosts, alias="debian-12-abc")
+    first.connect(timeout=10)
+    first.close()
+    pinned = known_hosts.read_text()
+    host_pub = Path(str(sshd.host_key) + ".pub").read_text().split()
+    assert pinned.split() == ["debian-12-abc", host_pub[0], host_pub[1]]
+    # Same key again: accepted, file unchanged.
+    first.connect(timeout=10)
+    first.close()
+    assert known_hosts.read_text() == pinned
+    # Another server (another port) claiming the same alias with another key: refused.
+    with run_sshd(
+        tmp_path / "other", authorized_keys, _host_key(tmp_path / "other_host_key")
+    ) as other:
+        impostor = _connection(other.port, client_key, known_hosts, alias="debian-12-abc")
+        with pytest.raises(HostKeyMismatch) as info:
+            impostor.connect(timeout=10)
+        message = str(info.value)
+        assert str(known_hosts) in message and "debian-12-abc" in message
+        assert "ssh-keygen -R debian-12-abc -f" in message
+        # A different alias is a different pin: fine.
+        _connection(other.port, client_key, known_hosts, alias="debian-12-def").connect(10)
+    assert "debian-12-def" in known_hosts.read_text()
+
+
+def test_refused_key_is_a_clear_ssh_error(sshd: Sshd, tmp_path: Path) -> None:
+    stranger = ensure_keypair(tmp_path / "stranger")
+    with pytest.raises(SSHError, match="refused the key"):
+        _connection(sshd.port, stranger, tmp_path / "kh").connect(timeout=10)
+
+
+def test_no_server_is_a_clear_ssh_error(client_key: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    with pytest.raises(SSHError, match=f"cannot reach SSH at 127.0.0.1:{port}"):
+        _connection(port, client_key, tmp_path / "kh").connect(timeout=2)
+
+
+def test_silent_server_is_a_banner_error(client_key: Path, tmp_path: Path) -> None:
+    # Like QEMU's user network before the guest's sshd runs: accepts, says nothing.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert probe_banner("127.0.0.1", port, 0.5) is False
+        start = time.monotonic()
+        with pytest.raises(SSHError, match="handshake"):
+            _connection(port, client_key, tmp_path / "kh").connect(timeout=1)
+        assert time.monotonic() - start < 5
+
+
+def test_probe_banner(sshd: Sshd) -> None:
+    assert probe_banner("127.0.0.1", sshd.port, 5) is True
+    assert probe_banner("127.0.0.1", _free_port(), 1) is False
+
+
+def test_dead_server_fails_clearly_after_one_reconnect(
+    authorized_keys: Path, client_key: Path, tmp_path: Path
+) -> None:
+    with run_sshd(tmp_path / "s", authorized_keys, _host_key(tmp_path / "hk")) as server:
+        c = _connection(server.port, client_key, tmp_path / "kh")
+        c.connect(timeout=10)
+        assert c.run("echo up", cwd=None).stdout == "up\n"
+        # pkill by the parent's pid only: the per-connection sshd children die too.
+        subprocess.run(["pkill", "-P", str(server.process.pid)], check=False)
+        server.process.terminate()
+        server.process.wait(10)
+    time.sleep(0.2)
+    with pytest.raises(SSHError, match="cannot reach SSH"):
+        c.run("echo down", cwd=None)
+
+
+def test_ssh_command_works_with_openssh(conn: Connection) -> None:
+    if shutil.which("ssh") is None:
+        pytest.skip("needs the OpenSSH client")
+    argv = conn.ssh_command()
+    assert argv[0] == "ssh"
+    done = subprocess.run(
+        [*argv, "-o", "BatchMode=yes", "true"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    out = subprocess.run(
+        [*argv, "-o", "BatchMode=yes", "echo", "hi"], capture_output=True, text=True, timeout=30
+    )
+    assert out.stdout == "hi\n"
+
+
+# --- key pair ----------------------------------------------------------------------------
+
+
+def test_keypair_modes_and_reuse(tmp_path: Path) -> None:
+    key_dir = tmp_path / "cache" / "ssh"
+    private = ensure_keypair(key_dir)
+    assert private == key_dir / "id_ed25519"
+    assert key_dir.stat().st_mode & 0o777 == 0o700
+    assert private.stat().st_mode & 0o777 == 0o600
+    line = public_key_line(private)
+    assert line.startswith("ssh-ed25519 AAAA") and line.endswith(" pytest-devbox")
+    assert (key_dir / "id_ed25519.pub").read_text() == line + "\n"
+    # The real ssh-keygen agrees on the public half.
+    derived = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert derived[:2] == line.split()[:2]
+    before = private.read_bytes()
+    assert ensure_keypair(key_dir) == private
+    assert private.read_bytes() == before
+
+
+def test_world_readable_key_is_refused(tmp_path: Path) -> None:
+    private = ensure_keypair(tmp_path / "k")
+    private.chmod(0o644)
+    with pytest.raises(SSHError, match="chmod 600"):
+        ensure_keypair(tmp_path / "k")
+
+
+def test_writable_key_dir_is_refused(tmp_path: Path) -> None:
+    ensure_keypair(tmp_path / "k")
+    (tmp_path / "k").chmod(0o777)
+    with pytest.raises(SSHError, match="chmod 700"):
+        ensure_keypair(tmp_path / "k")
+
+
+def test_concurrent_keypair_creation_agrees(tmp_path: Path) -> None:
+    results: list[str] = []
+
+    def make() -> None:
+        results.append(public_key_line(ensure_keypair(tmp_path / "race")))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and len(set(results)) == 1
+    assert (tmp_path / "race" / "id_ed25519.pub").read_text() == results[0] + "\n"
