@@ -266,6 +266,9 @@ def qemuconn() -> Iterator[libvirt.virConnect]:
     conn = dom.connect(QEMU_URI)
     yield conn
     conn.close()
+    # libvirtd keeps a log per domain name (and per virtiofsd); ours are unique per run.
+    for log in Path("/var/log/libvirt/qemu").glob(f"devbox-test-{os.getpid()}-*.log"):
+        log.unlink(missing_ok=True)
 
 
 def unique_name() -> str:
