@@ -1,0 +1,243 @@
+"""Local template repository: index handling, up-to-date decision, locking, real builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+
+from pytest_devbox.errors import CacheLockTimeout, UnknownDistro
+from pytest_devbox.host import default_cache_dir
+from pytest_devbox.templates import (
+    DEBIAN_SUITES,
+    DEFAULT_MIRROR,
+    REPO_ID,
+    BuildOutcome,
+    TemplateRepo,
+    default_repo_dir,
+    format_index,
+    next_revision,
+    packages_for,
+    parse_index,
+    recipe_hash,
+)
+
+INDEX = """\
+[debian-11]
+name=Debian 11
+osinfo=debian11
+arch=x86_64
+file=debian-11-r5.qcow2.xz
+format=qcow2
+size=4294967296
+compressed_size=11
+checksum[sha512]=abc
+revision=5
+expand=/dev/sda1
+notes=first line
+ second line
+
+[debian-12]
+name=Debian 12
+arch=x86_64
+file=debian-12-r7.qcow2.xz
+revision=7
+"""
+
+
+def fake_template(repo: TemplateRepo, distro: str, revision: int, mirror: str) -> None:
+    """Lay out what a finished build leaves: file, sidecar state, index entry."""
+    repo.root.mkdir(parents=True, exist_ok=True)
+    name = f"{distro}-r{revision}.qcow2.xz"
+    (repo.root / name).write_bytes(b"not really xz")
+    (repo.root / f"{distro}.json").write_text(
+        json.dumps({"recipe": recipe_hash(distro, mirror), "revision": revision})
+    )
+    sections = repo.entries()
+    sections[distro] = {
+        "name": distro,
+        "osinfo": distro.replace("-", ""),
+        "arch": "x86_64",
+        "file": name,
+        "format": "qcow2",
+        "size": "4294967296",
+        "compressed_size": str(len(b"not really xz")),
+        "checksum[sha512]": "0" * 128,
+        "revision": str(revision),
+        "expand": "/dev/sda1",
+    }
+    repo.index_path.write_text(format_index(sections))
+
+
+def test_parse_index_reads_sections_keys_and_continuation_lines() -> None:
+    sections = parse_index(INDEX)
+    assert list(sections) == ["debian-11", "debian-12"]
+    assert sections["debian-11"]["checksum[sha512]"] == "abc"
+    assert sections["debian-11"]["notes"] == "first line\nsecond line"
+    assert sections["debian-12"]["revision"] == "7"
+
+
+def test_format_index_round_trips() -> None:
+    sections = parse_index(INDEX)
+    assert parse_index(format_index(sections)) == sections
+
+
+def test_parse_index_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="line 1"):
+        parse_index("no section here\n")
+
+
+def test_formatted_index_passes_virt_index_validate(tmp_path: Path) -> None:
+    if shutil.which("virt-index-validate") is None:
+        pytest.skip("virt-index-validate is not installed")
+    index = tmp_path / "index"
+    index.write_text(format_index(parse_index(INDEX)))
+    proc = subprocess.run(["virt-index-validate", str(index)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_recipe_hash_changes_with_what_shapes_the_template() -> None:
+    base = recipe_hash("debian-12", DEFAULT_MIRROR)
+    assert base == recipe_hash("debian-12", DEFAULT_MIRROR)
+    assert base != recipe_hash("debian-11", DEFAULT_MIRROR)
+    assert base != recipe_hash("debian-12", "http://mirror.example/debian")
+
+
+def test_packages_use_the_full_kernel_and_resolved_where_separate() -> None:
+    assert "linux-image-amd64" in packages_for("bullseye")
+    assert "linux-image-cloud-amd64" not in packages_for("bookworm")
+    assert "systemd-resolved" not in packages_for("bullseye")
+    assert "systemd-resolved" in packages_for("bookworm")
+
+
+def test_next_revision_always_grows() -> None:
+    assert next_revision(None, now=1000.0) == 1000
+    assert next_revision(999, now=1000.0) == 1000
+    assert next_revision(5000, now=1000.0) == 5001
+
+
+def test_unknown_distro_lists_the_known(tmp_path: Path) -> None:
+    repo = TemplateRepo(tmp_path, log=lambda _: None)
+    with pytest.raises(UnknownDistro) as info:
+        repo.build("centos-7")
+    for known in DEBIAN_SUITES:
+        assert known in str(info.value)
+    assert not (tmp_path / "index").exists()
+
+
+def test_paths_and_conf(tmp_path: Path) -> None:
+    repo = TemplateRepo(default_repo_dir(tmp_path))
+    assert repo.index_path == tmp_path / "templates" / "index"
+    assert repo.uri == f"file://{tmp_path}/templates/index"
+    conf = repo.conf_text()
+    assert conf.startswith(f"[{REPO_ID}]\n")
+    assert f"uri={repo.uri}\n" in conf
+    assert "gpgkey" not in conf  # unsigned: virt-builder accepts it without a key
+
+
+def test_up_to_date_template_is_not_rebuilt(tmp_path: Path) -> None:
+    lines: list[str] = []
+    repo = TemplateRepo(tmp_path, log=lines.append)
+    fake_template(repo, "debian-12", 42, DEFAULT_MIRROR)
+    outcome = repo.build("debian-12")
+    assert outcome == BuildOutcome(
+        "debian-12", False, outcome.seconds, 42, tmp_path / "debian-12-r42.qcow2.xz"
+    )
+    assert any("up to date" in line for line in lines)
+    assert repo.conf_path.read_text() == repo.conf_text()
+
+
+def test_up_to_date_decision(tmp_path: Path) -> None:
+    repo = TemplateRepo(tmp_path)
+    assert not repo.is_up_to_date("debian-12")
+    fake_template(repo, "debian-12", 3, DEFAULT_MIRROR)
+    assert repo.is_up_to_date("debian-12")
+    # Another mirror is another recipe.
+    assert not TemplateRepo(tmp_path, mirror="http://mirror.example/debian").is_up_to_date(
+        "debian-12"
+    )
+    # A truncated template file is not trusted.
+    (tmp_path / "debian-12-r3.qcow2.xz").write_bytes(b"short")
+    assert not repo.is_up_to_date("debian-12")
+
+
+def test_state_from_an_interrupted_build_is_not_trusted(tmp_path: Path) -> None:
+    repo = TemplateRepo(tmp_path)
+    fake_template(repo, "debian-12", 3, DEFAULT_MIRROR)
+    # Sidecar already says revision 4, the index still publishes revision 3.
+    (tmp_path / "debian-12.json").write_text(
+        json.dumps({"recipe": recipe_hash("debian-12", DEFAULT_MIRROR), "revision": 4})
+    )
+    assert not repo.is_up_to_date("debian-12")
+
+
+def test_entries_keep_other_distros(tmp_path: Path) -> None:
+    repo = TemplateRepo(tmp_path)
+    assert repo.entries() == {}
+    fake_template(repo, "debian-11", 1, DEFAULT_MIRROR)
+    fake_template(repo, "debian-12", 2, DEFAULT_MIRROR)
+    fake_template(repo, "debian-11", 3, DEFAULT_MIRROR)
+    entries = repo.entries()
+    assert set(entries) == {"debian-11", "debian-12"}
+    assert entries["debian-11"]["revision"] == "3"
+    assert entries["debian-12"]["revision"] == "2"
+
+
+def test_build_waits_for_the_repo_lock(tmp_path: Path) -> None:
+    repo = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=0.2)
+    fake_template(repo, "debian-12", 1, DEFAULT_MIRROR)
+    held = filelock.FileLock(str(tmp_path / ".lock"))
+    with held, pytest.raises(CacheLockTimeout, match="another process"):
+        repo.build("debian-12")
+    # Released: the same call now succeeds, and a waiter gets through once it is free.
+    assert repo.build("debian-12").built is False
+    patient = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=10)
+    results: list[BuildOutcome] = []
+    with held:
+        waiter = threading.Thread(target=lambda: results.append(patient.build("debian-12")))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()
+    waiter.join(10)
+    assert results and results[0].built is False
+
+
+@pytest.mark.vm
+def test_build_debian_12_into_the_shared_cache(tmp_path: Path) -> None:
+    # The persistent cache, so the minutes spent here are reused by every later run.
+    repo = TemplateRepo(default_repo_dir(default_cache_dir()))
+    first = repo.build("debian-12")
+    assert first.path.is_file()
+
+    again = repo.build("debian-12")
+    assert again.built is False
+    assert again.revision == first.revision
+    assert again.seconds < 5
+
+    proc = subprocess.run(
+        ["virt-index-validate", str(repo.index_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    entry = repo.entries()["debian-12"]
+    assert entry["expand"] == "/dev/sda1"
+    assert int(entry["compressed_size"]) == first.path.stat().st_size
+
+    # virt-builder sees exactly this repository and lists the template.
+    config = tmp_path / "config"
+    (config / "virt-builder" / "repos.d").mkdir(parents=True)
+    shutil.copy(repo.conf_path, config / "virt-builder" / "repos.d" / repo.conf_path.name)
+    env = dict(os.environ, VIRT_BUILDER_DIRS=str(config), XDG_CONFIG_HOME=str(config))
+    listing = subprocess.run(
+        ["virt-builder", "--list", "--no-cache"], capture_output=True, text=True, env=env
+    )
+    assert listing.returncode == 0, listing.stderr
+    names = [line.split()[0] for line in listing.stdout.splitlines() if line.strip()]
+    assert "debian-12" in names
+    assert "fedora-42" not in names  # the public repo is not consulted
