@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ DEFAULT_URI = "qemu:///system"
 HOW_TO_SELECT = "run with --devbox=debian-12 (or set PYTEST_DEVBOX / the devbox ini option)"
 # How many recent commands a failed test's report shows per guest.
 REPORT_COMMANDS = 20
+# systemd colours its console lines; the report shows them as plain text.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -561,7 +564,7 @@ def _add_guest_sections(report: pytest.TestReport, machines: Sequence[Machine]) 
             tail = m.console_tail()
         except (OSError, DevboxError) as e:
             tail = f"(console log unavailable: {e})"
-        report.sections.append((f"devbox {m.distro} console", tail))
+        report.sections.append((f"devbox {m.distro} console", _ANSI.sub("", tail)))
         report.sections.append((f"devbox {m.distro} commands", format_commands(m)))
 
 
