@@ -374,8 +374,8 @@ def test_failed_test_reports_console_and_commands(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(
         [
             "*CommandFailed: command `exit 3` exited with status 3*",
-            "*- Captured devbox debian-12 console -*",
-            "*- Captured devbox debian-12 commands -*",
+            "*- devbox debian-12 console -*",
+            "*- devbox debian-12 commands -*",
             "exit    0 * s  echo hello",
             "exit    0 * s  echo about to fail",
             "exit    3 * s  exit 3",
