@@ -333,7 +333,11 @@ class TemplateRepo:
         """
         suite = _suite(distro)
         start = time.monotonic()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.write_conf()
+        # Index, state and template are replaced atomically, so an up-to-date template
+        # is answered without waiting for a build of another distro to finish.
+        if not force and self.is_up_to_date(distro):
+            return self._kept(distro, start)
         lock = filelock.FileLock(str(self.root / ".lock"), timeout=self._lock_timeout)
         try:
             lock.acquire()
@@ -343,14 +347,9 @@ class TemplateRepo:
                 f"{self._lock_timeout:g} s; wait for it, or stop it and remove {lock.lock_file}"
             ) from None
         try:
-            self._ensure_conf()
+            # Whoever held the lock may just have built it.
             if not force and self.is_up_to_date(distro):
-                entry = self.entries()[distro]
-                seconds = time.monotonic() - start
-                self.log(f"{distro}: template is up to date (revision {entry['revision']})")
-                return BuildOutcome(
-                    distro, False, seconds, int(entry["revision"]), self.root / entry["file"]
-                )
+                return self._kept(distro, start)
             self._remove_stale_work_dirs()
             work = self.root / f".build-{distro}-{os.getpid()}"
             work.mkdir()
@@ -465,6 +464,17 @@ class TemplateRepo:
         self.log(f"{distro}: checksum and index in {time.monotonic() - t0:.1f} s")
         return revision, final
 
+    def _kept(self, distro: str, start: float) -> BuildOutcome:
+        entry = self.entries()[distro]
+        self.log(f"{distro}: template is up to date (revision {entry['revision']})")
+        return BuildOutcome(
+            distro,
+            False,
+            time.monotonic() - start,
+            int(entry["revision"]),
+            self.root / entry["file"],
+        )
+
     def _step(self, distro: str, title: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
         self.log(f"{distro}: {title} ...")
         t0 = time.monotonic()
@@ -509,14 +519,17 @@ class TemplateRepo:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _ensure_conf(self) -> None:
+    def write_conf(self) -> Path:
+        """Write the repos.d ``.conf`` beside the index (``build`` does it too)."""
+        self.root.mkdir(parents=True, exist_ok=True)
         text = self.conf_text()
         try:
             if self.conf_path.read_text(encoding="utf-8") == text:
-                return
+                return self.conf_path
         except FileNotFoundError:
             pass
         _write_atomic(self.conf_path, text)
+        return self.conf_path
 
     def _remove_stale_work_dirs(self) -> None:
         # We hold the lock, so any work dir left here belongs to a build that died.

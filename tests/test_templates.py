@@ -140,6 +140,7 @@ def test_paths_and_conf(tmp_path: Path) -> None:
     assert conf.startswith(f"[{REPO_ID}]\n")
     assert f"uri={repo.uri}\n" in conf
     assert "gpgkey" not in conf  # unsigned: virt-builder accepts it without a key
+    assert repo.write_conf().read_text() == conf
 
 
 def test_up_to_date_template_is_not_rebuilt(tmp_path: Path) -> None:
@@ -191,13 +192,13 @@ def test_entries_keep_other_distros(tmp_path: Path) -> None:
 
 
 def test_build_waits_for_the_repo_lock(tmp_path: Path) -> None:
-    repo = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=0.2)
-    fake_template(repo, "debian-12", 1, DEFAULT_MIRROR)
     held = filelock.FileLock(str(tmp_path / ".lock"))
+    impatient = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=0.2)
     with held, pytest.raises(CacheLockTimeout, match="another process"):
-        repo.build("debian-12")
-    # Released: the same call now succeeds, and a waiter gets through once it is free.
-    assert repo.build("debian-12").built is False
+        impatient.build("debian-12")
+
+    # A waiter that needs a build blocks on the lock; when the holder finishes
+    # building, the waiter sees the fresh template and does not build it again.
     patient = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=10)
     results: list[BuildOutcome] = []
     with held:
@@ -205,8 +206,20 @@ def test_build_waits_for_the_repo_lock(tmp_path: Path) -> None:
         waiter.start()
         time.sleep(0.3)
         assert waiter.is_alive()
+        fake_template(patient, "debian-12", 9, DEFAULT_MIRROR)
     waiter.join(10)
-    assert results and results[0].built is False
+    assert [(r.built, r.revision) for r in results] == [(False, 9)]
+
+
+def test_up_to_date_template_is_answered_while_another_build_holds_the_lock(
+    tmp_path: Path,
+) -> None:
+    repo = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=0.2)
+    fake_template(repo, "debian-11", 1, DEFAULT_MIRROR)
+    with filelock.FileLock(str(tmp_path / ".lock")):
+        assert repo.build("debian-11").built is False
+        with pytest.raises(CacheLockTimeout):
+            repo.build("debian-11", force=True)
 
 
 @pytest.mark.vm
