@@ -60,8 +60,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uri", default="qemu:///system", help="libvirt URI (default %(default)s)")
-    p.add_argument("--cache", type=Path, default=host.default_cache_dir(),
-                   help="cache directory (default %(default)s)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=host.default_cache_dir(),
+        help="cache directory (default %(default)s)",
+    )
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
 
 
@@ -92,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--offline", action="store_true", help="do not use the public index")
     p.add_argument("--repo", action="append", default=[], help="extra virt-builder repo URI")
-    p.add_argument("--project", type=Path, default=Path.cwd(),
-                   help="project dir whose pyproject.toml/devbox.toml defines profiles")
+    p.add_argument(
+        "--project",
+        type=Path,
+        default=Path.cwd(),
+        help="project dir whose pyproject.toml/devbox.toml defines profiles",
+    )
     p.set_defaults(func=cmd_build)
     return parser
 

@@ -1,0 +1,184 @@
+"""A session's machines: one shared guest per distro, started lazily, torn down at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .distros import Profile
+from .errors import BootTimeout, DevboxError, UnknownDistro
+from .host import default_cache_dir, resolve_accel
+from .images import ImageCache
+from .machine import Machine, new_run_id, remove_run_dir
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a session decides once: where, how and with what guests run."""
+
+    uri: str = "qemu:///system"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    code_dir: Path = field(default_factory=Path.cwd)
+    accel: str = "auto"
+    rebuild: bool = False
+    keep: bool = False
+    offline: bool = False
+    repos: tuple[str, ...] = ()
+    boot_timeout: float | None = None
+    boot_retries: int = 1
+
+
+@dataclass
+class DistroStats:
+    """What the terminal summary shows per distro."""
+
+    distro: str
+    boots: int = 0
+    boot_seconds: float | None = None
+    image_built: bool | None = None
+    build_seconds: float | None = None
+    retried: int = 0
+
+
+class Pool:
+    """One shared Machine per distro, started on first use. Cheap to create: no libvirt
+    connection, no image work happens before the first `get` or `fresh`."""
+
+    def __init__(
+        self, profiles: Sequence[Profile], settings: Settings, *, log: Log = print
+    ) -> None:
+        self.profiles = {p.name: p for p in profiles}
+        self.settings = settings
+        self.log = log
+        self.run_id = new_run_id()
+        self.stats = {name: DistroStats(name) for name in self.profiles}
+        self._machines: dict[str, Machine] = {}
+        self._fresh: list[Machine] = []
+        self._cache: ImageCache | None = None
+        self._rebuilt: set[str] = set()
+        self._swept = False
+
+    @property
+    def distros(self) -> list[str]:
+        return list(self.profiles)
+
+    @property
+    def accel(self) -> str:
+        return resolve_accel(self.settings.accel)
+
+    @property
+    def cache(self) -> ImageCache:
+        if self._cache is None:
+            s = self.settings
+            self._cache = ImageCache(
+                s.cache_dir,
+                repos=s.repos,
+                public_index=not s.offline,
+                tcg=self.accel == "tcg",
+                log=self.log,
+                guest_user=("devbox", os.getuid(), os.getgid()),
+            )
+        return self._cache
+
+    def get(self, distro: str) -> Machine:
+        """The session's shared machine for `distro`, booted on first use."""
+        machine = self._machines.get(distro)
+        if machine is None or machine.closed:
+            machine = self._start(distro)
+            self._machines[distro] = machine
+        return machine
+
+    @contextlib.contextmanager
+    def fresh(self, distro: str) -> Iterator[Machine]:
+        """A machine of its own for one test, destroyed at exit (kept with keep=True)."""
+        machine = self._start(distro)
+        self._fresh.append(machine)
+        try:
+            yield machine
+        finally:
+            if not self.settings.keep:
+                machine.close()
+
+    def _start(self, distro: str) -> Machine:
+        profile = self.profiles.get(distro)
+        if profile is None:
+            raise UnknownDistro(
+                f"{distro!r} is not one of this session's distros: {', '.join(self.profiles)}"
+            )
+        self._sweep_once()
+        s = self.settings
+        stats = self.stats[distro]
+        # --devbox-rebuild rebuilds each image once per session, not once per machine.
+        rebuild = s.rebuild and distro not in self._rebuilt
+        attempts = 1 + max(0, s.boot_retries)
+        for attempt in range(attempts):
+            try:
+                machine = Machine.start(
+                    profile,
+                    cache=self.cache,
+                    code_dir=s.code_dir,
+                    uri=s.uri,
+                    accel=s.accel,
+                    run_id=self.run_id,
+                    rebuild=rebuild,
+                    keep=s.keep,
+                    boot_timeout=s.boot_timeout,
+                    log=self.log,
+                )
+                break
+            except BootTimeout as e:
+                if attempt + 1 >= attempts:
+                    raise
+                stats.retried += 1
+                self.log(f"{distro}: boot failed in phase {e.phase!r}; retrying once")
+            rebuild = False
+        self._rebuilt.add(distro)
+        rebuild = False
+        stats.boots += 1
+        if stats.boot_seconds is None:
+            stats.boot_seconds = machine.boot_seconds
+        if stats.image_built is None or machine.image.built:
+            stats.image_built = machine.image.built
+            stats.build_seconds = machine.image.build_seconds
+        return machine
+
+    def _sweep_once(self) -> None:
+        if self._swept:
+            return
+        self._swept = True
+        from .sweep import sweep_leftovers
+
+        for line in sweep_leftovers(self.settings.uri, self.settings.cache_dir):
+            self.log(line)
+
+    def close(self) -> list[str]:
+        """Stop every machine. With keep, leave them running and say how to reach them."""
+        machines = [*self._machines.values(), *self._fresh]
+        self._machines.clear()
+        self._fresh.clear()
+        lines: list[str] = []
+        errors: list[DevboxError] = []
+        for m in machines:
+            if m.closed:
+                continue
+            if self.settings.keep:
+                m.detach()
+                lines.append(f"{m.distro}: {m.name} kept running: {m.ssh_command()}")
+                continue
+            try:
+                m.close()
+            except DevboxError as e:
+                errors.append(e)
+        if not self.settings.keep:
+            remove_run_dir(self.settings.cache_dir, self.run_id)
+        if lines:
+            lines.append("stop them with: virsh -c " + self.settings.uri + " destroy NAME")
+        if errors:
+            raise errors[0]
+        return lines
