@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import host
 from .errors import DevboxError
+
+if TYPE_CHECKING:
+    from .distros import Profile
+    from .images import ImageCache
 
 
 def _log(line: str) -> None:
@@ -39,22 +49,157 @@ def cmd_template_build(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .distros import load_profiles, select
-    from .images import ImageCache
-
-    profiles = select(args.distros, load_profiles(args.project))
-    cache = ImageCache(
-        args.cache,
-        repos=tuple(args.repo),
-        public_index=not args.offline,
-        tcg=host.resolve_accel(args.accel) == "tcg",
-        log=_log,
-    )
-    for profile in profiles:
+    cache = _cache_for(args)
+    for profile in _profiles(args):
         t0 = time.monotonic()
         info = cache.image_for(profile, rebuild=args.rebuild)
         state = "built" if info.built else "cached"
         print(f"{profile.name}: {state} {info.path} ({time.monotonic() - t0:.0f} s)")
+    return 0
+
+
+def _cache_for(args: argparse.Namespace) -> ImageCache:
+    from .images import ImageCache
+
+    return ImageCache(
+        args.cache,
+        repos=tuple(getattr(args, "repo", ())),
+        public_index=not getattr(args, "offline", False),
+        tcg=host.resolve_accel(args.accel) == "tcg",
+        log=_log,
+    )
+
+
+def _profiles(args: argparse.Namespace) -> list[Profile]:
+    from .distros import load_profiles, select
+
+    return select(args.distros, load_profiles(args.project))
+
+
+def _kept_dir(cache: Path) -> Path:
+    return cache / "kept"
+
+
+def _kept(cache: Path) -> dict[str, dict[str, object]]:
+    """Guests started by `devbox up`, by distro (the newest wins)."""
+    found: dict[str, dict[str, object]] = {}
+    for f in sorted(_kept_dir(cache).glob("*.json"), key=lambda p: p.stat().st_mtime):
+        data = json.loads(f.read_text())
+        found[str(data["distro"])] = data
+    return found
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .machine import Machine
+
+    cache = _cache_for(args)
+    for profile in _profiles(args):
+        m = Machine.start(
+            profile,
+            cache=cache,
+            code_dir=args.code_dir,
+            uri=args.uri,
+            accel=args.accel,
+            keep=True,
+            log=_log,
+        )
+        state = {
+            "name": m.name,
+            "distro": m.distro,
+            "uri": args.uri,
+            "overlay": str(m.overlay),
+            "ssh": m.ssh_argv(),
+        }
+        _kept_dir(args.cache).mkdir(parents=True, exist_ok=True)
+        (_kept_dir(args.cache) / f"{m.name}.json").write_text(json.dumps(state, indent=2))
+        m.detach()
+        print(f"{m.distro}: {m.name} is up: {m.ssh_command()}")
+    return 0
+
+
+def _kept_or_fail(args: argparse.Namespace) -> dict[str, object]:
+    kept = _kept(args.cache).get(args.distro)
+    if kept is None:
+        raise DevboxError(f"no {args.distro} guest is up: start one with `devbox up {args.distro}`")
+    return kept
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    argv = [str(a) for a in _kept_or_fail(args)["ssh"]]  # type: ignore[attr-defined]
+    os.execvp(argv[0], [*argv, *args.command])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .machine import Machine
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise DevboxError("nothing to run: devbox run DISTRO -- COMMAND...")
+    kept = _kept(args.cache).get(args.distro)
+    if kept is not None:
+        argv = [str(a) for a in kept["ssh"]]  # type: ignore[attr-defined]
+        remote = f"cd /code && {shlex.join(command)}"
+        return subprocess.run([*argv, remote], check=False).returncode
+    # No guest up: boot one for this command only.
+    args.distros = [args.distro]
+    (profile,) = _profiles(args)
+    with Machine.start(
+        profile,
+        cache=_cache_for(args),
+        code_dir=args.code_dir,
+        uri=args.uri,
+        accel=args.accel,
+        log=_log,
+    ) as m:
+        r = m.run(command, check=False)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    return r.exit_status if r.exit_status >= 0 else 1
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from . import domain as dom
+
+    conn = dom.connect(args.uri)
+    try:
+        rows = dom.list_devbox_domains(conn)
+    finally:
+        conn.close()
+    now = time.time()
+    print(f"{'NAME':<36} {'DISTRO':<14} {'OWNER':<8} {'KEPT':<5} AGE")
+    for name, meta in rows:
+        age = now - float(meta.get("started", now))
+        print(
+            f"{name:<36} {meta.get('distro', '?'):<14} {meta.get('owner_pid', '?'):<8} "
+            f"{'yes' if meta.get('keep') == '1' else 'no':<5} {age / 60:.0f} min"
+        )
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    import libvirt
+
+    from . import domain as dom
+
+    conn = dom.connect(args.uri)
+    try:
+        targets = [
+            (name, meta)
+            for name, meta in dom.list_devbox_domains(conn)
+            if args.all or name in args.names or meta.get("distro") in args.names
+        ]
+        if not targets:
+            print("no matching devbox guest")
+            return 1 if args.names else 0
+        for name, meta in targets:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).destroy()
+            if meta.get("overlay"):
+                Path(meta["overlay"]).unlink(missing_ok=True)
+            (_kept_dir(args.cache) / f"{name}.json").unlink(missing_ok=True)
+            print(f"destroyed {name}")
+    finally:
+        conn.close()
     return 0
 
 
@@ -67,6 +212,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="cache directory (default %(default)s)",
     )
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+
+
+def _machine_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--offline", action="store_true", help="do not use the public index")
+    p.add_argument("--repo", action="append", default=[], help="extra virt-builder repo URI")
+    p.add_argument(
+        "--project",
+        type=Path,
+        default=Path.cwd(),
+        help="project dir whose pyproject.toml/devbox.toml defines profiles",
+    )
+    p.add_argument("--code-dir", type=Path, default=Path.cwd(), help="mounted at /code")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="project dir whose pyproject.toml/devbox.toml defines profiles",
     )
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("up", help="boot guests that stay up until `devbox destroy`")
+    _machine_args(p)
+    p.add_argument("distros", nargs="+", metavar="DISTRO")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("ssh", help="log in to a guest started by `devbox up`")
+    _common(p)
+    p.add_argument("distro", metavar="DISTRO")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="optional command")
+    p.set_defaults(func=cmd_ssh)
+
+    p = sub.add_parser("run", help="run a command in the guest that is up, or in a new one")
+    _machine_args(p)
+    p.add_argument("distro", metavar="DISTRO")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ls", help="list devbox guests")
+    _common(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("destroy", help="destroy guests by name or distro")
+    _common(p)
+    p.add_argument("names", nargs="*", metavar="NAME|DISTRO")
+    p.add_argument("--all", action="store_true", help="every devbox guest")
+    p.set_defaults(func=cmd_destroy)
     return parser
 
 

@@ -207,6 +207,10 @@ class Machine:
         """Copy a guest file to the host (SFTP)."""
         self._ssh.get(remote, local)
 
+    def ssh_argv(self) -> list[str]:
+        """`ssh_command()` as an argument list."""
+        return self._ssh.ssh_command()
+
     def ssh_command(self) -> str:
         """An OpenSSH command line a person can paste to log in to this guest."""
         return shlex.join(self._ssh.ssh_command())

@@ -1,0 +1,209 @@
+"""The machine layer on real guests from the local Debian templates (VM tier).
+
+Needs `devbox template build debian-11 debian-12` first (scripts/test does it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_devbox import domain as dom
+from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles
+from pytest_devbox.errors import BootTimeout, CommandFailed, CommandTimeout
+from pytest_devbox.host import default_cache_dir, resolve_accel
+from pytest_devbox.images import ImageCache
+from pytest_devbox.machine import Machine
+from pytest_devbox.sweep import sweep_leftovers
+
+pytestmark = pytest.mark.vm
+
+CACHE = default_cache_dir()
+URI = "qemu:///system"
+# As root, give the guest user another uid than ours, so ownership checks mean something.
+GUEST_UID = 4242 if os.geteuid() == 0 else os.getuid()
+GUEST_GID = 4242 if os.geteuid() == 0 else os.getgid()
+
+
+@pytest.fixture(scope="module")
+def cache() -> ImageCache:
+    return ImageCache(
+        CACHE,
+        public_index=False,
+        tcg=resolve_accel() == "tcg",
+        guest_user=("devbox", GUEST_UID, GUEST_GID),
+    )
+
+
+@pytest.fixture(scope="module")
+def code_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("code")
+    (d / "from-host.txt").write_text("written on the host\n")
+    if os.geteuid() == 0:
+        os.chown(d, GUEST_UID, GUEST_GID)
+    return d
+
+
+def _start(profile: Profile, cache: ImageCache, code_dir: Path) -> Machine:
+    return Machine.start(profile, cache=cache, code_dir=code_dir, uri=URI)
+
+
+@pytest.fixture(scope="module")
+def debian12(cache: ImageCache, code_dir: Path) -> Iterator[Machine]:
+    with _start(BUILTIN_PROFILES["debian-12"], cache, code_dir) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def debian11_9p(
+    cache: ImageCache, code_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Machine]:
+    project = tmp_path_factory.mktemp("project")
+    (project / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [tool.pytest-devbox.distros.debian-11-9p]
+            extends = "debian-11"
+            share = "9p"
+            """
+        )
+    )
+    profile = load_profiles(project)["debian-11-9p"]
+    with _start(profile, cache, code_dir) as m:
+        yield m
+
+
+@pytest.mark.parametrize("machine_name, fstype", [("debian12", "virtiofs"), ("debian11_9p", "9p")])
+def test_share_both_ways(
+    request: pytest.FixtureRequest, code_dir: Path, machine_name: str, fstype: str
+) -> None:
+    m: Machine = request.getfixturevalue(machine_name)
+    print(f"{m.distro}: uname -r = {m.run('uname -r').stdout.strip()}")
+    assert m.run("findmnt -no FSTYPE /code").stdout.strip() == fstype
+    assert m.run("cat /code/from-host.txt").stdout == "written on the host\n"
+
+    m.run(f"echo from {m.distro} > /code/by-devbox-{fstype}", user="devbox")
+    written = code_dir / f"by-devbox-{fstype}"
+    assert written.read_text() == f"from {m.distro}\n"
+    assert (written.stat().st_uid, written.stat().st_gid) == (GUEST_UID, GUEST_GID)
+    assert m.run("id -u", user="devbox").stdout.strip() == str(GUEST_UID)
+
+
+def test_second_start_is_a_cache_hit(debian12: Machine, cache: ImageCache, code_dir: Path) -> None:
+    t0 = time.monotonic()
+    with _start(BUILTIN_PROFILES["debian-12"], cache, code_dir) as second:
+        assert not second.image.built
+        assert second.image.path == debian12.image.path
+        assert second.image.metadata["key"] == debian12.image.key
+        # Each guest runs on its own overlay: what one writes outside /code the other never sees.
+        second.run("echo only-here > /root/marker")
+        assert debian12.run("test -e /root/marker", check=False).exit_status == 1
+        print(
+            f"second start (cache hit) ready in {time.monotonic() - t0:.1f} s, "
+            f"boot {second.boot_seconds:.1f} s"
+        )
+    assert not second.overlay.exists()
+
+
+def test_large_output_and_exit_status(debian12: Machine) -> None:
+    cmd = "head -c 10485760 /dev/zero | tr '\\0' x; echo oops >&2; exit 3"
+    with pytest.raises(CommandFailed) as info:
+        debian12.run(cmd)
+    result = info.value.result
+    assert result.exit_status == 3
+    assert len(result.stdout) == 10 * 1024 * 1024
+    assert result.stderr == "oops\n"
+    assert "status 3" in str(info.value) and "oops" in str(info.value)
+
+
+def test_timeout_stops_the_command(debian12: Machine) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        debian12.run("sleep 100", timeout=2)
+    assert time.monotonic() - t0 < 8
+    assert debian12.run("pgrep -x sleep", check=False).exit_status == 1
+    assert debian12.run("echo still here").stdout == "still here\n"
+
+
+def test_put_and_get(debian12: Machine, tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+    (tmp_path / "in.bin").write_bytes(payload)
+    debian12.put(tmp_path / "in.bin", "/tmp/in.bin")
+    debian12.run("cp /tmp/in.bin /tmp/out.bin")
+    debian12.get("/tmp/out.bin", tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == payload
+
+
+def test_ssh_command_works_with_openssh(debian12: Machine) -> None:
+    argv = [*debian12.ssh_command().split(), "-o", "BatchMode=yes", "cat /etc/debian_version"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.startswith("12.")
+
+
+def test_boot_timeout_names_phase_and_shows_console(cache: ImageCache, code_dir: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(BootTimeout) as info:
+        Machine.start(
+            BUILTIN_PROFILES["debian-12"], cache=cache, code_dir=code_dir, uri=URI, boot_timeout=4
+        )
+    assert time.monotonic() - t0 < 60
+    assert info.value.phase == "ssh banner"
+    assert info.value.console_tail.strip(), "the console tail should show how far the boot got"
+    conn = dom.connect(URI)
+    try:
+        assert not [
+            n
+            for n, meta in dom.list_devbox_domains(conn)
+            if meta.get("owner_pid") == str(os.getpid())
+        ]
+    finally:
+        conn.close()
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.images import ImageCache
+from pytest_devbox.machine import Machine
+cache = ImageCache(Path(sys.argv[1]), public_index=False, tcg=sys.argv[2] == "tcg",
+                   guest_user=("devbox", int(sys.argv[3]), int(sys.argv[3])))
+m = Machine.start(BUILTIN_PROFILES["debian-12"], cache=cache, code_dir=Path(sys.argv[4]))
+print(m.name, m.overlay, flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill_9_leaves_no_guest(code_dir: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(CACHE), resolve_accel(), str(GUEST_UID), str(code_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        name, overlay = proc.stdout.readline().split()
+        conn = dom.connect(URI)
+        try:
+            assert name in [n for n, _ in dom.list_devbox_domains(conn)]
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 30
+            while name in [n for n, _ in dom.list_devbox_domains(conn)]:
+                assert time.monotonic() < deadline, f"{name} still exists 30 s after kill -9"
+                time.sleep(0.5)
+        finally:
+            conn.close()
+        # libvirtd destroyed the guest; the overlay is swept by the next session.
+        assert Path(overlay).exists()
+        swept = sweep_leftovers(URI, CACHE)
+        assert not Path(overlay).exists(), swept
+    finally:
+        proc.kill()
