@@ -148,6 +148,7 @@ def test_ssh_command_works_with_openssh(debian12: Machine) -> None:
 
 
 def test_boot_timeout_names_phase_and_shows_console(cache: ImageCache, code_dir: Path) -> None:
+    before = _our_domains()
     t0 = time.monotonic()
     with pytest.raises(BootTimeout) as info:
         Machine.start(
@@ -156,13 +157,14 @@ def test_boot_timeout_names_phase_and_shows_console(cache: ImageCache, code_dir:
     assert time.monotonic() - t0 < 60
     assert info.value.phase == "ssh banner"
     assert info.value.console_tail.strip(), "the console tail should show how far the boot got"
+    assert _our_domains() == before  # the timed-out guest was destroyed
+
+
+def _our_domains() -> set[str]:
     conn = dom.connect(URI)
     try:
-        assert not [
-            n
-            for n, meta in dom.list_devbox_domains(conn)
-            if meta.get("owner_pid") == str(os.getpid())
-        ]
+        mine = str(os.getpid())
+        return {n for n, meta in dom.list_devbox_domains(conn) if meta.get("owner_pid") == mine}
     finally:
         conn.close()
 
@@ -175,7 +177,8 @@ from pytest_devbox.images import ImageCache
 from pytest_devbox.machine import Machine
 cache = ImageCache(Path(sys.argv[1]), public_index=False, tcg=sys.argv[2] == "tcg",
                    guest_user=("devbox", int(sys.argv[3]), int(sys.argv[3])))
-m = Machine.start(BUILTIN_PROFILES["debian-12"], cache=cache, code_dir=Path(sys.argv[4]))
+m = Machine.start(BUILTIN_PROFILES["debian-12"], cache=cache, code_dir=Path(sys.argv[4]),
+                  log=lambda line: print(line, file=sys.stderr))
 print(m.name, m.overlay, flush=True)
 time.sleep(600)
 """
