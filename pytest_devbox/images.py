@@ -408,6 +408,11 @@ class ImageCache:
             hint = self._network_hint(output_text)
             if "cannot find os-version" in output_text:
                 hint += "\n" + self._missing_template_message(profile)
+            if "No space left on device" in output_text:
+                hint += (
+                    f"\nThe disk holding {self.root} is full: free some space there, or point "
+                    "--devbox-cache (devbox --cache) at a larger filesystem."
+                )
             raise ImageBuildError(
                 f"virt-builder failed (exit {rc}) building {profile.name!r} from "
                 f"{profile.template!r}.\n--- last lines of virt-builder's output ---\n"
