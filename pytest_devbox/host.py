@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import libvirt
-
 VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "/usr/lib/virtiofsd")
 TOOLS = {
     "virt-builder": "guestfs-tools",
@@ -24,11 +22,6 @@ TOOLS = {
     "guestfish": "libguestfs-tools",
     "mmdebstrap": "mmdebstrap",
 }
-START_LIBVIRTD = (
-    "start libvirtd: `sudo systemctl start libvirtd`, or on a host without systemd "
-    "`sudo virtlogd -d && sudo libvirtd -d`"
-    " (in a pytest-devbox checkout: `sudo scripts/setup-host`)"
-)
 
 
 @dataclass(frozen=True)
@@ -92,21 +85,14 @@ def resolve_accel(requested: str = "auto") -> str:
 
 def libvirt_problem(uri: str) -> tuple[str, str] | None:
     """(what is wrong, how to fix it) when libvirt at `uri` cannot be reached, else None."""
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    from .domain import connect  # the one place that turns libvirt errors into advice
+    from .errors import HostNotReady
+
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as e:
-        msg = str(e.get_error_message() or e)
-        if "ermission denied" in msg or e.get_error_code() == libvirt.VIR_ERR_AUTH_FAILED:
-            return (
-                f"no permission to use libvirt at {uri}: {msg}",
-                "add yourself to the libvirt group (`sudo usermod -aG libvirt $USER`, then log in "
-                "again) or use --devbox-uri qemu:///session",
-            )
-        if "No such file" in msg or "Connection refused" in msg or "Failed to connect" in msg:
-            return (f"libvirtd is not running ({uri}: {msg})", START_LIBVIRTD)
-        return (f"cannot open libvirt at {uri}: {msg}", START_LIBVIRTD)
-    conn.close()
+        connect(uri).close()
+    except HostNotReady as e:
+        problem, _, fix = str(e).partition("\n")
+        return problem, fix
     return None
 
 
