@@ -419,7 +419,9 @@ class TemplateRepo:
         self._step(
             distro,
             "xz compress",
-            ["xz", "--block-size=16777216", "-T0", "-f", str(qcow2)],
+            # -1: the repository is local, so speed beats ratio; the default -6 spent
+            # over half of each build compressing (185-265 s of 340-480 s measured).
+            ["xz", "-1", "--block-size=16777216", "-T0", "-f", str(qcow2)],
             env,
         )
         compressed = work / "disk.qcow2.xz"
