@@ -104,4 +104,3 @@ def test_guest_that_dies_fails_at_once(tmp_path: Path) -> None:
     finally:
         thread.join(timeout=600)
         conn.close()
-
