@@ -1,0 +1,98 @@
+"""Pool behaviour on real guests: the boot retry, and --devbox-keep (VM tier)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_devbox import domain as dom
+from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.errors import BootTimeout
+from pytest_devbox.host import default_cache_dir
+from pytest_devbox.pool import Pool, Settings
+
+pytestmark = pytest.mark.vm
+
+CACHE = default_cache_dir()
+URI = "qemu:///system"
+
+
+def _domains() -> dict[str, dict[str, str]]:
+    conn = dom.connect(URI)
+    try:
+        return dict(dom.list_devbox_domains(conn))
+    finally:
+        conn.close()
+
+
+def test_failed_boot_is_retried_once_and_reported(tmp_path: Path) -> None:
+    lines: list[str] = []
+    settings = Settings(uri=URI, cache_dir=CACHE, code_dir=tmp_path, offline=True, boot_timeout=3)
+    pool = Pool([BUILTIN_PROFILES["debian-12"]], settings, log=lines.append)
+    try:
+        with pytest.raises(BootTimeout):
+            pool.get("debian-12")
+    finally:
+        pool.close()
+    assert pool.stats["debian-12"].retried == 1
+    assert any("retrying once" in line for line in lines), lines
+    mine = str(os.getpid())
+    assert not [n for n, m in _domains().items() if m.get("owner_pid") == mine]
+
+
+def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> None:
+    (tmp_path / "test_keep.py").write_text(
+        "def test_up(devbox):\n    devbox.run('touch /root/kept')\n"
+    )
+    before = set(_domains())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--devbox=debian-12",
+            "--devbox-offline",
+            f"--devbox-cache={CACHE}",
+            "--devbox-keep",
+            "test_keep.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    kept = set(_domains()) - before
+    try:
+        assert len(kept) == 1, r.stdout
+        (name,) = kept
+        assert name in r.stdout and "kept running" in r.stdout and "ssh " in r.stdout
+        # The printed line works: the guest is the one the test used.
+        ssh_line = next(ln for ln in r.stdout.splitlines() if name in ln and "ssh " in ln)
+        argv = ssh_line.split(": ", 2)[-1].split()
+        out = subprocess.run(
+            [*argv, "-o", "BatchMode=yes", "ls /root/kept"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        # Not swept by the next session, though its owner is gone.
+        from pytest_devbox.sweep import sweep_leftovers
+
+        sweep_leftovers(URI, CACHE)
+        assert name in _domains()
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "pytest_devbox.cli", "destroy", "--cache", str(CACHE), *kept],
+            check=False,
+        )
+    assert not kept & set(_domains())
