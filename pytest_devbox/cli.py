@@ -215,6 +215,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _machine_args(p: argparse.ArgumentParser) -> None:
+    _image_args(p)
+    p.add_argument("--code-dir", type=Path, default=Path.cwd(), help="mounted at /code")
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--offline", action="store_true", help="do not use the public index")
     p.add_argument("--repo", action="append", default=[], help="extra virt-builder repo URI")
@@ -224,7 +229,6 @@ def _machine_args(p: argparse.ArgumentParser) -> None:
         default=Path.cwd(),
         help="project dir whose pyproject.toml/devbox.toml defines profiles",
     )
-    p.add_argument("--code-dir", type=Path, default=Path.cwd(), help="mounted at /code")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,17 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_template_build)
 
     p = sub.add_parser("build", help="build (or check) the cached images of distros")
-    _common(p)
+    _image_args(p)
     p.add_argument("distros", nargs="+", metavar="DISTRO")
     p.add_argument("--rebuild", action="store_true")
-    p.add_argument("--offline", action="store_true", help="do not use the public index")
-    p.add_argument("--repo", action="append", default=[], help="extra virt-builder repo URI")
-    p.add_argument(
-        "--project",
-        type=Path,
-        default=Path.cwd(),
-        help="project dir whose pyproject.toml/devbox.toml defines profiles",
-    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("up", help="boot guests that stay up until `devbox destroy`")
