@@ -1,0 +1,75 @@
+"""Sweeping what dead sessions left: real qemu domains without an OS (fast, seconds)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_devbox import domain as dom
+from pytest_devbox.sweep import sweep_leftovers
+
+URI = "qemu:///system"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid  # reaped: nothing runs under this pid any more
+
+
+def _leftover(tmp_path: Path, owner_pid: int, keep: bool) -> tuple[dom.Domain, Path]:
+    name = f"devbox-sweeptest-{uuid.uuid4().hex[:8]}"
+    overlay = tmp_path / "run" / "r1" / f"{name}.qcow2"
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), "64M"], check=True)
+    (tmp_path / "code").mkdir(exist_ok=True)
+    spec = dom.DomainSpec(
+        name=name,
+        disk=overlay,
+        code_dir=tmp_path / "code",
+        share="9p",
+        accel="tcg",
+        console_log=tmp_path / f"{name}.log",
+        memory_mib=128,
+        vcpus=1,
+        metadata={
+            "owner_pid": str(owner_pid),
+            "overlay": str(overlay),
+            "keep": "1" if keep else "0",
+        },
+    )
+    # Not autodestroyed: what a libvirtd restart or a lost connection leaves behind.
+    return dom.Domain.create(dom.connect(URI), spec, autodestroy=False), overlay
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[dom.Domain]]:
+    made: list[dom.Domain] = []
+    yield made
+    for d in made:
+        d.destroy()
+
+
+def test_dead_owners_guest_and_overlay_are_swept(tmp_path: Path, cleanup: list[dom.Domain]) -> None:
+    d, overlay = _leftover(tmp_path, _dead_pid(), keep=False)
+    cleanup.append(d)
+    (tmp_path / "run" / "r1" / "owner").write_text(f"{_dead_pid()}\n")
+    done = sweep_leftovers(URI, tmp_path)
+    assert not d.is_running()
+    assert not overlay.exists()
+    assert not (tmp_path / "run" / "r1").exists()
+    assert any(d.name in line for line in done)
+
+
+def test_live_owner_and_kept_guests_are_spared(tmp_path: Path, cleanup: list[dom.Domain]) -> None:
+    live, live_overlay = _leftover(tmp_path, os.getpid(), keep=False)
+    kept, kept_overlay = _leftover(tmp_path, _dead_pid(), keep=True)
+    cleanup += [live, kept]
+    sweep_leftovers(URI, tmp_path)
+    assert live.is_running() and kept.is_running()
+    assert live_overlay.exists() and kept_overlay.exists()
