@@ -1,1 +1,43 @@
-"""pytest-devbox: run the same tests in disposable VMs, one per Linux distribution."""
+"""pytest-devbox: run the same tests in disposable VMs, one per Linux distribution.
+
+The public names below are imported lazily: the pytest plugin imports this package on
+every pytest run, and a run that selects no distro must not load libvirt or paramiko.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .distros import Profile
+    from .errors import BootTimeout, CommandFailed, CommandTimeout, DevboxError
+    from .machine import Machine
+    from .ssh import Result
+
+_EXPORTS = {
+    "Machine": "machine",
+    "Result": "ssh",
+    "Profile": "distros",
+    "DevboxError": "errors",
+    "CommandFailed": "errors",
+    "CommandTimeout": "errors",
+    "BootTimeout": "errors",
+}
+
+__all__ = [
+    "BootTimeout",
+    "CommandFailed",
+    "CommandTimeout",
+    "DevboxError",
+    "Machine",
+    "Profile",
+    "Result",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_devbox' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,32 @@
+"""The package's public names, and that importing it stays cheap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest_devbox
+
+
+def test_public_names() -> None:
+    from pytest_devbox import errors, machine, ssh
+
+    assert pytest_devbox.Machine is machine.Machine
+    assert pytest_devbox.Result is ssh.Result
+    assert issubclass(pytest_devbox.CommandFailed, pytest_devbox.DevboxError)
+    assert issubclass(pytest_devbox.BootTimeout, errors.DevboxError)
+    assert set(pytest_devbox.__all__) == {
+        "Machine",
+        "Result",
+        "Profile",
+        "DevboxError",
+        "CommandFailed",
+        "CommandTimeout",
+        "BootTimeout",
+    }
+
+
+def test_import_loads_no_libvirt_or_paramiko() -> None:
+    code = "import sys, pytest_devbox; print('libvirt' in sys.modules, 'paramiko' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
