@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from .distros import Profile
 from .errors import CacheLockTimeout, HostNotReady, ImageBuildError
 from .ssh import ensure_keypair
-from .templates import default_repo_dir
+from .templates import default_repo_dir, index_sections
 
 IMAGE_FORMAT_VERSION = 1
 # The index libguestfs ships in /etc/virt-builder/repos.d/libguestfs.conf.
@@ -86,23 +86,9 @@ def _index_text(uri: str) -> str | None:
 
 def parse_index(text: str) -> dict[str, list[dict[str, str]]]:
     """Parse a virt-builder index (optionally PGP clearsigned): os-version -> entries."""
-    lines = text.splitlines()
-    if lines and lines[0].startswith("-----BEGIN PGP SIGNED MESSAGE"):
-        body_start = lines.index("") + 1 if "" in lines else 1
-        end = next(
-            (i for i, ln in enumerate(lines) if ln.startswith("-----BEGIN PGP SIGNATURE")),
-            len(lines),
-        )
-        lines = [ln[2:] if ln.startswith("- ") else ln for ln in lines[body_start:end]]
     entries: dict[str, list[dict[str, str]]] = {}
-    current: dict[str, str] | None = None
-    for line in lines:
-        if line.startswith("[") and line.rstrip().endswith("]"):
-            current = {}
-            entries.setdefault(line.strip()[1:-1], []).append(current)
-        elif current is not None and "=" in line and not line[:1].isspace():
-            k, _, v = line.partition("=")
-            current[k.strip()] = v.strip()
+    for name, fields in index_sections(text):
+        entries.setdefault(name, []).append(fields)
     return entries
 
 
@@ -252,7 +238,10 @@ class ImageCache:
             uri = str(source.get("uri", ""))
             if uri not in self._indexes:
                 text = _index_text(uri)
-                self._indexes[uri] = parse_index(text) if text is not None else None
+                try:
+                    self._indexes[uri] = parse_index(text) if text is not None else None
+                except ValueError:
+                    self._indexes[uri] = None  # malformed: as good as unreadable
             index = self._indexes[uri]
             for entry in (index or {}).get(profile.template, []):
                 found.append(

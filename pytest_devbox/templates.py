@@ -193,16 +193,25 @@ def next_revision(previous: int | None, now: float | None = None) -> int:
     return max(floor, (previous or 0) + 1)
 
 
-def parse_index(text: str) -> dict[str, dict[str, str]]:
-    """Parse a virt-builder index: ``[name]`` sections of ``key=value`` lines.
+def index_sections(text: str) -> list[tuple[str, dict[str, str]]]:
+    """Parse a virt-builder index into its ``[name]`` sections of ``key=value`` lines, in order.
 
-    A line starting with a space continues the previous value (multi-line ``notes``).
+    A name may repeat (the public index has one section per arch). A line starting with
+    a space continues the previous value (multi-line ``notes``). A PGP clearsigned index
+    (the public one) is unwrapped first. Raises ValueError on a line that is neither.
     """
-    sections: dict[str, dict[str, str]] = {}
+    lines = text.splitlines()
+    if lines and lines[0].startswith("-----BEGIN PGP SIGNED MESSAGE"):
+        body_start = lines.index("") + 1 if "" in lines else 1
+        end = next(
+            (i for i, ln in enumerate(lines) if ln.startswith("-----BEGIN PGP SIGNATURE")),
+            len(lines),
+        )
+        lines = [ln[2:] if ln.startswith("- ") else ln for ln in lines[body_start:end]]
+    sections: list[tuple[str, dict[str, str]]] = []
     current: dict[str, str] | None = None
     last_key: str | None = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.rstrip("\n")
+    for lineno, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             last_key = None
             continue
@@ -210,14 +219,25 @@ def parse_index(text: str) -> dict[str, dict[str, str]]:
             current[last_key] += "\n" + line[1:]
             continue
         if line.startswith("[") and line.rstrip().endswith("]"):
-            current = sections.setdefault(line.strip()[1:-1], {})
+            current = {}
+            sections.append((line.strip()[1:-1], current))
             last_key = None
             continue
         key, sep, value = line.partition("=")
         if not sep or current is None:
-            raise ValueError(f"line {lineno} of the index is not 'key=value' in a section: {raw!r}")
+            raise ValueError(
+                f"line {lineno} of the index is not 'key=value' in a section: {line!r}"
+            )
         current[key] = value
         last_key = key
+    return sections
+
+
+def parse_index(text: str) -> dict[str, dict[str, str]]:
+    """Our own index: one section per distro (x86_64 only), by name."""
+    sections: dict[str, dict[str, str]] = {}
+    for name, fields in index_sections(text):
+        sections.setdefault(name, {}).update(fields)
     return sections
 
 
