@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import shlex
-import shutil
 import socket
 import time
 import uuid
@@ -29,7 +28,8 @@ from .distros import Profile
 from .errors import BootTimeout, GuestDied, HostKeyMismatch, HostNotReady, SSHError
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
-from .ssh import Connection, Result, ensure_keypair
+from .ssh import Connection, Result, ensure_keypair, probe_banner
+from .sweep import run_dir, write_owner
 
 GUEST_USER = "devbox"
 # Deadlines for the whole boot (all phases together). Software emulation is 5-10x slower.
@@ -40,16 +40,6 @@ TRANSIENT_SSH = (OSError, EOFError, SSHError)
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def run_dir(cache_root: Path, run_id: str) -> Path:
-    """Per-session scratch (overlays, console logs), removed when the session ends."""
-    return cache_root / "run" / run_id
-
-
-def write_owner(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "owner").write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
 
 
 class Machine:
@@ -306,8 +296,6 @@ def _wait_ready(
     phase = "forwarded"
     port = domain.forward_port(22)
     phase = "ssh banner"
-    from .ssh import probe_banner
-
     while not probe_banner("127.0.0.1", port, timeout=2.0):
         check_alive()
         if expired():
@@ -354,7 +342,3 @@ def _wait_ready(
         phase=phase,
         console_tail=tail_file(console, 40),
     )
-
-
-def remove_run_dir(cache_root: Path, run_id: str) -> None:
-    shutil.rmtree(run_dir(cache_root, run_id), ignore_errors=True)

@@ -313,8 +313,17 @@ def _first(*values: Any) -> Any:
     return None
 
 
-def _resolve_dir(value: str, base: Path) -> Path:
-    return (base / os.path.expanduser(value)).resolve()
+def _dir_option(config: pytest.Config, name: str) -> Path | None:
+    """A directory option: the command line's is relative to the invocation dir, the ini
+    file's to the ini file's folder; None when neither is set."""
+    cli: str | None = config.getoption(name)
+    if cli:
+        return (config.invocation_params.dir / os.path.expanduser(cli)).resolve()
+    ini: str = config.getini(name)
+    if ini:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        return (base / os.path.expanduser(ini)).resolve()
+    return None
 
 
 def _selected_names(config: pytest.Config) -> list[str]:
@@ -335,9 +344,6 @@ def build_state(config: pytest.Config) -> DevboxSession:
     """Read and check every option; any bad value is a pytest.UsageError (exit code 4)."""
     from .distros import load_profiles, select
 
-    here = config.invocation_params.dir
-    ini_base = config.inipath.parent if config.inipath else config.rootpath
-
     names = _selected_names(config)
     try:
         profiles = load_profiles(config.rootpath)
@@ -352,33 +358,19 @@ def build_state(config: pytest.Config) -> DevboxSession:
     if accel not in ACCELS:
         raise pytest.UsageError(f"devbox: unknown accel {accel!r}: use auto, kvm or tcg")
 
-    cli_code = config.getoption("devbox_code_dir")
-    ini_code = config.getini("devbox_code_dir")
-    if cli_code:
-        code_dir = _resolve_dir(cli_code, here)
-    elif ini_code:
-        code_dir = _resolve_dir(ini_code, ini_base)
-    else:
-        code_dir = config.rootpath
+    code_dir = _dir_option(config, "devbox_code_dir") or config.rootpath
     if not code_dir.is_dir():
         raise pytest.UsageError(
             f"devbox: the code dir {code_dir} does not exist or is not a directory; "
             "point --devbox-code-dir (or the devbox_code_dir ini option) at your project"
         )
 
-    cli_cache = config.getoption("devbox_cache")
-    ini_cache = config.getini("devbox_cache")
-    if cli_cache:
-        cache_dir = _resolve_dir(cli_cache, here)
-    elif ini_cache:
-        cache_dir = _resolve_dir(ini_cache, ini_base)
-    elif selected:
+    cache_dir = _dir_option(config, "devbox_cache")
+    if cache_dir is None and selected:
         # host.py imports libvirt: only pay for it when guests may run.
         from .host import default_cache_dir
 
         cache_dir = default_cache_dir()
-    else:
-        cache_dir = None
 
     repos = config.getoption("devbox_repo") or config.getini("devbox_repo") or []
     settings = Options(

@@ -13,7 +13,8 @@ from .distros import Profile
 from .errors import BootTimeout, DevboxError, UnknownDistro
 from .host import default_cache_dir, resolve_accel
 from .images import ImageCache
-from .machine import Machine, new_run_id, remove_run_dir
+from .machine import Machine, new_run_id
+from .sweep import remove_run_dir, sweep_leftovers
 
 Log = Callable[[str], None]
 
@@ -139,7 +140,6 @@ class Pool:
                 self.log(f"{distro}: boot failed in phase {e.phase!r}; retrying once")
             rebuild = False
         self._rebuilt.add(distro)
-        rebuild = False
         stats.boots += 1
         if stats.boot_seconds is None:
             stats.boot_seconds = machine.boot_seconds
@@ -152,8 +152,6 @@ class Pool:
         if self._swept:
             return
         self._swept = True
-        from .sweep import sweep_leftovers
-
         for line in sweep_leftovers(self.settings.uri, self.settings.cache_dir):
             self.log(line)
 

@@ -18,6 +18,30 @@ import libvirt
 from . import domain as dom
 
 
+def run_dir(cache_root: Path, run_id: str) -> Path:
+    """Per-session scratch (overlays, console logs), removed when the session ends."""
+    return cache_root / "run" / run_id
+
+
+def remove_run_dir(cache_root: Path, run_id: str) -> None:
+    shutil.rmtree(run_dir(cache_root, run_id), ignore_errors=True)
+
+
+def write_owner(path: Path) -> None:
+    """Mark a run dir as this process's, so sweeping spares it while we live."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "owner").write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+
+
+def read_owner(path: Path) -> tuple[int, str]:
+    """(pid, host) of a run dir's owner; (-1, "") when unknown."""
+    try:
+        fields = (path / "owner").read_text().split()
+        return int(fields[0]), fields[1] if len(fields) > 1 else ""
+    except (OSError, ValueError, IndexError):
+        return -1, ""
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -60,15 +84,11 @@ def sweep_leftovers(uri: str, cache_dir: Path) -> list[str]:
                 )
     finally:
         conn.close()
-    runs = cache_dir / "run"
+    runs = run_dir(cache_dir, "")
     for rdir in sorted(runs.glob("*")) if runs.is_dir() else []:
         if any(o.startswith(f"{rdir}/") for o in kept_overlays):
             continue
-        try:
-            pid_text = (rdir / "owner").read_text().split()
-            pid, host = int(pid_text[0]), pid_text[1] if len(pid_text) > 1 else ""
-        except (OSError, ValueError, IndexError):
-            pid, host = -1, ""
+        pid, host = read_owner(rdir)
         if host and host != socket.gethostname():
             continue
         if pid > 0 and pid_alive(pid):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+from guest_session import pytest_on_debian12
 
 from pytest_devbox import domain as dom
 from pytest_devbox.host import default_cache_dir
@@ -133,17 +134,7 @@ def test_ctrl_c_during_a_test_leaves_no_guest(tmp_path: Path) -> None:
     )
     log = tmp_path / "pytest.log"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "--devbox=debian-12",
-            "--devbox-offline",
-            f"--devbox-cache={CACHE}",
-            str(tmp_path / "test_slow.py"),
-        ],
+        pytest_on_debian12(str(tmp_path / "test_slow.py")),
         cwd=tmp_path,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from guest_session import pytest_on_debian12
 
 from pytest_devbox import domain as dom
 from pytest_devbox.distros import BUILTIN_PROFILES
@@ -50,18 +51,7 @@ def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> No
     )
     before = set(_domains())
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "--devbox=debian-12",
-            "--devbox-offline",
-            f"--devbox-cache={CACHE}",
-            "--devbox-keep",
-            "test_keep.py",
-        ],
+        pytest_on_debian12("--devbox-keep", "test_keep.py"),
         cwd=tmp_path,
         capture_output=True,
         text=True,
