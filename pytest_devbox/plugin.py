@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from .errors import DevboxError, ProfileError, UnknownDistro
+from .host import default_cache_dir, resolve_accel
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .distros import Profile
@@ -128,24 +130,6 @@ def parse_distro_list(value: str, source: str) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class Options:
-    """The session's settings as read from the command line, env and ini.
-
-    Mirrors `pool.Settings`, which is built only when the Pool is: importing pool.py
-    imports libvirt and paramiko, and a session without guests should not pay for that.
-    """
-
-    uri: str
-    cache_dir: Path | None  # None: no distro selected and no cache given, so never needed
-    code_dir: Path
-    accel: str
-    rebuild: bool
-    keep: bool
-    offline: bool
-    repos: tuple[str, ...]
-
-
 @dataclass
 class Outcomes:
     """Test outcomes of one distro, for the terminal summary."""
@@ -160,7 +144,7 @@ class DevboxSession:
 
     def __init__(
         self,
-        settings: Options,
+        settings: Settings,
         profiles: dict[str, Profile],
         selected: list[Profile],
         *,
@@ -189,21 +173,9 @@ class DevboxSession:
     def pool(self) -> Pool:
         """The session's Pool, created on first use (importing libvirt and paramiko then)."""
         if self._pool is None:
-            from .pool import Pool, Settings
+            from .pool import Pool
 
-            o = self.settings
-            assert o.cache_dir is not None, "the Pool is only created with a distro selected"
-            settings = Settings(
-                uri=o.uri,
-                cache_dir=o.cache_dir,
-                code_dir=o.code_dir,
-                accel=o.accel,
-                rebuild=o.rebuild,
-                keep=o.keep,
-                offline=o.offline,
-                repos=o.repos,
-            )
-            self._pool = Pool(self.selected, settings, log=self.log)
+            self._pool = Pool(self.selected, self.settings, log=self.log)
             self.stats = self._pool.stats
         return self._pool
 
@@ -365,15 +337,10 @@ def build_state(config: pytest.Config) -> DevboxSession:
             "point --devbox-code-dir (or the devbox_code_dir ini option) at your project"
         )
 
-    cache_dir = _dir_option(config, "devbox_cache")
-    if cache_dir is None and selected:
-        # host.py imports libvirt: only pay for it when guests may run.
-        from .host import default_cache_dir
-
-        cache_dir = default_cache_dir()
+    cache_dir = _dir_option(config, "devbox_cache") or default_cache_dir()
 
     repos = config.getoption("devbox_repo") or config.getini("devbox_repo") or []
-    settings = Options(
+    settings = Settings(
         uri=_first(config.getoption("devbox_uri"), config.getini("devbox_uri")) or DEFAULT_URI,
         cache_dir=cache_dir,
         code_dir=code_dir,
@@ -386,8 +353,6 @@ def build_state(config: pytest.Config) -> DevboxSession:
 
     resolved = ""
     if selected:
-        from .host import resolve_accel
-
         try:
             resolved = resolve_accel(accel)  # cheap: file checks, no libvirt
         except DevboxError as e:

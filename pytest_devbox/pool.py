@@ -5,34 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 from .distros import Profile
 from .errors import BootTimeout, DevboxError, UnknownDistro
-from .host import default_cache_dir, resolve_accel
+from .host import resolve_accel
 from .images import ImageCache
 from .machine import Machine, new_run_id
+from .settings import Settings
 from .sweep import remove_run_dir, sweep_leftovers
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a session decides once: where, how and with what guests run."""
-
-    uri: str = "qemu:///system"
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    code_dir: Path = field(default_factory=Path.cwd)
-    accel: str = "auto"
-    rebuild: bool = False
-    keep: bool = False
-    offline: bool = False
-    repos: tuple[str, ...] = ()
-    boot_timeout: float | None = None
-    boot_retries: int = 1
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pytest_devbox import domain as dom
 from pytest_devbox.distros import BUILTIN_PROFILES
 from pytest_devbox.errors import BootTimeout
 from pytest_devbox.host import default_cache_dir
-from pytest_devbox.pool import Pool, Settings
+from pytest_devbox.pool import Pool
+from pytest_devbox.settings import Settings
 
 pytestmark = pytest.mark.vm
 
