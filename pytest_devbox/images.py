@@ -29,6 +29,7 @@ from filelock import FileLock, Timeout
 
 from .distros import Profile
 from .errors import CacheLockTimeout, HostNotReady, ImageBuildError
+from .fileio import atomic_write
 from .ssh import ensure_keypair
 from .templates import default_repo_dir, index_sections
 
@@ -64,13 +65,6 @@ def _redact(line: str) -> str:
 
 def _as_uri(repo: str) -> str:
     return repo if "://" in repo else Path(repo).resolve().as_uri()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _index_text(uri: str) -> str | None:
@@ -166,7 +160,7 @@ class ImageCache:
         for fname, text in confs.items():
             target = repos_d / fname
             if not target.is_file() or target.read_text() != text:
-                _atomic_write(target, text)
+                atomic_write(target, text)
         repos_d.mkdir(parents=True, exist_ok=True)
         return cfg
 
@@ -340,7 +334,7 @@ class ImageCache:
         commands = self.root / "recipes" / f"{profile.name}-{key}.commands"
         text = "\n".join(self.commands_for(profile)) + "\n"
         if not commands.is_file() or commands.read_text() != text:
-            _atomic_write(commands, text)
+            atomic_write(commands, text)
         argv = [
             self._virt_builder(),
             profile.template,
@@ -441,7 +435,7 @@ class ImageCache:
                     "otherwise raise the lock timeout."
                 ) from None
         try:
-            _atomic_write(
+            atomic_write(
                 owner,
                 json.dumps(
                     {
@@ -502,7 +496,7 @@ class ImageCache:
             self.log(f"{image.name}: qemu-img check failed, rebuilding:\n{problem}")
             return None
         recovered: dict[str, object] = {"key": key, "image_size": size, "recovered": True}
-        _atomic_write(meta_path, json.dumps(recovered, indent=2))
+        atomic_write(meta_path, json.dumps(recovered, indent=2))
         return recovered
 
     @staticmethod
@@ -566,7 +560,7 @@ class ImageCache:
             )
             # Metadata first: a crash before the image is in place leaves no image, so
             # the orphan metadata is harmless.
-            _atomic_write(image.with_suffix(".json"), json.dumps(built_meta, indent=2))
+            atomic_write(image.with_suffix(".json"), json.dumps(built_meta, indent=2))
 
         if self._build_locked(image, build, label=profile.name, reuse=reuse):
             self.log(f"[{profile.name}] image ready in {seconds[0]:.0f} s: {image}")

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
+from .fileio import atomic_write
 
 __all__ = [
     "KEY_COMMENT",
@@ -136,7 +137,7 @@ def ensure_keypair(key_dir: Path) -> Path:
     public = key_dir / (PRIVATE_KEY_NAME + ".pub")
     line = public_key_line(private)
     if not public.exists() or public.read_text(encoding="ascii", errors="replace").strip() != line:
-        _write_atomic(public, (line + "\n").encode("ascii"), 0o644)
+        atomic_write(public, (line + "\n").encode("ascii"), 0o644)
     return private
 
 
@@ -188,19 +189,6 @@ def _create_private_key(private: Path) -> None:
             os.link(tmp, private)
     finally:
         os.unlink(tmp)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _load_private_key(path: Path) -> paramiko.PKey:

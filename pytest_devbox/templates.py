@@ -29,6 +29,7 @@ from typing import Callable
 import filelock
 
 from .errors import CacheLockTimeout, TemplateBuildError, UnknownDistro
+from .fileio import atomic_write
 
 DEBIAN_SUITES: dict[str, str] = {
     "debian-11": "bullseye",
@@ -263,15 +264,6 @@ def _suite(distro: str) -> str:
         ) from None
 
 
-def _write_atomic(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _sha512(path: Path) -> str:
     digest = hashlib.sha512()
     with open(path, "rb") as f:
@@ -474,13 +466,13 @@ class TemplateRepo:
         # Template first, then the state that vouches for it, then the index that
         # publishes it: an interruption at any point leaves the old entry usable.
         os.replace(compressed, final)
-        _write_atomic(
+        atomic_write(
             self._state_path(distro),
             json.dumps({"recipe": recipe_hash(distro, self.mirror), "revision": revision}),
         )
         sections = self.entries()
         sections[distro] = entry
-        _write_atomic(self.index_path, format_index(sections))
+        atomic_write(self.index_path, format_index(sections))
         if old.get("file") and old["file"] != final.name:
             (self.root / old["file"]).unlink(missing_ok=True)
         self.log(f"{distro}: checksum and index in {time.monotonic() - t0:.1f} s")
@@ -550,7 +542,7 @@ class TemplateRepo:
                 return self.conf_path
         except FileNotFoundError:
             pass
-        _write_atomic(self.conf_path, text)
+        atomic_write(self.conf_path, text)
         return self.conf_path
 
     def _remove_stale_work_dirs(self) -> None:

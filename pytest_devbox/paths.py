@@ -1,0 +1,65 @@
+"""The cache layout: every path under the cache directory, named in one place.
+
+<root>/images/<distro>-<key>.qcow2   cached base images (+ .json metadata, .lock)
+<root>/recipes/                      commands files handed to virt-builder
+<root>/virt-builder-config/<digest>/ virt-builder config dirs (our repos only)
+<root>/virt-builder-cache/           virt-builder's template download cache
+<root>/templates/                    local Debian templates and their index
+<root>/ssh/                          the key pair and pinned host keys
+<root>/run/<run id>/                 one session's overlays and console logs
+<root>/kept/                         records of guests kept past their session
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Paths under one cache directory; computing one creates nothing."""
+
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    def image(self, distro: str, key: str) -> Path:
+        return self.images / f"{distro}-{key}.qcow2"
+
+    @property
+    def recipes(self) -> Path:
+        return self.root / "recipes"
+
+    @property
+    def builder_config(self) -> Path:
+        return self.root / "virt-builder-config"
+
+    @property
+    def builder_cache(self) -> Path:
+        return self.root / "virt-builder-cache"
+
+    @property
+    def templates(self) -> Path:
+        return self.root / "templates"
+
+    @property
+    def ssh(self) -> Path:
+        return self.root / "ssh"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.ssh / "known_hosts"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "run"
+
+    def run(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    @property
+    def kept(self) -> Path:
+        return self.root / "kept"
