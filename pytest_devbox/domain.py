@@ -256,10 +256,9 @@ def _forwards(usernet: str) -> set[tuple[str, int, int]]:
 class Domain:
     """A running transient devbox domain and the connection that keeps it alive."""
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
-        self.conn = conn
-        self.dom = dom
-        self.name: str = dom.name()
+    def __init__(self, virdom: libvirt.virDomain) -> None:
+        self.virdom = virdom
+        self.name: str = virdom.name()
 
     @classmethod
     def create(
@@ -270,7 +269,7 @@ class Domain:
         destroyed or powered off, and `devbox destroy`/the sweep find it by its metadata."""
         flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
         try:
-            dom = conn.createXML(build_xml(spec), flags)
+            virdom = conn.createXML(build_xml(spec), flags)
         except libvirt.libvirtError as e:
             hint = (
                 "check that the disk and code directory exist, and run `devbox doctor` "
@@ -281,12 +280,12 @@ class Domain:
             raise DomainError(
                 f"libvirt could not start {spec.name}: {e.get_error_message() or e}\n{hint}"
             ) from e
-        return cls(conn, dom)
+        return cls(virdom)
 
     def _monitor(self, command: str) -> str:
         try:
             out: str = libvirt_qemu.qemuMonitorCommand(
-                self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+                self.virdom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
             )
         except libvirt.libvirtError as e:
             raise DomainError(
@@ -314,7 +313,7 @@ class Domain:
         """ "running", "paused", "crashed", "shutoff", ... A transient domain that stopped
         no longer exists: that is reported as "shutoff"."""
         try:
-            st, _reason = self.dom.state()
+            st, _reason = self.virdom.state()
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return "shutoff"
@@ -329,7 +328,7 @@ class Domain:
     def destroy(self) -> None:
         """Stop the guest at once. Idempotent: a domain already gone is fine."""
         try:
-            self.dom.destroy()
+            self.virdom.destroy()
         except libvirt.libvirtError as e:
             if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
                 return
@@ -343,11 +342,11 @@ def list_devbox_domains(conn: libvirt.virConnect) -> list[tuple[str, dict[str, s
         domains = conn.listAllDomains(0)
     except libvirt.libvirtError as e:
         raise DomainError(f"cannot list libvirt domains: {e.get_error_message() or e}") from e
-    for dom in domains:
+    for virdom in domains:
         try:
-            name = dom.name()
+            name = virdom.name()
             if name.startswith(NAME_PREFIX):
-                found.append((name, read_metadata(dom.XMLDesc(0))))
+                found.append((name, read_metadata(virdom.XMLDesc(0))))
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # vanished while listing
                 raise DomainError(f"cannot read domain XML: {e.get_error_message() or e}") from e

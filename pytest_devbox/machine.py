@@ -24,18 +24,17 @@ from typing import Callable
 import libvirt
 
 from . import domain as dom
+from .boot import Boot, Deadline, wait_ready
 from .distros import Profile
-from .errors import BootTimeout, GuestDied, HostKeyMismatch, HostNotReady, SSHError
+from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
-from .ssh import Connection, Result, ensure_keypair, probe_banner
-from .sweep import run_dir, write_owner
+from .paths import CacheLayout
+from .ssh import Connection, Result, ensure_keypair
+from .sweep import claim_run_dir
 
-GUEST_USER = "devbox"
 # Deadlines for the whole boot (all phases together). Software emulation is 5-10x slower.
 BOOT_TIMEOUT = {"kvm": 120.0, "tcg": 420.0}
-POLL = 0.25
-TRANSIENT_SSH = (OSError, EOFError, SSHError)
 
 
 def new_run_id() -> str:
@@ -56,7 +55,6 @@ class Machine:
         overlay: Path,
         console_log: Path,
         boot_seconds: float,
-        keep: bool,
     ) -> None:
         self.profile = profile
         self.image = image
@@ -66,7 +64,6 @@ class Machine:
         self.overlay = overlay
         self.console_log = console_log
         self.boot_seconds = boot_seconds
-        self.keep = keep
         self.closed = False
 
     @property
@@ -106,46 +103,25 @@ class Machine:
         chosen = resolve_accel(accel)
         image = cache.image_for(profile, rebuild=rebuild)
         run_id = run_id or new_run_id()
-        workdir = run_dir(cache.root, run_id)
-        write_owner(workdir)
-        name = f"devbox-{profile.name}-{run_id}"
-        if not keep:
-            name += f"-{uuid.uuid4().hex[:4]}"  # several machines of a distro in one run
+        workdir = claim_run_dir(cache.root, run_id)
+        # Unique per machine, kept or not: a session may start several of one distro.
+        name = f"{dom.NAME_PREFIX}{profile.name}-{run_id}-{uuid.uuid4().hex[:4]}"
         overlay = cache.overlay(image.path, workdir / f"{name}.qcow2")
         console = workdir / f"{name}.console.log"
-        spec = dom.DomainSpec(
-            name=name,
-            disk=overlay,
-            code_dir=code_dir,
-            share=profile.share,
-            accel=chosen,
-            memory_mib=profile.memory_mib,
-            vcpus=profile.vcpus,
-            console_log=console,
-            metadata={
-                "owner_pid": str(os.getpid()),
-                "owner_host": socket.gethostname(),
-                "run_id": run_id,
-                "started": str(int(time.time())),
-                "distro": profile.name,
-                "overlay": str(overlay),
-                "image_key": image.key,
-                "keep": "1" if keep else "0",
-            },
-        )
+        spec = _domain_spec(profile, image, name, overlay, console, code_dir, chosen, run_id, keep)
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         domain: dom.Domain | None = None
         try:
             domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
-            ssh = _wait_ready(
+            boot = Boot(
                 domain,
-                cache=cache,
-                image=image,
-                distro=profile.name,
-                console=console,
-                timeout=boot_timeout or BOOT_TIMEOUT[chosen],
+                profile.name,
+                console,
+                Deadline(boot_timeout or BOOT_TIMEOUT[chosen]),
+                tail_file,
             )
+            ssh = wait_ready(boot, connection=_connection_for(cache, image), share=profile.share)
         except BaseException:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).
             if domain is not None:
@@ -164,7 +140,6 @@ class Machine:
             overlay=overlay,
             console_log=console,
             boot_seconds=seconds,
-            keep=keep,
         )
 
     # ---- using ----------------------------------------------------------------------------
@@ -267,78 +242,49 @@ def _close_quietly(virconn: libvirt.virConnect) -> None:
         virconn.close()
 
 
-def _wait_ready(
-    domain: dom.Domain,
-    *,
-    cache: ImageCache,
+def _domain_spec(
+    profile: Profile,
     image: ImageInfo,
-    distro: str,
+    name: str,
+    overlay: Path,
     console: Path,
-    timeout: float,
-) -> Connection:
-    """Phases with one deadline: running, forwarded, SSH banner, auth, /code mounted."""
-    deadline = time.monotonic() + timeout
-    phase = "running"
+    code_dir: Path,
+    accel: str,
+    run_id: str,
+    keep: bool,
+) -> dom.DomainSpec:
+    return dom.DomainSpec(
+        name=name,
+        disk=overlay,
+        code_dir=code_dir,
+        share=profile.share,
+        accel=accel,
+        memory_mib=profile.memory_mib,
+        vcpus=profile.vcpus,
+        console_log=console,
+        # What the sweep and `devbox ls` need to tell whose guest this is.
+        metadata={
+            "owner_pid": str(os.getpid()),
+            "owner_host": socket.gethostname(),
+            "run_id": run_id,
+            "started": str(int(time.time())),
+            "distro": profile.name,
+            "overlay": str(overlay),
+            "image_key": image.key,
+            "keep": "1" if keep else "0",
+        },
+    )
 
-    def check_alive() -> None:
-        state = domain.state()
-        if state != "running":
-            raise GuestDied(
-                f"{distro}: the guest stopped while booting (state {state}) in phase {phase!r}",
-                phase=phase,
-                console_tail=tail_file(console, 40),
-            )
 
-    def expired() -> bool:
-        return time.monotonic() > deadline
-
-    check_alive()
-    phase = "forwarded"
-    port = domain.forward_port(22)
-    phase = "ssh banner"
-    while not probe_banner("127.0.0.1", port, timeout=2.0):
-        check_alive()
-        if expired():
-            break
-        time.sleep(POLL)
-    else:
-        phase = "auth"
-    if phase == "auth":
-        ssh = Connection(
+def _connection_for(cache: ImageCache, image: ImageInfo) -> Callable[[int], Connection]:
+    def connection(port: int) -> Connection:
+        layout = CacheLayout(cache.root)
+        return Connection(
             "127.0.0.1",
             port,
-            key_path=ensure_keypair(cache.root / "ssh"),
-            known_hosts=cache.root / "ssh" / "known_hosts",
+            key_path=ensure_keypair(layout.ssh),
+            known_hosts=layout.known_hosts,
             host_key_alias=host_key_alias(image),
         )
-        while True:
-            try:
-                ssh.connect(timeout=max(1.0, min(15.0, deadline - time.monotonic())))
-                break
-            except HostKeyMismatch:
-                raise
-            except TRANSIENT_SSH:
-                check_alive()
-                if expired():
-                    raise
-                time.sleep(1.0)
-        phase = "/code mounted"
-        while True:
-            r = ssh.run("mountpoint -q /code || mount /code", check=False, cwd=None, timeout=30)
-            if r.ok:
-                return ssh
-            check_alive()
-            if expired():
-                ssh.close()
-                raise BootTimeout(
-                    f"{distro}: /code is not mounted in the guest: {r.stderr.strip()}",
-                    phase=phase,
-                    console_tail=tail_file(console, 40),
-                )
-            time.sleep(1.0)
-    raise BootTimeout(
-        f"{distro}: the guest did not get to {phase!r} within {timeout:.0f} s; "
-        "see the console below, or raise the timeout (slow host, software emulation)",
-        phase=phase,
-        console_tail=tail_file(console, 40),
-    )
+
+    return connection

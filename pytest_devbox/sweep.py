@@ -11,26 +11,43 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
+import time
 from pathlib import Path
 
 import libvirt
 
 from . import domain as dom
+from .paths import CacheLayout
 
-
-def run_dir(cache_root: Path, run_id: str) -> Path:
-    """Per-session scratch (overlays, console logs), removed when the session ends."""
-    return cache_root / "run" / run_id
+# A claim in progress: a hidden directory that only gets its real name with its owner
+# file inside, so a concurrent sweep never sees a run dir without an owner.
+_CLAIM_PREFIX = ".claim-"
+# A claim dir older than this was left by a process killed mid-claim.
+_STALE_CLAIM_SECONDS = 3600.0
 
 
 def remove_run_dir(cache_root: Path, run_id: str) -> None:
-    shutil.rmtree(run_dir(cache_root, run_id), ignore_errors=True)
+    shutil.rmtree(CacheLayout(cache_root).run(run_id), ignore_errors=True)
 
 
-def write_owner(path: Path) -> None:
-    """Mark a run dir as this process's, so sweeping spares it while we live."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "owner").write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+def claim_run_dir(cache_root: Path, run_id: str) -> Path:
+    """This session's run dir (overlays, console logs), marked as this process's so
+    sweeping spares it while we live. Created with its owner file already inside."""
+    final = CacheLayout(cache_root).run(run_id)
+    if read_owner(final)[0] == os.getpid():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    claim = Path(tempfile.mkdtemp(prefix=f"{_CLAIM_PREFIX}{run_id}-", dir=final.parent))
+    try:
+        (claim / "owner").write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+        os.rename(claim, final)
+    except OSError:
+        # Another machine of this session made it first (ENOTEMPTY / EEXIST).
+        shutil.rmtree(claim, ignore_errors=True)
+        if read_owner(final)[0] != os.getpid():
+            raise
+    return final
 
 
 def read_owner(path: Path) -> tuple[int, str]:
@@ -61,6 +78,13 @@ def _owner_dead(meta: dict[str, str]) -> bool:
         return False
 
 
+def _stale(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > _STALE_CLAIM_SECONDS
+    except OSError:
+        return False
+
+
 def sweep_leftovers(uri: str, cache_dir: Path) -> list[str]:
     """Destroy devbox domains and delete run dirs whose owner is dead. Returns what it did."""
     done: list[str] = []
@@ -84,8 +108,10 @@ def sweep_leftovers(uri: str, cache_dir: Path) -> list[str]:
                 )
     finally:
         conn.close()
-    runs = run_dir(cache_dir, "")
+    runs = CacheLayout(cache_dir).runs
     for rdir in sorted(runs.glob("*")) if runs.is_dir() else []:
+        if rdir.name.startswith(_CLAIM_PREFIX) and not _stale(rdir):
+            continue
         if any(o.startswith(f"{rdir}/") for o in kept_overlays):
             continue
         pid, host = read_owner(rdir)

@@ -1,9 +1,11 @@
-"""Sweeping what dead sessions left: real qemu domains without an OS (fast, seconds)."""
+"""Sweeping what dead sessions left, on libvirt's test driver: the same API and domain
+XML as qemu:///system, without touching the host's libvirtd or anyone's guests."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pytest_devbox import domain as dom
-from pytest_devbox.sweep import sweep_leftovers
+from pytest_devbox.sweep import claim_run_dir, read_owner, sweep_leftovers
 
-URI = "qemu:///system"
+URI = "test:///default"
 
 
 def _dead_pid() -> int:
@@ -69,7 +71,40 @@ def test_dead_owners_guest_and_overlay_are_swept(tmp_path: Path, cleanup: list[d
 def test_live_owner_and_kept_guests_are_spared(tmp_path: Path, cleanup: list[dom.Domain]) -> None:
     live, live_overlay = _leftover(tmp_path, os.getpid(), keep=False)
     kept, kept_overlay = _leftover(tmp_path, _dead_pid(), keep=True)
-    cleanup += [live, kept]
-    sweep_leftovers(URI, tmp_path)
+    dead, _ = _leftover(tmp_path, _dead_pid(), keep=False)
+    cleanup += [live, kept, dead]
+    live_run = claim_run_dir(tmp_path, "live-run")
+    done = sweep_leftovers(URI, tmp_path)
+    # The sweep really ran (it took the dead owner's guest) and spared the others.
+    assert not dead.is_running()
+    assert any(dead.name in line for line in done)
     assert live.is_running() and kept.is_running()
     assert live_overlay.exists() and kept_overlay.exists()
+    assert live_run.is_dir()
+
+
+def test_a_run_dir_is_never_seen_without_its_owner(tmp_path: Path) -> None:
+    # Defect: the run dir used to exist a moment before its owner file, and a
+    # concurrent sweep deleted it (then writing the owner raised FileNotFoundError).
+    stop = threading.Event()
+
+    def sweep_repeatedly() -> None:
+        while not stop.is_set():
+            sweep_leftovers(URI, tmp_path)
+
+    sweeper = threading.Thread(target=sweep_repeatedly)
+    sweeper.start()
+    try:
+        claimed = [claim_run_dir(tmp_path, f"run{i}") for i in range(300)]
+    finally:
+        stop.set()
+        sweeper.join()
+    assert all(read_owner(d)[0] == os.getpid() for d in claimed)
+    assert not list((tmp_path / "run").glob(".claim-*"))
+
+
+def test_claiming_twice_in_one_session_keeps_the_dir(tmp_path: Path) -> None:
+    first = claim_run_dir(tmp_path, "same")
+    (first / "overlay.qcow2").write_text("x")
+    assert claim_run_dir(tmp_path, "same") == first
+    assert (first / "overlay.qcow2").exists()

@@ -1,0 +1,109 @@
+"""Readiness phases against libvirt's test driver (a real running domain, no QEMU) and
+real sockets: every expiry is a BootTimeout naming its phase, a dead guest fails at once."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_devbox import domain as dom
+from pytest_devbox.boot import Boot, Deadline, authenticate, wait_banner
+from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
+from pytest_devbox.machine import tail_file
+from pytest_devbox.ssh import Connection, ensure_keypair
+
+TEST_DOMAIN = """<domain type='test'><name>{name}</name><memory>65536</memory>
+<os><type>hvm</type></os></domain>"""
+
+
+@pytest.fixture
+def test_domain() -> Iterator[dom.Domain]:
+    conn = dom.connect("test:///default")
+    virdom = conn.createXML(TEST_DOMAIN.format(name=f"devbox-boot-{uuid.uuid4().hex[:6]}"), 0)
+    try:
+        yield dom.Domain(virdom)
+    finally:
+        dom.Domain(virdom).destroy()
+        conn.close()
+
+
+def _boot(domain: dom.Domain, tmp_path: Path, seconds: float) -> Boot:
+    console = tmp_path / "console.log"
+    console.write_text("[  OK  ] Reached target Multi-User System.\nlast console line\n")
+    return Boot(domain, "debian-12", console, Deadline(seconds), tail_file)
+
+
+def _closed_port() -> int:
+    # Bound but never listening: connecting is refused at once, like a guest whose
+    # sshd never comes up.
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_deadline_caps_waits() -> None:
+    d = Deadline(100.0)
+    assert 99.0 < d.cap(500.0) <= 100.0
+    assert d.cap(2.0) == 2.0
+    assert not d.expired()
+    gone = Deadline(0.0)
+    assert gone.expired()
+    assert gone.cap(30.0) == 1.0  # a floor, so a last try still gets a real timeout
+
+
+def test_auth_that_never_succeeds_is_a_boot_timeout_with_the_console(
+    test_domain: dom.Domain, tmp_path: Path
+) -> None:
+    # Defect: the deadline passing during auth used to raise the raw SSHError (no
+    # phase, no console tail, not retried by the pool).
+    ssh = Connection(
+        "127.0.0.1",
+        _closed_port(),
+        key_path=ensure_keypair(tmp_path / "ssh"),
+        known_hosts=tmp_path / "ssh" / "known_hosts",
+        host_key_alias="img",
+    )
+    with pytest.raises(BootTimeout) as info:
+        authenticate(_boot(test_domain, tmp_path, 2.0), ssh)
+    assert info.value.phase == "auth"
+    assert "last console line" in str(info.value)
+    assert "SSHError" in str(info.value)  # what was last seen
+
+
+def test_banner_that_never_comes_is_a_boot_timeout(test_domain: dom.Domain, tmp_path: Path) -> None:
+    with pytest.raises(BootTimeout) as info:
+        wait_banner(_boot(test_domain, tmp_path, 1.5), _closed_port())
+    assert info.value.phase == "ssh banner"
+
+
+def test_a_guest_that_stops_fails_at_once_not_at_the_deadline(
+    test_domain: dom.Domain, tmp_path: Path
+) -> None:
+    boot = _boot(test_domain, tmp_path, 600.0)
+    test_domain.destroy()
+    start = time.monotonic()
+    with pytest.raises(GuestDied) as info:
+        wait_banner(boot, _closed_port())
+    assert time.monotonic() - start < 60  # not the 600 s deadline
+    assert info.value.phase == "ssh banner"
+    assert "last console line" in str(info.value)
+
+
+def test_a_changed_host_key_is_final_not_retried(test_domain: dom.Domain, tmp_path: Path) -> None:
+    calls = []
+
+    def attempt() -> bool:
+        calls.append(1)
+        raise HostKeyMismatch("changed")
+
+    boot = _boot(test_domain, tmp_path, 30.0)
+    with pytest.raises(HostKeyMismatch):
+        boot.poll("auth", attempt, interval=0.1, transient=(SSHError,), final=(HostKeyMismatch,))
+    assert calls == [1]
