@@ -1,4 +1,4 @@
-"""The devbox command: doctor, template, and argument errors (fast tier)."""
+"""The devbox command: doctor, template, and argument errors."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def devbox(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.vm  # asks the host's libvirtd
 def test_doctor_ok_on_this_host() -> None:
     r = devbox("doctor")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -35,6 +36,7 @@ def test_doctor_ok_on_this_host() -> None:
     assert "accel" in r.stdout
 
 
+@pytest.mark.vm
 def test_doctor_json() -> None:
     r = devbox("doctor", "--json")
     checks = {c["name"]: c for c in json.loads(r.stdout)}
@@ -55,6 +57,8 @@ def _libvirtd_pid() -> int | None:
     return int(out.stdout.split()[0]) if out.stdout.strip() else None
 
 
+@pytest.mark.vm
+@pytest.mark.host_service
 @pytest.mark.skipif(
     os.geteuid() != 0 or Path("/proc/1/comm").read_text().strip() == "systemd",
     reason="stops and restarts libvirtd by hand: root on a host without systemd only",
@@ -93,6 +97,7 @@ def test_build_unknown_distro_lists_known(capsys: pytest.CaptureFixture[str]) ->
     assert "nosuch" in err and "centos-7" in err and "debian-12" in err
 
 
+@pytest.mark.vm
 def test_destroy_nothing_matching() -> None:
     r = devbox("destroy", "devbox-no-such-guest")
     assert r.returncode == 1 and "no matching devbox guest" in r.stdout

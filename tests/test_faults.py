@@ -85,12 +85,17 @@ def test_guest_that_dies_fails_at_once(tmp_path: Path) -> None:
             outcome.append(e)
 
     conn = dom.connect("qemu:///system")
-    before = {n for n, _ in dom.list_devbox_domains(conn)}
+    mine = str(os.getpid())
+
+    def ours() -> set[str]:  # only this process's guests: never another session's
+        return {n for n, m in dom.list_devbox_domains(conn) if m.get("owner_pid") == mine}
+
+    before = ours()
     thread = threading.Thread(target=boot)
     thread.start()
     try:
         deadline = time.monotonic() + 120
-        while not (new := {n for n, _ in dom.list_devbox_domains(conn)} - before):
+        while not (new := ours() - before):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         time.sleep(2)  # into the boot
