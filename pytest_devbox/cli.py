@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import subprocess
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import host
+from . import host, kept
 from .errors import DevboxError
 
 if TYPE_CHECKING:
@@ -76,17 +75,19 @@ def _profiles(args: argparse.Namespace) -> list[Profile]:
     return select(args.distros, load_profiles(args.project))
 
 
-def _kept_dir(cache: Path) -> Path:
-    return cache / "kept"
+def _running(uri: str) -> list[str]:
+    from . import domain as dom
+
+    conn = dom.connect(uri)
+    try:
+        return [name for name, _meta in dom.list_devbox_domains(conn)]
+    finally:
+        conn.close()
 
 
-def _kept(cache: Path) -> dict[str, dict[str, object]]:
-    """Guests started by `devbox up`, by distro (the newest wins)."""
-    found: dict[str, dict[str, object]] = {}
-    for f in sorted(_kept_dir(cache).glob("*.json"), key=lambda p: p.stat().st_mtime):
-        data = json.loads(f.read_text())
-        found[str(data["distro"])] = data
-    return found
+def _kept(cache: Path) -> dict[str, kept.KeptGuest]:
+    """Guests started by `devbox up` that still run, by distro (the newest wins)."""
+    return kept.load(cache, _running, warn=_log)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -103,29 +104,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             keep=True,
             log=_log,
         )
-        state = {
-            "name": m.name,
-            "distro": m.distro,
-            "uri": args.uri,
-            "overlay": str(m.overlay),
-            "ssh": m.ssh_argv(),
-        }
-        _kept_dir(args.cache).mkdir(parents=True, exist_ok=True)
-        (_kept_dir(args.cache) / f"{m.name}.json").write_text(json.dumps(state, indent=2))
+        guest = kept.KeptGuest(m.name, m.distro, args.uri, str(m.overlay), tuple(m.ssh_argv()))
+        kept.save(args.cache, guest)
         m.detach()
         print(f"{m.distro}: {m.name} is up: {m.ssh_command()}")
     return 0
 
 
-def _kept_or_fail(args: argparse.Namespace) -> dict[str, object]:
-    kept = _kept(args.cache).get(args.distro)
-    if kept is None:
+def _kept_or_fail(args: argparse.Namespace) -> kept.KeptGuest:
+    guest = _kept(args.cache).get(args.distro)
+    if guest is None:
         raise DevboxError(f"no {args.distro} guest is up: start one with `devbox up {args.distro}`")
-    return kept
+    return guest
 
 
 def cmd_ssh(args: argparse.Namespace) -> int:
-    argv = [str(a) for a in _kept_or_fail(args)["ssh"]]  # type: ignore[attr-defined]
+    argv = list(_kept_or_fail(args).ssh)
     os.execvp(argv[0], [*argv, *args.command])
 
 
@@ -135,9 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise DevboxError("nothing to run: devbox run DISTRO -- COMMAND...")
-    kept = _kept(args.cache).get(args.distro)
-    if kept is not None:
-        argv = [str(a) for a in kept["ssh"]]  # type: ignore[attr-defined]
+    guest = _kept(args.cache).get(args.distro)
+    if guest is not None:
+        argv = list(guest.ssh)
         remote = f"cd /code && {shlex.join(command)}"
         return subprocess.run([*argv, remote], check=False).returncode
     # No guest up: boot one for this command only.
@@ -196,7 +190,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                 conn.lookupByName(name).destroy()
             if meta.get("overlay"):
                 Path(meta["overlay"]).unlink(missing_ok=True)
-            (_kept_dir(args.cache) / f"{name}.json").unlink(missing_ok=True)
+            kept.forget(args.cache, name)
             print(f"destroyed {name}")
     finally:
         conn.close()

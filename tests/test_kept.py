@@ -1,0 +1,49 @@
+"""Records of kept guests (`devbox up`): stale and corrupt records are never trusted.
+Domains come from libvirt's test driver, so nothing touches the host's libvirtd."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from test_domain import spec_for
+
+from pytest_devbox import domain as dom
+from pytest_devbox import kept
+from pytest_devbox.cli import _running
+from pytest_devbox.paths import CacheLayout
+
+URI = "test:///default"
+
+
+def _guest(name: str, distro: str = "debian-12") -> kept.KeptGuest:
+    return kept.KeptGuest(name, distro, URI, f"/nonexistent/{name}.qcow2", ("ssh", "-p", "2222"))
+
+
+def test_only_records_of_running_guests_are_used(tmp_path: Path) -> None:
+    conn = dom.connect(URI)
+    name = f"devbox-debian-12-{uuid.uuid4().hex[:8]}"
+    live = dom.Domain.create(conn, spec_for("9p", "tcg", name=name), autodestroy=False)
+    try:
+        kept.save(tmp_path, _guest(name))
+        kept.save(tmp_path, _guest("devbox-debian-11-gone", "debian-11"))  # destroyed since
+        corrupt = CacheLayout(tmp_path).kept / "devbox-broken.json"
+        corrupt.write_text('{"name": "devbox-broken", ')  # torn by a crash
+        warnings: list[str] = []
+        found = kept.load(tmp_path, _running, warnings.append)
+    finally:
+        live.destroy()
+        conn.close()
+    assert set(found) == {"debian-12"} and found["debian-12"].ssh == ("ssh", "-p", "2222")
+    # The stale record is gone; the corrupt one is reported, not a traceback.
+    assert not (CacheLayout(tmp_path).kept / "devbox-debian-11-gone.json").exists()
+    assert any("devbox-broken.json" in w for w in warnings)
+
+
+def test_save_is_atomic_and_forget_removes(tmp_path: Path) -> None:
+    kept.save(tmp_path, _guest("devbox-x"))
+    files = sorted(p.name for p in CacheLayout(tmp_path).kept.iterdir())
+    assert files == ["devbox-x.json"]  # no temporary left beside it
+    kept.forget(tmp_path, "devbox-x")
+    kept.forget(tmp_path, "devbox-x")  # idempotent
+    assert not list(CacheLayout(tmp_path).kept.iterdir())
