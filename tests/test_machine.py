@@ -8,76 +8,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guests import CACHE, GUEST_GID, GUEST_UID, URI, start_machine
 
 from pytest_devbox import domain as dom
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles
+from pytest_devbox.distros import BUILTIN_PROFILES
 from pytest_devbox.errors import BootTimeout, CommandFailed, CommandTimeout
-from pytest_devbox.host import default_cache_dir, resolve_accel
+from pytest_devbox.host import resolve_accel
 from pytest_devbox.images import ImageCache
 from pytest_devbox.machine import Machine
 from pytest_devbox.sweep import sweep_leftovers
 
+# Shared guests (debian12 over virtiofs, debian11_9p over 9p) are fixtures of conftest.py.
 pytestmark = pytest.mark.vm
-
-CACHE = default_cache_dir()
-URI = "qemu:///system"
-# As root, give the guest user another uid than ours, so ownership checks mean something.
-GUEST_UID = 4242 if os.geteuid() == 0 else os.getuid()
-GUEST_GID = 4242 if os.geteuid() == 0 else os.getgid()
-
-
-@pytest.fixture(scope="module")
-def cache() -> ImageCache:
-    return ImageCache(
-        CACHE,
-        public_index=False,
-        tcg=resolve_accel() == "tcg",
-        guest_user=("devbox", GUEST_UID, GUEST_GID),
-    )
-
-
-@pytest.fixture(scope="module")
-def code_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("code")
-    (d / "from-host.txt").write_text("written on the host\n")
-    if os.geteuid() == 0:
-        os.chown(d, GUEST_UID, GUEST_GID)
-    return d
-
-
-def _start(profile: Profile, cache: ImageCache, code_dir: Path) -> Machine:
-    return Machine.start(profile, cache=cache, code_dir=code_dir, uri=URI)
-
-
-@pytest.fixture(scope="module")
-def debian12(cache: ImageCache, code_dir: Path) -> Iterator[Machine]:
-    with _start(BUILTIN_PROFILES["debian-12"], cache, code_dir) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def debian11_9p(
-    cache: ImageCache, code_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Machine]:
-    project = tmp_path_factory.mktemp("project")
-    (project / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [tool.pytest-devbox.distros.debian-11-9p]
-            extends = "debian-11"
-            share = "9p"
-            """
-        )
-    )
-    profile = load_profiles(project)["debian-11-9p"]
-    with _start(profile, cache, code_dir) as m:
-        yield m
 
 
 @pytest.mark.parametrize("machine_name, fstype", [("debian12", "virtiofs"), ("debian11_9p", "9p")])
@@ -98,7 +44,7 @@ def test_share_both_ways(
 
 def test_second_start_is_a_cache_hit(debian12: Machine, cache: ImageCache, code_dir: Path) -> None:
     t0 = time.monotonic()
-    with _start(BUILTIN_PROFILES["debian-12"], cache, code_dir) as second:
+    with start_machine(BUILTIN_PROFILES["debian-12"], cache, code_dir) as second:
         assert not second.image.built
         assert second.image.path == debian12.image.path
         assert second.image.metadata["key"] == debian12.image.key
