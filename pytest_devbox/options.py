@@ -222,7 +222,7 @@ def _pick(
         return env[opt.env], Source("env", opt.env)
     try:
         value = ini(opt.ini)
-    except ValueError as e:  # pytest's own check of an ini bool
+    except (ValueError, pytest.UsageError) as e:  # pytest's own check of an ini bool
         raise pytest.UsageError(f"devbox: the {opt.ini} ini option: {e}") from e
     return (value, Source("ini", opt.ini)) if _is_set(value) else None
 
