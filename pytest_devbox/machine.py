@@ -28,7 +28,7 @@ from .distros import Profile
 from .errors import BootTimeout, GuestDied, HostKeyMismatch, HostNotReady, SSHError
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
-from .settings import DEFAULT_URI
+from .settings import DEFAULT_ACCEL, DEFAULT_URI
 from .ssh import Connection, Result, ensure_keypair, probe_banner
 from .sweep import run_dir, write_owner
 
@@ -93,7 +93,7 @@ class Machine:
         cache: ImageCache,
         code_dir: Path,
         uri: str = DEFAULT_URI,
-        accel: str = "auto",
+        accel: str = DEFAULT_ACCEL,
         run_id: str | None = None,
         rebuild: bool = False,
         keep: bool = False,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .host import default_cache_dir
 
-DEFAULT_URI = "qemu:///system"
+# The system daemon: the one URI where virtiofs works before libvirt 10.0.
+SYSTEM_URI = "qemu:///system"
+DEFAULT_URI = SYSTEM_URI
 DEFAULT_ACCEL = "auto"
 # What a user may ask for; `auto` resolves to kvm or tcg (host.resolve_accel).
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
