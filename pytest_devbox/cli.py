@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import host, kept
 from .errors import DevboxError
+from .settings import ACCEL_CHOICES, DEFAULT_ACCEL, DEFAULT_URI
 
 if TYPE_CHECKING:
     from .distros import Profile
@@ -198,14 +199,14 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--uri", default="qemu:///system", help="libvirt URI (default %(default)s)")
+    p.add_argument("--uri", default=DEFAULT_URI, help="libvirt URI (default %(default)s)")
     p.add_argument(
         "--cache",
         type=Path,
         default=host.default_cache_dir(),
         help="cache directory (default %(default)s)",
     )
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--accel", choices=ACCEL_CHOICES, default=DEFAULT_ACCEL)
 
 
 def _machine_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ import libvirt
 import libvirt_qemu
 
 from .errors import DomainError, HostNotReady
+from .settings import SYSTEM_URI
 
 NAME_PREFIX = "devbox-"
 METADATA_NS = "https://pytest-devbox.invalid/xmlns/1"
@@ -230,7 +231,7 @@ def _connect_advice(uri: str, e: libvirt.libvirtError) -> str:
     if code == libvirt.VIR_ERR_NO_CONNECT:
         return (
             f"no libvirt driver for {uri}: {msg}\n"
-            "check --devbox-uri (e.g. qemu:///system or qemu:///session) and that "
+            f"check --devbox-uri (e.g. {SYSTEM_URI} or qemu:///session) and that "
             "libvirt-daemon-system and qemu-system-x86 are installed"
         )
     if os.geteuid() != 0 and "system" in uri:
@@ -276,7 +277,7 @@ class Domain:
                 "to check the host (libvirtd, qemu, virtiofsd)"
             )
             if spec.share == "virtiofs" and "session" in conn.getURI():
-                hint = "virtiofs needs qemu:///system before libvirt 10.0: use 9p or qemu:///system"
+                hint = f"virtiofs needs {SYSTEM_URI} before libvirt 10.0: use 9p or {SYSTEM_URI}"
             raise DomainError(
                 f"libvirt could not start {spec.name}: {e.get_error_message() or e}\n{hint}"
             ) from e

@@ -30,6 +30,7 @@ from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
 from .paths import CacheLayout
+from .settings import DEFAULT_ACCEL, DEFAULT_URI
 from .ssh import Connection, Result, ensure_keypair
 from .sweep import claim_run_dir
 
@@ -88,8 +89,8 @@ class Machine:
         *,
         cache: ImageCache,
         code_dir: Path,
-        uri: str = "qemu:///system",
-        accel: str = "auto",
+        uri: str = DEFAULT_URI,
+        accel: str = DEFAULT_ACCEL,
         run_id: str | None = None,
         rebuild: bool = False,
         keep: bool = False,

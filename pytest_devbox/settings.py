@@ -1,5 +1,5 @@
-"""A session's settings, in a module light enough for the plugin to import on every run
-(no libvirt, no paramiko)."""
+"""A session's settings and their defaults, in a module light enough for the plugin to
+import on every run (no libvirt, no paramiko). Every default lives here, once."""
 
 from __future__ import annotations
 
@@ -8,15 +8,22 @@ from pathlib import Path
 
 from .host import default_cache_dir
 
+# The system daemon: the one URI where virtiofs works before libvirt 10.0.
+SYSTEM_URI = "qemu:///system"
+DEFAULT_URI = SYSTEM_URI
+DEFAULT_ACCEL = "auto"
+# What a user may ask for; `auto` resolves to kvm or tcg (host.resolve_accel).
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
+
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a session decides once: where, how and with what guests run."""
 
-    uri: str = "qemu:///system"
+    uri: str = DEFAULT_URI
     cache_dir: Path = field(default_factory=default_cache_dir)
     code_dir: Path = field(default_factory=Path.cwd)
-    accel: str = "auto"
+    accel: str = DEFAULT_ACCEL
     rebuild: bool = False
     keep: bool = False
     offline: bool = False

@@ -1,0 +1,142 @@
+"""What the plugin prints: live progress, the header line, the summary table, and the
+guest sections of a failed test's report."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
+
+import pytest
+
+from .errors import DevboxError
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .session import DevboxSession
+
+# How many recent commands a failed test's report shows per guest.
+REPORT_COMMANDS = 20
+# Progress shows down to -q: an image build is minutes of silence otherwise; -qq hides it.
+PROGRESS_VERBOSITY = -1
+# systemd colours its console lines; the report shows them as plain text.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def live_log(config: pytest.Config) -> Callable[[str], None]:
+    """A log that writes 'devbox: ...' lines to the terminal as they happen.
+
+    Image builds and boots run in fixture setup, where pytest captures output; the
+    capture is suspended for the write (as pytest's own live logging does), and the line
+    is flushed, so a terminal and a CI log both show it at once.
+    """
+
+    def log(message: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or config.get_verbosity() < PROGRESS_VERBOSITY:
+            return
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        suspended = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with suspended:
+            reporter.write_line(f"devbox: {message}")
+            reporter.flush()
+
+    return log
+
+
+def header_line(state: DevboxSession) -> str | None:
+    """The one line under pytest's header: what this session runs on, or None."""
+    if not state.selected:
+        return None
+    s = state.settings
+    return (
+        f"devbox: uri={s.uri} accel={state.accel} "
+        f"distros={','.join(state.selected_names)} cache={s.cache_dir}"
+    )
+
+
+# --- a failed test: the guests' console and commands --------------------------------
+
+
+def format_commands(machine: Machine, limit: int = REPORT_COMMANDS) -> str:
+    """The guest's recent commands, one a line: exit status, duration, command."""
+    history = list(machine.history)[-limit:]
+    if not history:
+        return "(no commands run)"
+    return "\n".join(
+        f"exit {r.exit_status!s:>4}  {r.duration:7.2f} s  {r.command}" for r in history
+    )
+
+
+def add_guest_sections(report: pytest.TestReport, machines: Sequence[Machine]) -> None:
+    """Append each guest's console tail and recent commands to a failed test's report."""
+    seen: set[int] = set()
+    for m in machines:
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        try:
+            tail = m.console_tail()
+        except (OSError, DevboxError) as e:
+            tail = f"(console log unavailable: {e})"
+        report.sections.append((f"devbox {m.distro} console", _ANSI.sub("", tail)))
+        report.sections.append((f"devbox {m.distro} commands", format_commands(m)))
+
+
+# --- the terminal summary -------------------------------------------------------------
+
+
+def _image_cell(state: DevboxSession, name: str) -> str:
+    st = state.stats.get(name)
+    if st is None or st.image_built is None:
+        image = "-"
+    elif st.image_built:
+        took = f" in {st.build_seconds:.1f} s" if st.build_seconds is not None else ""
+        image = f"built{took}"
+    else:
+        image = "cached"
+    if st and st.retried:
+        image += f" (retried {st.retried})"
+    return image
+
+
+def summary_rows(state: DevboxSession) -> list[tuple[str, ...]]:
+    """The summary table, heading first: per distro boots, boot time, image, outcomes."""
+    rows: list[tuple[str, ...]] = [
+        ("distro", "boots", "boot", "image", "passed", "failed", "skipped")
+    ]
+    for name in state.selected_names:
+        st = state.stats.get(name)
+        counts = state.outcomes(name)
+        boots = str(st.boots) if st else "0"
+        boot = f"{st.boot_seconds:.1f} s" if st and st.boot_seconds is not None else "-"
+        image = _image_cell(state, name)
+        rows.append(
+            (name, boots, boot, image, str(counts.passed), str(counts.failed), str(counts.skipped))
+        )
+    return rows
+
+
+def format_table(rows: Iterable[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell; text columns left, numbers right."""
+    rows = list(rows)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            c.ljust(w) if i == 0 or i == 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    ]
+
+
+def write_summary(terminalreporter: Any, state: DevboxSession) -> None:
+    """The 'devbox' section at the end of the run."""
+    terminalreporter.section("devbox")
+    for line in format_table(summary_rows(state)):
+        terminalreporter.write_line(line)
+    if state.close_error:
+        terminalreporter.write_line(f"error while stopping guests: {state.close_error}", red=True)
+    for line in state.keep_lines:
+        terminalreporter.write_line(line)

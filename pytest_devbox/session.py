@@ -1,0 +1,187 @@
+"""What the plugin knows in one pytest session: settings, profiles, the pool, outcomes.
+
+The `Pool` (and with it libvirt and paramiko) is imported and created the first time a
+fixture needs a guest, so a session that selects no distro never opens a connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pytest
+
+from .errors import DevboxError, ProfileError, UnknownDistro
+from .host import resolve_accel
+from .options import HOW_TO_SELECT, Resolved
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .distros import Profile
+    from .pool import DistroStats, Pool
+
+
+@dataclass
+class Outcomes:
+    """Test outcomes of one distro, for the terminal summary."""
+
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+class DevboxSession:
+    """Everything the plugin knows in one pytest session; registered as a plugin."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        profiles: dict[str, Profile],
+        selected: list[Profile],
+        *,
+        accel: str,
+        log: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.profiles = profiles
+        self.selected = selected
+        self.accel = accel
+        self.log = log
+        # nodeid -> (distro, "passed" | "failed" | "skipped"), one entry per test.
+        self.results: dict[str, tuple[str, str]] = {}
+        self.stats: dict[str, DistroStats] = {}
+        self.keep_lines: list[str] = []
+        self.close_error = ""
+        # A distro whose shared guest failed to start: later tests fail fast, not reboot.
+        self.broken: dict[str, str] = {}
+        self._pool: Pool | None = None
+
+    @property
+    def selected_names(self) -> list[str]:
+        return [p.name for p in self.selected]
+
+    @property
+    def pool(self) -> Pool:
+        """The session's Pool, created on first use (importing libvirt and paramiko then)."""
+        if self._pool is None:
+            from .pool import Pool
+
+            self._pool = Pool(self.selected, self.settings, log=self.log)
+            self.stats = self._pool.stats
+        return self._pool
+
+    def close(self) -> None:
+        """Stop every guest (idempotent); with keep, remember how to reach them."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            self.keep_lines = pool.close()
+        except DevboxError as e:
+            self.close_error = str(e)
+
+    def distros_for(self, node: Any) -> tuple[list[str], str]:
+        """The selected distros a test runs on after its devbox markers, and why none if so."""
+        names = self.selected_names
+        if not names:
+            return [], f"no devbox distro selected: {HOW_TO_SELECT}"
+        include, exclude = marker_limits(node, self.profiles)
+        chosen = [n for n in names if (include is None or n in include) and n not in exclude]
+        if chosen:
+            return chosen, ""
+        limits = []
+        if include is not None:
+            limits.append(f"only {', '.join(sorted(include))}")
+        if exclude:
+            limits.append(f"not {', '.join(sorted(exclude))}")
+        return [], (
+            f"the devbox marker ({'; '.join(limits)}) excludes every selected distro "
+            f"({', '.join(names)})"
+        )
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        distro = getattr(report, "devbox_distro", None)
+        if distro is None:
+            return
+        # A test has one outcome: any failed phase fails it, a skip beats a pass.
+        previous = self.results.get(report.nodeid, (distro, ""))[1]
+        if report.failed:
+            outcome = "failed"
+        elif report.skipped and previous != "failed":
+            outcome = "skipped"
+        elif report.passed and report.when == "call" and not previous:
+            outcome = "passed"
+        else:
+            return
+        self.results[report.nodeid] = (distro, outcome)
+
+    def outcomes(self, distro: str) -> Outcomes:
+        counts = Outcomes()
+        for d, outcome in self.results.values():
+            if d == distro:
+                setattr(counts, outcome, getattr(counts, outcome) + 1)
+        return counts
+
+
+def open_session(
+    resolved: Resolved, project_dir: Path, log: Callable[[str], None]
+) -> DevboxSession:
+    """The session for resolved options: profiles loaded, distros and accel checked.
+
+    Any problem is a pytest.UsageError (exit code 4), raised before anything boots.
+    """
+    from .distros import load_profiles, select
+
+    try:
+        profiles = load_profiles(project_dir)
+        selected = select(resolved.distros, profiles) if resolved.distros else []
+    except (ProfileError, UnknownDistro) as e:
+        raise pytest.UsageError(f"devbox: {e}") from e
+    accel = ""
+    if selected:
+        try:
+            accel = resolve_accel(resolved.settings.accel)  # cheap: file checks, no libvirt
+        except DevboxError as e:
+            raise pytest.UsageError(f"devbox: {e}") from e
+    return DevboxSession(resolved.settings, profiles, selected, accel=accel, log=log)
+
+
+def marker_limits(node: Any, profiles: dict[str, Profile]) -> tuple[set[str] | None, set[str]]:
+    """(include or None for no limit, exclude) from every devbox marker on a test.
+
+    Markers on the function, class and module narrow each other: includes intersect,
+    excludes add up. Unknown names fail the test's collection with the known names.
+    """
+    include: set[str] | None = None
+    exclude: set[str] = set()
+    where = getattr(node, "nodeid", "") or getattr(node, "name", "")
+    for mark in node.iter_markers("devbox"):
+        extra = set(mark.kwargs) - {"exclude"}
+        if extra:
+            pytest.fail(
+                f"{where}: @pytest.mark.devbox got unknown keyword(s) {sorted(extra)}; "
+                'use @pytest.mark.devbox("debian-12", ...) or '
+                '@pytest.mark.devbox(exclude=["centos-7"])',
+                pytrace=False,
+            )
+        excluded = mark.kwargs.get("exclude", ())
+        if isinstance(excluded, str):
+            excluded = (excluded,)
+        names = [*mark.args, *excluded]
+        if not names:
+            pytest.fail(
+                f"{where}: @pytest.mark.devbox needs distro names or exclude=[...]",
+                pytrace=False,
+            )
+        for name in names:
+            if not isinstance(name, str) or name not in profiles:
+                pytest.fail(
+                    f"{where}: @pytest.mark.devbox names unknown distro {name!r}; "
+                    f"known distros: {', '.join(sorted(profiles))}",
+                    pytrace=False,
+                )
+        if mark.args:
+            include = set(mark.args) if include is None else include & set(mark.args)
+        exclude.update(excluded)
+    return include, exclude
