@@ -76,3 +76,4 @@ def test_key_is_stable_and_ignores_the_key_file_path() -> None:
     same = recipe.key(p, revisions=revs, guest_user=USER, public_key_text="ssh-ed25519 AAA x")
     assert same == k
     assert recipe.key(p, revisions=[], guest_user=USER, public_key_text="ssh-ed25519 AAA x") != k
+    assert recipe.IMAGE_FORMAT_VERSION == 1
