@@ -1,24 +1,19 @@
 """The image cache: one customised qcow2 per profile recipe, built once by virt-builder.
 
 ``<root>/images/<distro>-<key>.qcow2`` where ``key`` hashes everything that shapes the
-image. Builds run under a FileLock on a separate ``.lock`` file, write to a temporary
-name in the same directory and ``os.replace`` it, so a reader never sees half an image
-and a second session (or a second process of the same session) gets a cache hit.
+image (recipe.py). Builds run under a FileLock on a separate ``.lock`` file, write to a
+temporary name in the same directory and ``os.replace`` it, so a reader never sees half
+an image and a second session (or a second process of the same session) gets a cache
+hit. Running virt-builder is virt_builder.py's job, checking qcow2 files qemu_img.py's.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -27,24 +22,16 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
+from . import qemu_img, recipe
 from .distros import Profile
-from .errors import CacheLockTimeout, HostNotReady, ImageBuildError
+from .errors import CacheLockTimeout, ImageBuildError
 from .fileio import atomic_write
+from .paths import CacheLayout
 from .ssh import ensure_keypair
-from .templates import default_repo_dir, index_sections
+from .vbindex import revisions
+from .virt_builder import IndexRead, VirtBuilder, executable
 
-IMAGE_FORMAT_VERSION = 1
-# The index libguestfs ships in /etc/virt-builder/repos.d/libguestfs.conf.
-PUBLIC_INDEX = "http://builder.libguestfs.org/index.asc"
-PUBLIC_INDEX_GPGKEY = Path("/etc/virt-builder/repos.d/libguestfs.gpg")
-
-FSTAB_LINES = {
-    "virtiofs": "/code /code virtiofs defaults,nofail 0 0",
-    "9p": "/code /code 9p trans=virtio,version=9p2000.L,msize=262144,nofail 0 0",
-}
-GUEST_USER = "devbox"
-_TAIL_LINES = 40
-_PASSWORD_RE = re.compile(r"(random password of \S+ to )\S+", re.IGNORECASE)
+Revisions = list[list[str]]
 
 
 @dataclass(frozen=True)
@@ -58,32 +45,11 @@ class ImageInfo:
     metadata: dict[str, object]
 
 
-def _redact(line: str) -> str:
-    """Hide the random root password virt-builder prints."""
-    return _PASSWORD_RE.sub(r"\1<hidden>", line)
-
-
-def _as_uri(repo: str) -> str:
-    return repo if "://" in repo else Path(repo).resolve().as_uri()
-
-
-def _index_text(uri: str) -> str | None:
-    """The text of a virt-builder index (file:// or http[s]://), None if unreadable."""
+def _read_json(path: Path) -> Any:
     try:
-        if uri.startswith("file://"):
-            return Path(urllib.request.url2pathname(uri[len("file://") :])).read_text()
-        with urllib.request.urlopen(uri, timeout=30) as resp:
-            return str(resp.read().decode("utf-8", "replace"))
-    except (OSError, urllib.error.URLError, ValueError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-
-
-def parse_index(text: str) -> dict[str, list[dict[str, str]]]:
-    """Parse a virt-builder index (optionally PGP clearsigned): os-version -> entries."""
-    entries: dict[str, list[dict[str, str]]] = {}
-    for name, fields in index_sections(text):
-        entries.setdefault(name, []).append(fields)
-    return entries
 
 
 class ImageCache:
@@ -106,301 +72,192 @@ class ImageCache:
         tcg: bool = True,
         log: Callable[[str], None] = print,
         lock_timeout: float = 1800,
-        guest_user: tuple[str, int, int] | None = None,
+        guest_user: recipe.GuestUser | None = None,
         public_key: Path | None = None,
     ) -> None:
         self.root = Path(root)
-        self.repos = tuple(_as_uri(r) for r in repos)
-        self.public_index = public_index
-        self.tcg = tcg
+        self.layout = CacheLayout(self.root)
+        self.builder = VirtBuilder(self.layout, repos=repos, public_index=public_index, tcg=tcg)
         self.log = log
         self.lock_timeout = lock_timeout
-        self.guest_user = guest_user or (GUEST_USER, os.getuid(), os.getgid())
+        self.guest_user = guest_user or (recipe.GUEST_USER, os.getuid(), os.getgid())
         self._public_key = public_key
-        self.images_dir = self.root / "images"
-        self._catalogs: dict[Path, dict[str, Any]] = {}
-        self._indexes: dict[str, dict[str, list[dict[str, str]]] | None] = {}
-        self._version: str | None = None
+        self._keys: dict[Profile, tuple[str, Revisions]] = {}
 
-    # --- virt-builder configuration -------------------------------------------------
+    # --- the key --------------------------------------------------------------------
 
-    @property
-    def local_index(self) -> Path:
-        """The project's local template repository index (built by templates.py)."""
-        return default_repo_dir(self.root) / "index"
-
-    def repo_uris(self, profile: Profile | None = None) -> list[str]:
-        """The repositories virt-builder may use, in order, for ``profile``."""
-        uris: list[str] = []
-        if self.local_index.is_file():
-            uris.append(self.local_index.as_uri())
-        uris += self.repos
-        if profile is not None:
-            uris += [_as_uri(r) for r in profile.repos]
-        if self.public_index:
-            uris.append(PUBLIC_INDEX)
-        return list(dict.fromkeys(uris))
-
-    def _config_dir(self, profile: Profile | None) -> Path:
-        """Write (idempotently) a virt-builder config dir holding only the wanted repos."""
-        uris = self.repo_uris(profile)
-        confs: dict[str, str] = {}
-        for i, uri in enumerate(uris):
-            if uri == PUBLIC_INDEX:
-                text = f"[libguestfs.org]\nuri={uri}\n"
-                if PUBLIC_INDEX_GPGKEY.is_file():
-                    text += f"gpgkey={PUBLIC_INDEX_GPGKEY.as_uri()}\n"
-            else:
-                text = f"[devbox-{i:02d}]\nuri={uri}\n"
-            confs[f"{i:02d}.conf"] = text
-        # One dir per distinct repo set: concurrent sessions never rewrite each other's.
-        digest = hashlib.sha256(json.dumps(sorted(confs.items())).encode()).hexdigest()[:12]
-        cfg = self.root / "virt-builder-config" / digest
-        repos_d = cfg / "virt-builder" / "repos.d"
-        for fname, text in confs.items():
-            target = repos_d / fname
-            if not target.is_file() or target.read_text() != text:
-                atomic_write(target, text)
-        repos_d.mkdir(parents=True, exist_ok=True)
-        return cfg
-
-    def builder_env(self, profile: Profile | None = None) -> dict[str, str]:
-        """Environment additions for every virt-builder run (merge into os.environ)."""
-        cfg = str(self._config_dir(profile))
-        env = {"VIRT_BUILDER_DIRS": cfg, "XDG_CONFIG_HOME": cfg}
-        if self.tcg:
-            env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
-        return env
-
-    def _virt_builder(self) -> str:
-        exe = shutil.which("virt-builder")
-        if exe is None:
-            raise HostNotReady(
-                "virt-builder is not installed: install guestfs-tools (or run scripts/setup-host)"
-            )
-        return exe
-
-    def virt_builder_version(self) -> str:
-        """``virt-builder --version`` output, e.g. 'virt-builder 1.48.2'."""
-        if self._version is None:
-            out = subprocess.run(
-                [self._virt_builder(), "--version"], capture_output=True, text=True, check=False
-            )
-            self._version = out.stdout.strip()
-        return self._version
-
-    def _catalog(self, profile: Profile) -> dict[str, Any]:
-        """``virt-builder --list --list-format json`` with our config dir (memoised)."""
-        env = self.builder_env(profile)
-        cfg = Path(env["VIRT_BUILDER_DIRS"])
-        if cfg not in self._catalogs:
-            proc = subprocess.run(
-                [self._virt_builder(), "--list", "--list-format", "json"],
-                env={**os.environ, **env},
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                output = (proc.stdout + proc.stderr).strip()
-                raise ImageBuildError(
-                    "virt-builder could not read its template repositories "
-                    f"({', '.join(self.repo_uris(profile)) or 'none configured'}):\n"
-                    f"{output}{self._network_hint(output)}"
-                )
-            self._catalogs[cfg] = json.loads(proc.stdout)
-        return self._catalogs[cfg]
-
-    def _network_hint(self, output: str) -> str:
-        if self.public_index and (
-            "builder.libguestfs.org" in output or "Could not resolve host" in output
-        ):
-            return (
-                "\nThe public virt-builder index is unreachable: run with --devbox-offline "
-                "to use only local templates."
-            )
-        return ""
-
-    def _template_revisions(self, profile: Profile) -> list[list[str]]:
-        """Every (repo, arch, revision, checksum) offering the template; raise if none."""
-        catalog = self._catalog(profile)
-        names = {t.get("os-version") for t in catalog.get("templates", [])}
-        if profile.template not in names:
-            raise ImageBuildError(self._missing_template_message(profile))
-        found: list[list[str]] = []
-        for source in catalog.get("sources", []):
-            uri = str(source.get("uri", ""))
-            if uri not in self._indexes:
-                text = _index_text(uri)
-                try:
-                    self._indexes[uri] = parse_index(text) if text is not None else None
-                except ValueError:
-                    self._indexes[uri] = None  # malformed: as good as unreadable
-            index = self._indexes[uri]
-            for entry in (index or {}).get(profile.template, []):
-                found.append(
-                    [
-                        uri,
-                        entry.get("arch", ""),
-                        entry.get("revision", "1"),
-                        entry.get("checksum[sha512]", entry.get("checksum", "")),
-                    ]
-                )
-        return found
-
-    def _missing_template_message(self, profile: Profile) -> str:
-        searched = ", ".join(self.repo_uris(profile)) or "no repository"
-        msg = (
-            f"template {profile.template!r} (distro {profile.name!r}) is in none of the "
-            f"configured virt-builder repositories; searched: {searched}."
-        )
-        if profile.template.startswith("debian-"):
-            msg += (
-                f"\nBuild it locally with `devbox template build {profile.template}` "
-                f"(it lands in {self.local_index.parent})."
-            )
-        if not self.public_index:
-            msg += (
-                "\nPublic templates (centos-*, fedora-*, ubuntu-*, ...) need the public "
-                "index: drop --devbox-offline."
-            )
-        return msg
-
-    # --- recipe ---------------------------------------------------------------------
-
-    def _ensure_public_key(self) -> Path:
+    def public_key(self) -> Path:
         """The SSH public key injected into images (the cache's pair, created if missing)."""
         if self._public_key is None:
-            private = ensure_keypair(self.root / "ssh")
+            private = ensure_keypair(self.layout.ssh)
             self._public_key = private.with_name(private.name + ".pub")
         return self._public_key
 
-    def commands_for(self, profile: Profile) -> list[str]:
-        """The virt-builder commands-file lines for ``profile``, in order."""
-        user, uid, gid = self.guest_user
-        pub = self._ensure_public_key()
-        lines = [*profile.customize, "mkdir /code"]
-        if not any("/etc/fstab:/code " in line for line in profile.customize):
-            lines.append(f"append-line /etc/fstab:{FSTAB_LINES[profile.share]}")
-        lines += [
-            # -o: the host's uid/gid may already exist in the guest; the point is the number.
-            f"run-command getent group {user} >/dev/null || groupadd -o -g {gid} {user}",
-            f"run-command id -u {user} >/dev/null 2>&1 || "
-            f"useradd -o -m -u {uid} -g {gid} -s /bin/bash {user}",
-            "mkdir /etc/sudoers.d",
-            f"append-line /etc/sudoers.d/{user}:{user} ALL=(ALL) NOPASSWD:ALL",
-            f"chmod 0440:/etc/sudoers.d/{user}",
-            f"ssh-inject {user}:file:{pub}",
-            # Host keys made now belong to the image, so every guest booted from it
-            # presents the same key and the pin per image holds.
-            "run-command ssh-keygen -A",
-        ]
-        return lines
-
-    @staticmethod
-    def hostname_for(profile: Profile) -> str:
-        """A valid hostname for the guest: ``devbox-<distro>`` with '.'/'_' as '-'."""
-        return "devbox-" + re.sub(r"[^A-Za-z0-9-]", "-", profile.name)
-
     def key_for(self, profile: Profile) -> str:
         """The recipe key: 16 hex digits of a sha256 over everything that shapes the image."""
-        pub = self._ensure_public_key()
-        recipe = {
-            "format": IMAGE_FORMAT_VERSION,
-            "template": profile.template,
-            "revisions": self._template_revisions(profile),
-            "share": profile.share,
-            "hostname": self.hostname_for(profile),
-            # The commands name the key file; hash its content, not its path.
-            "commands": [c for c in self.commands_for(profile) if not c.startswith("ssh-inject")],
-            "public_key": pub.read_text().strip(),
-            "guest_user": list(self.guest_user),
-            "disk_size": profile.disk_size,
-            "network": profile.needs_network,
-        }
-        blob = json.dumps(recipe, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return self._key_and_sources(profile)[0]
+
+    def _key(self, profile: Profile, sources: Revisions) -> str:
+        return recipe.key(
+            profile,
+            revisions=sources,
+            guest_user=self.guest_user,
+            public_key_text=self.public_key().read_text(),
+        )
+
+    def _key_and_sources(self, profile: Profile) -> tuple[str, Revisions]:
+        """The key and the template revisions it pins, worked out once per profile.
+
+        Every index is read once (VirtBuilder remembers it). When one cannot be read,
+        the key is not guessed without it: an image cached from that index whose key
+        the profile still yields is used, or ImageBuildError says what to do.
+        """
+        if profile in self._keys:
+            return self._keys[profile]
+        reads = self.builder.indexes(profile)
+        unreadable = [r for r in reads if r.sections is None]
+        if unreadable:
+            found = self._recorded_key(profile, reads)
+            if found is None:
+                raise ImageBuildError(self.builder.unreadable_message(profile, unreadable))
+            for r in unreadable:
+                self.log(
+                    f"[{profile.name}] the index {r.uri} {r.problem}; using the image "
+                    f"cached from it ({found[0]})"
+                )
+        else:
+            sources = [
+                rev for r in reads for rev in revisions(r.sections or (), profile.template, r.uri)
+            ]
+            if not sources:
+                raise ImageBuildError(self.builder.missing_template_message(profile))
+            found = (self._key(profile, sources), sources)
+        self._keys[profile] = found
+        return found
+
+    def _recorded_key(
+        self, profile: Profile, reads: Sequence[IndexRead]
+    ) -> tuple[str, Revisions] | None:
+        """The key of a cached image of ``profile`` that matches every index still readable.
+
+        Its metadata records the revisions it was built from; those of the unreadable
+        indexes stand in for what they cannot tell now, the readable ones are read
+        afresh. The key this gives must be the image's own, so a changed profile or a
+        new template revision in a readable index never matches.
+        """
+        name = re.compile(re.escape(profile.name) + r"-([0-9a-f]{16})\.json")
+        found: list[tuple[float, str, Revisions]] = []
+        for meta_path in self.layout.images.glob(f"{profile.name}-*.json"):
+            match = name.fullmatch(meta_path.name)
+            meta = _read_json(meta_path)
+            if match is None or not isinstance(meta, dict):
+                continue
+            recorded = meta.get("template_sources")
+            if not isinstance(recorded, list):
+                continue
+            sources: Revisions = []
+            for r in reads:
+                if r.sections is None:
+                    sources += [s for s in recorded if isinstance(s, list) and s[:1] == [r.uri]]
+                else:
+                    sources += revisions(r.sections, profile.template, r.uri)
+            key = match.group(1)
+            image = self.layout.image(profile.name, key)
+            if meta.get("key") == key == self._key(profile, sources) and image.is_file():
+                found.append((meta_path.stat().st_mtime, key, sources))
+        if not found:
+            return None
+        _, key, sources = max(found)
+        return key, sources
 
     def image_path(self, profile: Profile, key: str | None = None) -> Path:
         """Where the image for ``profile`` lives (whether built or not)."""
-        return self.images_dir / f"{profile.name}-{key or self.key_for(profile)}.qcow2"
+        return self.layout.image(profile.name, key or self.key_for(profile))
+
+    # --- building -------------------------------------------------------------------
 
     def builder_command(self, profile: Profile, output: Path) -> list[str]:
         """The exact virt-builder argv that builds ``profile`` into ``output``.
 
         Writes the commands file it refers to (``root/recipes/<distro>-<key>.commands``).
         """
-        key = self.key_for(profile)
-        commands = self.root / "recipes" / f"{profile.name}-{key}.commands"
-        text = "\n".join(self.commands_for(profile)) + "\n"
+        commands = self.layout.commands_file(profile.name, self.key_for(profile))
+        text = recipe.commands_text(profile, self.guest_user, self.public_key())
         if not commands.is_file() or commands.read_text() != text:
             atomic_write(commands, text)
-        argv = [
-            self._virt_builder(),
-            profile.template,
-            "--format",
-            "qcow2",
-            "-o",
-            str(output),
-            "--cache",
-            str(self.root / "virt-builder-cache"),
-            "--hostname",
-            self.hostname_for(profile),
-            "--ssh-inject",
-            f"root:file:{self._ensure_public_key()}",
-            "--root-password",
-            "random",
-            "--commands-from-file",
-            str(commands),
-        ]
-        if not profile.needs_network:
-            argv.append("--no-network")
-        if profile.disk_size:
-            argv += ["--size", profile.disk_size]
-        # No --no-sync: the image is shared by every later session, so it must reach disk.
-        return argv
-
-    # --- building -------------------------------------------------------------------
+        return self.builder.argv(profile, output, commands, self.public_key())
 
     def _run_builder(self, profile: Profile, output: Path) -> None:
         argv = self.builder_command(profile, output)
         self.log(f"[{profile.name}] building image from template {profile.template!r}")
-        tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        proc = subprocess.Popen(
-            argv,
-            env={**os.environ, **self.builder_env(profile)},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
+        self.builder.run(profile, argv, self.log)
+
+    def image_for(self, profile: Profile, *, rebuild: bool = False) -> ImageInfo:
+        """Return the cached image for ``profile``, building it first if needed."""
+        executable()  # a host without virt-builder is told so before anything else
+        key = self.key_for(profile)
+        return self.ensure(
+            profile, key, lambda tmp: self._run_builder(profile, tmp), rebuild=rebuild
         )
-        assert proc.stdout is not None
-        try:
-            for raw in proc.stdout:
-                line = _redact(raw.rstrip("\n"))
-                tail.append(line)
-                self.log(f"[{profile.name}] {line}")
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if rc != 0:
-            output_text = "\n".join(tail)
-            hint = self._network_hint(output_text)
-            if "cannot find os-version" in output_text:
-                hint += "\n" + self._missing_template_message(profile)
-            if "No space left on device" in output_text:
-                hint += (
-                    f"\nThe disk holding {self.root} is full: free some space there, or point "
-                    "--devbox-cache (devbox --cache) at a larger filesystem."
-                )
-            raise ImageBuildError(
-                f"virt-builder failed (exit {rc}) building {profile.name!r} from "
-                f"{profile.template!r}.\n--- last lines of virt-builder's output ---\n"
-                f"{output_text}{hint}"
-            )
+
+    def ensure(
+        self,
+        profile: Profile,
+        key: str,
+        produce: Callable[[Path], None],
+        *,
+        rebuild: bool = False,
+    ) -> ImageInfo:
+        """The valid image of ``profile`` under ``key``, made by ``produce(tmp)`` if need be.
+
+        ``produce`` writes the image to the temporary path it is given (image_for
+        runs virt-builder); it runs under the lock, only when no valid image is cached
+        (or ``rebuild``), and its output is installed with its metadata.
+        """
+        image = self.layout.image(profile.name, key)
+        requested = time.time()
+        if not rebuild:
+            meta = self._cached(image, key)
+            if meta is not None:
+                return ImageInfo(image, key, False, None, meta)
+        built_meta: dict[str, object] = {}
+
+        def reuse() -> bool:
+            # Another session may have built (or rebuilt) it while we waited.
+            if rebuild and (not image.exists() or image.stat().st_mtime < requested):
+                return False
+            return self._cached(image, key) is not None
+
+        def build(tmp: Path) -> None:
+            start = time.monotonic()
+            produce(tmp)
+            built_meta.update(self._metadata(profile, key, tmp, time.monotonic() - start))
+            # Metadata first: a crash before the image is in place leaves no image, so
+            # the orphan metadata is harmless.
+            atomic_write(image.with_suffix(".json"), json.dumps(built_meta, indent=2))
+
+        if self._build_locked(image, build, label=profile.name, reuse=reuse):
+            seconds = float(built_meta["build_seconds"])  # type: ignore[arg-type]
+            self.log(f"[{profile.name}] image ready in {seconds:.0f} s: {image}")
+            return ImageInfo(image, key, True, seconds, built_meta)
+        meta = self._cached(image, key)
+        assert meta is not None  # reuse() just said so, under the lock
+        return ImageInfo(image, key, False, None, meta)
+
+    def _metadata(self, profile: Profile, key: str, tmp: Path, seconds: float) -> dict[str, object]:
+        sources = self._key_and_sources(profile)[1]
+        return {
+            "profile": asdict(profile),
+            "key": key,
+            "template": profile.template,
+            "template_revision": sources[0][2] if sources else None,
+            "template_sources": sources,
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(seconds, 1),
+            "virt_builder": self.builder.version(),
+            "image_format": recipe.IMAGE_FORMAT_VERSION,
+            "image_size": tmp.stat().st_size,
+        }
 
     def _build_locked(
         self,
@@ -435,15 +292,10 @@ class ImageCache:
                     "otherwise raise the lock timeout."
                 ) from None
         try:
+            since = datetime.now(timezone.utc).isoformat(timespec="seconds")
             atomic_write(
                 owner,
-                json.dumps(
-                    {
-                        "pid": os.getpid(),
-                        "host": socket.gethostname(),
-                        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    }
-                ),
+                json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}),
             )
             if reuse():
                 return False
@@ -465,33 +317,36 @@ class ImageCache:
 
     @staticmethod
     def _holder(owner: Path) -> str:
+        info = _read_json(owner)
         try:
-            info = json.loads(owner.read_text())
             return f"process {info['pid']} on {info['host']} (since {info['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             return "another process"
+
+    # --- validity -------------------------------------------------------------------
 
     def _cached(self, image: Path, key: str) -> dict[str, object] | None:
         """Metadata of a usable cached image, or None (logging why it is not usable)."""
         if not image.is_file():
             return None
         meta_path = image.with_suffix(".json")
-        meta: Any = None
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = None
+        meta = _read_json(meta_path)
         size = image.stat().st_size
         if isinstance(meta, dict) and meta.get("key") == key:
-            if meta.get("image_size") == size:
-                return meta
-            self.log(
-                f"{image.name}: size {size} differs from {meta.get('image_size')} "
-                "when it was built (truncated?); rebuilding"
-            )
-            return None
+            if meta.get("image_size") != size:
+                self.log(
+                    f"{image.name}: size {size} differs from {meta.get('image_size')} "
+                    "when it was built (truncated?); rebuilding"
+                )
+                return None
+            # The size cannot tell a damaged header; 56 bytes read can.
+            problem = qemu_img.header_problem(image)
+            if problem:
+                self.log(f"{image.name}: not a sound qcow2 header ({problem}); rebuilding")
+                return None
+            return meta
         # No trustworthy metadata: only a full check tells whether the image is whole.
-        problem = self._qemu_img_check(image)
+        problem = qemu_img.check(image)
         if problem:
             self.log(f"{image.name}: qemu-img check failed, rebuilding:\n{problem}")
             return None
@@ -499,99 +354,6 @@ class ImageCache:
         atomic_write(meta_path, json.dumps(recovered, indent=2))
         return recovered
 
-    @staticmethod
-    def _qemu_img() -> str:
-        exe = shutil.which("qemu-img")
-        if exe is None:
-            raise HostNotReady(
-                "qemu-img is missing: install qemu-utils (or run scripts/setup-host)"
-            )
-        return exe
-
-    def _qemu_img_check(self, image: Path) -> str:
-        """'' when ``qemu-img check`` finds the image whole, else its complaint."""
-        proc = subprocess.run(
-            [self._qemu_img(), "check", "-q", "-f", "qcow2", str(image)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode == 0:
-            return ""
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        return "\n".join(lines[-10:]) or f"exit status {proc.returncode}"
-
-    def image_for(self, profile: Profile, *, rebuild: bool = False) -> ImageInfo:
-        """Return the cached image for ``profile``, building it first if needed."""
-        key = self.key_for(profile)
-        image = self.image_path(profile, key)
-        requested = time.time()
-        if not rebuild:
-            meta = self._cached(image, key)
-            if meta is not None:
-                return ImageInfo(image, key, False, None, meta)
-        seconds: list[float] = []
-        built_meta: dict[str, object] = {}
-
-        def reuse() -> bool:
-            # Another session may have built (or rebuilt) it while we waited.
-            if rebuild and (not image.exists() or image.stat().st_mtime < requested):
-                return False
-            return self._cached(image, key) is not None
-
-        def build(tmp: Path) -> None:
-            start = time.monotonic()
-            self._run_builder(profile, tmp)
-            seconds.append(round(time.monotonic() - start, 1))
-            revisions = self._template_revisions(profile)
-            built_meta.update(
-                {
-                    "profile": asdict(profile),
-                    "key": key,
-                    "template": profile.template,
-                    "template_revision": revisions[0][2] if revisions else None,
-                    "template_sources": revisions,
-                    "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "build_seconds": seconds[0],
-                    "virt_builder": self.virt_builder_version(),
-                    "image_format": IMAGE_FORMAT_VERSION,
-                    "image_size": tmp.stat().st_size,
-                }
-            )
-            # Metadata first: a crash before the image is in place leaves no image, so
-            # the orphan metadata is harmless.
-            atomic_write(image.with_suffix(".json"), json.dumps(built_meta, indent=2))
-
-        if self._build_locked(image, build, label=profile.name, reuse=reuse):
-            self.log(f"[{profile.name}] image ready in {seconds[0]:.0f} s: {image}")
-            return ImageInfo(image, key, True, seconds[0], built_meta)
-        meta = self._cached(image, key)
-        assert meta is not None  # reuse() just said so, under the lock
-        return ImageInfo(image, key, False, None, meta)
-
     def overlay(self, base: Path, dest: Path) -> Path:
         """Create a qcow2 overlay ``dest`` backed by ``base`` (which stays untouched)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(
-            [
-                self._qemu_img(),
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                str(Path(base).resolve()),
-                "-F",
-                "qcow2",
-                str(dest),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise ImageBuildError(
-                f"qemu-img could not create overlay {dest} on {base}: "
-                f"{(proc.stderr or proc.stdout).strip()}"
-            )
-        return dest
+        return qemu_img.create_overlay(base, dest)

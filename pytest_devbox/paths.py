@@ -33,6 +33,9 @@ class CacheLayout:
     def recipes(self) -> Path:
         return self.root / "recipes"
 
+    def commands_file(self, distro: str, key: str) -> Path:
+        return self.recipes / f"{distro}-{key}.commands"
+
     @property
     def builder_config(self) -> Path:
         return self.root / "virt-builder-config"

@@ -30,6 +30,8 @@ import filelock
 
 from .errors import CacheLockTimeout, TemplateBuildError, UnknownDistro
 from .fileio import atomic_write
+from .paths import CacheLayout
+from .vbindex import format_index, sections_by_name
 
 DEBIAN_SUITES: dict[str, str] = {
     "debian-11": "bullseye",
@@ -149,7 +151,7 @@ umount-all
 
 def default_repo_dir(cache_dir: Path) -> Path:
     """Where the local template repository lives inside a pytest-devbox cache."""
-    return cache_dir / "templates"
+    return CacheLayout(cache_dir).templates
 
 
 @dataclass(frozen=True)
@@ -192,65 +194,6 @@ def next_revision(previous: int | None, now: float | None = None) -> int:
     """
     floor = int(time.time() if now is None else now)
     return max(floor, (previous or 0) + 1)
-
-
-def index_sections(text: str) -> list[tuple[str, dict[str, str]]]:
-    """Parse a virt-builder index into its ``[name]`` sections of ``key=value`` lines, in order.
-
-    A name may repeat (the public index has one section per arch). A line starting with
-    a space continues the previous value (multi-line ``notes``). A PGP clearsigned index
-    (the public one) is unwrapped first. Raises ValueError on a line that is neither.
-    """
-    lines = text.splitlines()
-    if lines and lines[0].startswith("-----BEGIN PGP SIGNED MESSAGE"):
-        body_start = lines.index("") + 1 if "" in lines else 1
-        end = next(
-            (i for i, ln in enumerate(lines) if ln.startswith("-----BEGIN PGP SIGNATURE")),
-            len(lines),
-        )
-        lines = [ln[2:] if ln.startswith("- ") else ln for ln in lines[body_start:end]]
-    sections: list[tuple[str, dict[str, str]]] = []
-    current: dict[str, str] | None = None
-    last_key: str | None = None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            last_key = None
-            continue
-        if line.startswith(" ") and current is not None and last_key is not None:
-            current[last_key] += "\n" + line[1:]
-            continue
-        if line.startswith("[") and line.rstrip().endswith("]"):
-            current = {}
-            sections.append((line.strip()[1:-1], current))
-            last_key = None
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or current is None:
-            raise ValueError(
-                f"line {lineno} of the index is not 'key=value' in a section: {line!r}"
-            )
-        current[key] = value
-        last_key = key
-    return sections
-
-
-def parse_index(text: str) -> dict[str, dict[str, str]]:
-    """Our own index: one section per distro (x86_64 only), by name."""
-    sections: dict[str, dict[str, str]] = {}
-    for name, fields in index_sections(text):
-        sections.setdefault(name, {}).update(fields)
-    return sections
-
-
-def format_index(sections: Mapping[str, Mapping[str, str]]) -> str:
-    """Write sections back in the virt-builder index format, sorted by name."""
-    chunks = []
-    for name in sorted(sections):
-        lines = [f"[{name}]"]
-        for key, value in sections[name].items():
-            lines.append(f"{key}=" + value.replace("\n", "\n "))
-        chunks.append("\n".join(lines) + "\n")
-    return "\n".join(chunks)
 
 
 def _suite(distro: str) -> str:
@@ -311,7 +254,7 @@ class TemplateRepo:
     def entries(self) -> dict[str, dict[str, str]]:
         """The index's sections by template name (empty when nothing is built yet)."""
         try:
-            return parse_index(self.index_path.read_text(encoding="utf-8"))
+            return sections_by_name(self.index_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
 

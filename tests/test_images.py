@@ -1,7 +1,8 @@
 """The image cache: recipe keys, the exact virt-builder invocation, locking, validation.
 
-The fast tier runs the real virt-builder only for ``--list`` (no appliance) against a
-local index written into a temporary cache; the VM tier builds a real image.
+The fast tier builds nothing with virt-builder: keys come from indexes written into a
+temporary cache (read as file:// or from a local HTTP server), cached images are real
+qcow2 files made by qemu-img; the VM tier builds a real image.
 """
 
 from __future__ import annotations
@@ -10,36 +11,34 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from index_server import serve
 
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile
+from pytest_devbox import qemu_img
+from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles
 from pytest_devbox.errors import CacheLockTimeout, ImageBuildError
-from pytest_devbox.images import (
-    IMAGE_FORMAT_VERSION,
-    PUBLIC_INDEX,
-    ImageCache,
-    parse_index,
-)
+from pytest_devbox.images import ImageCache
 
 VB = "/usr/bin/virt-builder"
+
+
+def index_text(revisions: dict[str, int]) -> str:
+    return "".join(
+        f"[{name}]\nname={name}\narch=x86_64\nfile={name}.qcow2.xz\nrevision={rev}\n"
+        f"size=4294967296\nformat=qcow2\nexpand=/dev/sda1\n"
+        f"checksum[sha512]={'ab' * 8}\n\n"
+        for name, rev in revisions.items()
+    )
 
 
 def write_index(root: Path, revisions: dict[str, int]) -> Path:
     index = root / "templates" / "index"
     index.parent.mkdir(parents=True, exist_ok=True)
-    index.write_text(
-        "".join(
-            f"[{name}]\nname={name}\narch=x86_64\nfile={name}.qcow2.xz\nrevision={rev}\n"
-            f"size=4294967296\nformat=qcow2\nexpand=/dev/sda1\n"
-            f"checksum[sha512]={'ab' * 8}\n\n"
-            for name, rev in revisions.items()
-        )
-    )
+    index.write_text(index_text(revisions))
     return index
 
 
@@ -53,7 +52,8 @@ def root(tmp_path: Path) -> Path:
 def cache(root: Path, **kw: object) -> ImageCache:
     kw.setdefault("public_index", False)
     kw.setdefault("guest_user", ("devbox", 1000, 1000))
-    return ImageCache(root, log=lambda s: None, **kw)  # type: ignore[arg-type]
+    kw.setdefault("log", lambda s: None)
+    return ImageCache(root, **kw)  # type: ignore[arg-type]
 
 
 def expected_argv(c: ImageCache, p: Profile, out: Path, *tail: str) -> list[str]:
@@ -101,7 +101,12 @@ def test_centos8_argv_and_commands_file(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.qcow2"
     argv = c.builder_command(p, out)
     assert argv == expected_argv(c, p, out, "--no-network")
-    assert commands_file(argv) == [*p.customize, "mkdir /code", *user_lines(c)]
+    assert commands_file(argv) == [
+        *p.customize,
+        "mkdir /code",
+        "append-line /etc/fstab:/code /code virtiofs defaults,nofail 0 0",
+        *user_lines(c),
+    ]
 
 
 def test_debian12_offline_gets_the_virtiofs_fstab_line_and_size(root: Path, tmp_path: Path) -> None:
@@ -123,10 +128,6 @@ def test_debian12_offline_gets_the_virtiofs_fstab_line_and_size(root: Path, tmp_
     assert c.builder_command(p9, out)[c.builder_command(p9, out).index("--hostname") + 1] == (
         "devbox-deb-9p"
     )
-
-
-def test_dotted_names_make_valid_hostnames() -> None:
-    assert ImageCache.hostname_for(BUILTIN_PROFILES["ubuntu-18.04"]) == "devbox-ubuntu-18-04"
 
 
 def test_key_changes_with_every_shaping_input_and_nothing_else(root: Path) -> None:
@@ -156,37 +157,6 @@ def test_key_changes_with_every_shaping_input_and_nothing_else(root: Path) -> No
     assert len(set(changed.values())) == len(changed)
 
 
-def test_config_dir_holds_only_the_wanted_repos(root: Path, tmp_path: Path) -> None:
-    def confs(c: ImageCache, p: Profile | None = None) -> list[str]:
-        env = c.builder_env(p)
-        assert env["VIRT_BUILDER_DIRS"] == env["XDG_CONFIG_HOME"]
-        d = Path(env["VIRT_BUILDER_DIRS"]) / "virt-builder" / "repos.d"
-        return [f.read_text() for f in sorted(d.glob("*.conf"))]
-
-    local = f"uri={(root / 'templates' / 'index').as_uri()}\n"
-    offline = confs(cache(root))
-    assert len(offline) == 1 and offline[0].endswith(local)
-    online = confs(cache(root, public_index=True))
-    assert online[0].endswith(local)
-    assert online[1].startswith(f"[libguestfs.org]\nuri={PUBLIC_INDEX}\n")
-    assert PUBLIC_INDEX == "http://builder.libguestfs.org/index.asc"
-    extra = tmp_path / "repo" / "index"
-    p = replace(BUILTIN_PROFILES["debian-12"], repos=("https://example.org/index.asc",))
-    three = confs(cache(root, repos=[str(extra)]), p)
-    assert [t.splitlines()[1] for t in three] == [
-        local.strip(),
-        f"uri={extra.as_uri()}",
-        "uri=https://example.org/index.asc",
-    ]
-    # Without a local repo nothing local is configured.
-    assert confs(cache(tmp_path / "empty", public_index=True))[0].splitlines()[1] == (
-        f"uri={PUBLIC_INDEX}"
-    )
-    env = cache(root).builder_env()
-    assert env["LIBGUESTFS_BACKEND_SETTINGS"] == "force_tcg"
-    assert "LIBGUESTFS_BACKEND_SETTINGS" not in cache(root, tcg=False).builder_env()
-
-
 def test_missing_template_says_where_it_looked_and_what_to_do(tmp_path: Path) -> None:
     root = tmp_path / "c"
     write_index(root, {"debian-11": 1})
@@ -199,30 +169,83 @@ def test_missing_template_says_where_it_looked_and_what_to_do(tmp_path: Path) ->
         cache(root).key_for(BUILTIN_PROFILES["centos-8"])
 
 
-def test_parse_index_handles_clearsigned_text() -> None:
-    text = textwrap.dedent(
-        """\
-        -----BEGIN PGP SIGNED MESSAGE-----
-        Hash: SHA512
+NINEP_LINE = (
+    "append-line /etc/fstab:/code /code 9p trans=virtio,version=9p2000.L,msize=262144,nofail 0 0"
+)
 
-        [centos-7.8]
-        name=CentOS 7.8
-        revision=2
-        notes=CentOS
-         continued note line
-        - -dash-escaped=1
 
-        [centos-7.8]
-        arch=aarch64
-        -----BEGIN PGP SIGNATURE-----
-        xyz
-        -----END PGP SIGNATURE-----
-        """
+def test_a_9p_profile_extending_centos8_mounts_9p(root: Path, tmp_path: Path) -> None:
+    """Defect 5 (issue 8): the /code fstab line follows the profile's share."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[tool.pytest-devbox.distros.c8-9p]\nextends = "centos-8"\nshare = "9p"\n'
     )
-    got = parse_index(text)
-    assert got["centos-7.8"][0]["revision"] == "2"
-    assert got["centos-7.8"][0]["-dash-escaped"] == "1"
-    assert got["centos-7.8"][1] == {"arch": "aarch64"}
+    p = load_profiles(project)["c8-9p"]
+    lines = commands_file(cache(root).builder_command(p, tmp_path / "out.qcow2"))
+    assert NINEP_LINE in lines
+    assert not [line for line in lines if "virtiofs" in line]
+
+
+def test_the_key_hashes_the_one_download_of_each_index(root: Path, tmp_path: Path) -> None:
+    """Defect 4 (issue 8): one download per index and cache, whatever a second would say."""
+    p = BUILTIN_PROFILES["debian-12"]
+    with serve(index_text({"debian-12": 9})) as server:
+        c = cache(root, repos=[server.uri])
+        key = c.key_for(p)
+        server.body = b"garbage\n"  # a flaky server: any later download gets this
+        argv = c.builder_command(p, tmp_path / "out.qcow2")
+        assert argv[argv.index("--commands-from-file") + 1].endswith(f"/debian-12-{key}.commands")
+        assert c.key_for(p) == key
+        assert c.image_path(p) == root / "images" / f"debian-12-{key}.qcow2"
+        assert server.hits == 1
+
+
+def test_an_unreadable_index_keeps_the_key_of_the_cached_image(root: Path, tmp_path: Path) -> None:
+    """Defect 4 (issue 8): an index gone bad never silently changes the key of a cached image."""
+    extra = tmp_path / "repo" / "index"
+    extra.parent.mkdir()
+    extra.write_text(index_text({"debian-12": 7}))
+    p = BUILTIN_PROFILES["debian-12"]
+    first = cache(root, repos=[str(extra)])
+    key = first.key_for(p)
+    built = first.ensure(p, key, real_qcow2)
+    assert built.built and built.metadata["template_sources"] == [
+        [(root / "templates" / "index").as_uri(), "x86_64", "3", "ab" * 8],
+        [extra.as_uri(), "x86_64", "7", "ab" * 8],
+    ]
+    for damage in ("garbage", "gone"):
+        if damage == "garbage":
+            extra.write_text("<html>a captive portal</html>\n")
+        else:
+            extra.unlink()
+        logs: list[str] = []
+        later = cache(root, repos=[str(extra)], log=logs.append)
+        assert later.key_for(p) == key, damage
+        info = later.image_for(p)
+        assert (info.path, info.built, info.key) == (built.path, False, key)
+        assert [line for line in logs if extra.as_uri() in line and "cached from it" in line]
+
+
+def test_an_unreadable_index_with_no_matching_image_says_what_to_do(
+    root: Path, tmp_path: Path
+) -> None:
+    extra = tmp_path / "repo" / "index"
+    extra.parent.mkdir()
+    extra.write_text(index_text({"debian-12": 7}))
+    p = BUILTIN_PROFILES["debian-12"]
+    c = cache(root, repos=[str(extra)])
+    c.ensure(p, c.key_for(p), real_qcow2)
+    extra.write_text("garbage\n")
+    with pytest.raises(ImageBuildError) as nothing_cached:
+        cache(tmp_path / "other", repos=[str(extra)]).key_for(p)
+    msg = str(nothing_cached.value)
+    assert f"the index {extra.as_uri()} is not a virt-builder index" in msg
+    assert "--devbox-repo" in msg
+    # The local template was rebuilt since: the cached image is stale, not a fallback.
+    write_index(root, {"debian-12": 4})
+    with pytest.raises(ImageBuildError, match="No image of 'debian-12' cached"):
+        cache(root, repos=[str(extra)]).key_for(p)
 
 
 # --- lock, replace, validation ---------------------------------------------------------
@@ -341,19 +364,23 @@ def test_cached_image_validation_detects_truncation(tmp_path: Path) -> None:
     assert "qemu-img check failed" in logs[-1]
 
 
-def test_overlay_is_backed_by_the_base(tmp_path: Path) -> None:
-    base = tmp_path / "base.qcow2"
-    real_qcow2(base)
-    before = base.read_bytes()
-    dest = ImageCache(tmp_path).overlay(base, tmp_path / "run" / "vm.qcow2")
-    info = json.loads(
-        subprocess.run(
-            ["qemu-img", "info", "--output=json", str(dest)], check=True, capture_output=True
-        ).stdout
-    )
-    assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "qcow2"
-    assert base.read_bytes() == before
-    assert IMAGE_FORMAT_VERSION == 1
+def test_same_size_corrupt_image_is_rebuilt(root: Path) -> None:
+    """Issue 15: with metadata present, a zeroed qcow2 header of the right size is caught."""
+    logs: list[str] = []
+    c = cache(root, log=logs.append)
+    p = BUILTIN_PROFILES["debian-12"]
+    key = c.key_for(p)
+    first = c.ensure(p, key, real_qcow2)
+    size = first.path.stat().st_size
+    with open(first.path, "r+b") as f:
+        f.write(bytes(4096))  # a zeroed header; the size stays
+    assert first.path.stat().st_size == size == first.metadata["image_size"]
+    assert c._cached(first.path, key) is None
+    assert "not a sound qcow2 header (no qcow2 magic" in logs[-1]
+    again = cache(root, log=logs.append).ensure(p, key, real_qcow2)
+    assert again.built and again.path == first.path
+    assert qemu_img.header_problem(again.path) == ""
+    assert cache(root).ensure(p, key, real_qcow2).built is False
 
 
 # --- VM tier -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Local template repository: index handling, up-to-date decision, locking, real builds."""
+"""Local template repository: up-to-date decision, locking, real builds."""
 
 from __future__ import annotations
 
@@ -22,34 +22,11 @@ from pytest_devbox.templates import (
     BuildOutcome,
     TemplateRepo,
     default_repo_dir,
-    format_index,
     next_revision,
     packages_for,
-    parse_index,
     recipe_hash,
 )
-
-INDEX = """\
-[debian-11]
-name=Debian 11
-osinfo=debian11
-arch=x86_64
-file=debian-11-r5.qcow2.xz
-format=qcow2
-size=4294967296
-compressed_size=11
-checksum[sha512]=abc
-revision=5
-expand=/dev/sda1
-notes=first line
- second line
-
-[debian-12]
-name=Debian 12
-arch=x86_64
-file=debian-12-r7.qcow2.xz
-revision=7
-"""
+from pytest_devbox.vbindex import format_index
 
 
 def fake_template(repo: TemplateRepo, distro: str, revision: int, mirror: str) -> None:
@@ -74,33 +51,6 @@ def fake_template(repo: TemplateRepo, distro: str, revision: int, mirror: str) -
         "expand": "/dev/sda1",
     }
     repo.index_path.write_text(format_index(sections))
-
-
-def test_parse_index_reads_sections_keys_and_continuation_lines() -> None:
-    sections = parse_index(INDEX)
-    assert list(sections) == ["debian-11", "debian-12"]
-    assert sections["debian-11"]["checksum[sha512]"] == "abc"
-    assert sections["debian-11"]["notes"] == "first line\nsecond line"
-    assert sections["debian-12"]["revision"] == "7"
-
-
-def test_format_index_round_trips() -> None:
-    sections = parse_index(INDEX)
-    assert parse_index(format_index(sections)) == sections
-
-
-def test_parse_index_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match="line 1"):
-        parse_index("no section here\n")
-
-
-def test_formatted_index_passes_virt_index_validate(tmp_path: Path) -> None:
-    if shutil.which("virt-index-validate") is None:
-        pytest.skip("virt-index-validate is not installed")
-    index = tmp_path / "index"
-    index.write_text(format_index(parse_index(INDEX)))
-    proc = subprocess.run(["virt-index-validate", str(index)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_recipe_hash_changes_with_what_shapes_the_template() -> None:
