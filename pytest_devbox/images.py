@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from .distros import Profile
 from .errors import CacheLockTimeout, HostNotReady, ImageBuildError
 from .fileio import atomic_write
-from .ssh import ensure_keypair
+from .keys import ensure_keypair
 from .templates import default_repo_dir, index_sections
 
 IMAGE_FORMAT_VERSION = 1

@@ -28,7 +28,9 @@ from .distros import Profile
 from .errors import BootTimeout, GuestDied, HostKeyMismatch, HostNotReady, SSHError
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
-from .ssh import Connection, Result, ensure_keypair, probe_banner
+from .keys import ensure_keypair
+from .result import Result
+from .ssh import Connection, probe_banner
 from .sweep import run_dir, write_owner
 
 GUEST_USER = "devbox"
