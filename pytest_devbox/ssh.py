@@ -1,16 +1,13 @@
 """SSH to guests: one reused paramiko Transport per machine, its channels and files.
 
-Many threads may share one Connection. Each command or file transfer holds one of
-``max_channels`` slots, kept below what the guest's sshd allows (``MaxSessions``, 10 by
-default). A channel open the server refuses anyway (on a slow guest sessions linger
-after their channel closes) is retried with backoff: a refusal is not a lost
-connection, which is declared only when the transport itself is gone.
+Threads may share a Connection: channels.py keeps its channels in flight below what
+the guest's sshd allows. A refused channel open is retried, not a lost connection,
+which is declared only when the transport itself is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import shlex
 import socket
 import stat
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import paramiko
 
+from .channels import MAX_CHANNELS, ChannelSlots
 from .command import execute, stop_script, wire_command
 from .errors import CommandFailed, CommandTimeout, SSHError
 from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
@@ -30,8 +28,6 @@ from .result import Result, shorten
 __all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
 
 HISTORY_LENGTH = 20
-MAX_CHANNELS = 8
-"""Channels in flight per connection: below OpenSSH's default ``MaxSessions 10``."""
 CHANNEL_WAIT = 60.0
 """Seconds a refused channel open keeps being retried before it is an error."""
 
@@ -87,8 +83,6 @@ class Connection:
         max_channels: int = MAX_CHANNELS,
         channel_wait: float = CHANNEL_WAIT,
     ) -> None:
-        if max_channels < 1:
-            raise ValueError(f"max_channels must be at least 1, not {max_channels}")
         self.host = host
         self.port = port
         self._where = f"{host}:{port}"  # for messages
@@ -96,15 +90,12 @@ class Connection:
         self.key_path = Path(key_path)
         self.known_hosts = Path(known_hosts)
         self.host_key_alias = host_key_alias
-        self.max_channels = max_channels
         self.channel_wait = channel_wait
         self.history: deque[Result] = deque(maxlen=HISTORY_LENGTH)
         """The most recent results, oldest first (shown in failure reports)."""
-        self.refused_opens = 0
-        """How many channel opens the server refused (each was retried)."""
         self._transport: paramiko.Transport | None = None
         self._connect_timeout = 30.0
-        self._slots = threading.BoundedSemaphore(max_channels)
+        self._slots = ChannelSlots(max_channels)
         # Guards _transport: one thread (re)connects while the others wait for it.
         self._lock = threading.RLock()
 
@@ -116,6 +107,15 @@ class Connection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def refused_opens(self) -> int:
+        """How many channel opens the server refused (each was retried)."""
+        return self._slots.refused
+
+    @property
+    def max_channels(self) -> int:
+        return self._slots.limit
 
     @property
     def connected(self) -> bool:
@@ -217,7 +217,7 @@ class Connection:
     @contextlib.contextmanager
     def _channel(self) -> Iterator[paramiko.Channel]:
         """An open session channel holding one of the ``max_channels`` slots."""
-        with self._slots:
+        with self._slots.hold():
             channel = self._open_channel(self.channel_wait)
             try:
                 yield channel
@@ -231,6 +231,7 @@ class Connection:
         reconnected = False
         while True:
             transport = self._live_transport()
+            closes = self._slots.closes
             try:
                 return transport.open_session(timeout=max(1.0, give_up - time.monotonic()))
             except _TRANSPORT_ERRORS as e:
@@ -244,16 +245,15 @@ class Connection:
                     reconnected = True  # like testinfra: a dead transport is replaced once
                     continue
                 # The transport is fine: the server refused this channel (MaxSessions).
-                self.refused_opens += 1  # a statistic: a racing lost update is harmless
                 if time.monotonic() + delay > give_up:
                     raise SSHError(
                         f"the SSH server at {self._where} refused to open a session for "
                         f"{wait:g} s ({e!r}); its MaxSessions is below this connection's "
-                        f"max_channels={self.max_channels}, or its sessions linger: raise "
+                        f"max_channels={self._slots.limit}, or its sessions linger: raise "
                         "MaxSessions in the guest's sshd_config or lower max_channels"
                     ) from e
-                time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: threads spread out
-                delay = min(delay * 2, 1.0)
+                self._slots.wait_after_refusal(closes, delay)
+                delay = min(delay * 2, 0.5)
 
     def _lost(self, channel: paramiko.Channel, doing: str, e: BaseException) -> SSHError:
         """The error for a channel that failed while ``doing``; drops a dead transport."""

@@ -102,3 +102,13 @@ LogLevel INFO
             proc.wait(10)
         return
     raise RuntimeError(f"sshd did not start; see {log}:\n{log.read_text()}")
+
+
+def client_files(directory: Path) -> tuple[Path, Path]:
+    """A client key pair under ``directory`` and an authorized_keys file that admits it."""
+    from pytest_devbox.keys import ensure_keypair, public_key_line
+
+    key = ensure_keypair(directory / "keys")
+    authorized = directory / "authorized_keys"
+    authorized.write_text(public_key_line(key) + "\n")
+    return key, authorized
