@@ -115,6 +115,7 @@ class Connection:
 
     @property
     def max_channels(self) -> int:
+        """Channels this connection keeps open at once at most."""
         return self._slots.limit
 
     @property
