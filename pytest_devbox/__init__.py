@@ -13,11 +13,11 @@ if TYPE_CHECKING:
     from .distros import Profile
     from .errors import BootTimeout, CommandFailed, CommandTimeout, DevboxError
     from .machine import Machine
-    from .ssh import Result
+    from .result import Result
 
 _EXPORTS = {
     "Machine": "machine",
-    "Result": "ssh",
+    "Result": "result",
     "Profile": "distros",
     "DevboxError": "errors",
     "CommandFailed": "errors",

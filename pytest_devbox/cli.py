@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         r = m.run(command, check=False)
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
-    return r.exit_status if r.exit_status >= 0 else 1
+    return 1 if r.exit_status is None else r.exit_status
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .result import shorten
+
 if TYPE_CHECKING:
-    from .ssh import Result
+    from .result import Result
 
 
 class DevboxError(Exception):
@@ -63,21 +65,41 @@ class HostKeyMismatch(SSHError):
     """The guest presented a host key other than the pinned one."""
 
 
-class CommandFailed(DevboxError):
+class CommandError(DevboxError):
+    """A command run in a guest did not succeed; ``result`` holds what it produced.
+
+    Each subclass builds its own message: a one-line verdict naming the command, then
+    the tail of each output stream.
+    """
+
+    def __init__(self, result: Result, verdict: str) -> None:
+        self.result = result
+        super().__init__(f"{verdict}\n{result.tails()}")
+
+
+class CommandFailed(CommandError):
     """A command run in a guest exited non-zero (raised when check=True)."""
 
     def __init__(self, result: Result) -> None:
-        self.result = result
-        super().__init__(result.describe_failure())
+        shown = shorten(result.command, 500)
+        if result.exit_status is None:
+            verdict = (
+                f"command `{shown}` ended without an exit status after {result.duration:.1f} s "
+                "(killed by a signal, or the connection dropped)"
+            )
+        else:
+            verdict = (
+                f"command `{shown}` exited with status {result.exit_status} "
+                f"after {result.duration:.1f} s"
+            )
+        super().__init__(result, verdict)
 
 
-class CommandTimeout(DevboxError):
+class CommandTimeout(CommandError):
     """A command run in a guest did not finish in time; it was stopped."""
 
     def __init__(self, result: Result, timeout: float) -> None:
-        self.result = result
         self.timeout = timeout
         super().__init__(
-            f"command timed out after {timeout:g} s and was stopped: {result.command}\n"
-            + result.tails()
+            result, f"command timed out after {timeout:g} s and was stopped: {result.command}"
         )

@@ -26,8 +26,8 @@ from . import qemu_img, recipe
 from .distros import Profile
 from .errors import CacheLockTimeout, ImageBuildError
 from .fileio import atomic_write
+from .keys import ensure_keypair
 from .paths import CacheLayout
-from .ssh import ensure_keypair
 from .vbindex import revisions
 from .virt_builder import IndexRead, VirtBuilder, executable
 

@@ -29,9 +29,11 @@ from .distros import Profile
 from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
+from .keys import ensure_keypair
 from .paths import CacheLayout
+from .result import Result
 from .settings import DEFAULT_ACCEL, DEFAULT_URI
-from .ssh import Connection, Result, ensure_keypair
+from .ssh import Connection
 from .sweep import claim_run_dir
 
 # Deadlines for the whole boot (all phases together). Software emulation is 5-10x slower.

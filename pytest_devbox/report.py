@@ -64,9 +64,11 @@ def format_commands(machine: Machine, limit: int = REPORT_COMMANDS) -> str:
     history = list(machine.history)[-limit:]
     if not history:
         return "(no commands run)"
-    return "\n".join(
-        f"exit {r.exit_status!s:>4}  {r.duration:7.2f} s  {r.command}" for r in history
-    )
+    lines = []
+    for r in history:
+        status = "-" if r.exit_status is None else str(r.exit_status)  # "-": timed out
+        lines.append(f"exit {status:>4}  {r.duration:7.2f} s  {r.command}")
+    return "\n".join(lines)
 
 
 def add_guest_sections(report: pytest.TestReport, machines: Sequence[Machine]) -> None:

@@ -1,225 +1,38 @@
-"""SSH to guests: one reused paramiko Transport per machine, commands, files, readiness.
+"""SSH to guests: one reused paramiko Transport per machine, its channels and files.
 
-Every command runs under ``sh -c`` so its semantics are the same on every distro.
-The login shell first prints its pid (sshd made it a session and process-group
-leader) and then ``exec``s the wrapper, so a timed-out command can be stopped by
-signalling that whole process group from a second channel: closing an exec
-channel alone leaves a pty-less remote command running.
+Threads may share a Connection: channels.py keeps its channels in flight below what
+the guest's sshd allows. A refused channel open is retried, not a lost connection,
+which is declared only when the transport itself is gone.
 """
 
 from __future__ import annotations
 
-import base64
-import collections
 import contextlib
-import hashlib
-import os
-import re
-import select
 import shlex
 import socket
 import stat
-import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import paramiko
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
-from .fileio import atomic_write
+from .channels import MAX_CHANNELS, ChannelSlots
+from .command import execute, stop_script, wire_command
+from .errors import CommandFailed, CommandTimeout, SSHError
+from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
+from .result import Result, shorten
 
-__all__ = [
-    "KEY_COMMENT",
-    "Connection",
-    "Result",
-    "ensure_keypair",
-    "probe_banner",
-    "public_key_line",
-]
+__all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
 
-KEY_COMMENT = "pytest-devbox"
-PRIVATE_KEY_NAME = "id_ed25519"
 HISTORY_LENGTH = 20
+CHANNEL_WAIT = 60.0
+"""Seconds a refused channel open keeps being retried before it is an error."""
 
-_CHUNK = 65536
-_PID_MARKER = b"devbox-pid:"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# paramiko's transient failures when a transport has died under us.
+# What paramiko raises when a channel or its transport fails under us.
 _TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
-
-
-@dataclass(frozen=True)
-class Result:
-    """The outcome of one command run in a guest."""
-
-    command: str
-    """The command line as sent (a list is shlex-quoted and joined)."""
-    exit_status: int
-    """The exit status; -1 when unknown (timed out, killed by a signal, connection lost)."""
-    stdout: str
-    stderr: str
-    duration: float
-    """Wall-clock seconds from sending the command to its end."""
-
-    @property
-    def ok(self) -> bool:
-        """True when the command exited with status 0."""
-        return self.exit_status == 0
-
-    @property
-    def failed(self) -> bool:
-        """True when the command did not exit with status 0."""
-        return not self.ok
-
-    def tails(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of stdout and of stderr, each block labelled."""
-        return "\n".join(_tail(name, text, lines) for name, text in self._streams())
-
-    def describe_failure(self) -> str:
-        """A one-line verdict (command, status, duration) followed by the stream tails."""
-        shown = _shorten(self.command, 500)
-        if self.exit_status == -1:
-            verdict = (
-                f"command `{shown}` ended without an exit status after {self.duration:.1f} s "
-                "(killed by a signal, timed out, or the connection dropped)"
-            )
-        else:
-            verdict = (
-                f"command `{shown}` exited with status {self.exit_status} "
-                f"after {self.duration:.1f} s"
-            )
-        return f"{verdict}\n{self.tails()}"
-
-    def _streams(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        return (("stdout", self.stdout), ("stderr", self.stderr))
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _tail(name: str, text: str, lines: int) -> str:
-    if not text.strip():
-        return f"--- {name}: (empty) ---"
-    all_lines = text.rstrip("\n").splitlines()
-    shown = [_shorten(line, 1000) for line in all_lines[-lines:]]
-    if len(all_lines) > len(shown):
-        header = f"--- {name} (last {len(shown)} of {len(all_lines)} lines) ---"
-    else:
-        header = f"--- {name} ---"
-    return header + "\n" + "\n".join(shown)
-
-
-# --- client key pair ---------------------------------------------------------------------
-
-
-def ensure_keypair(key_dir: Path) -> Path:
-    """Return the cache's Ed25519 private key, creating the pair if it is missing.
-
-    The pair is ``key_dir/id_ed25519`` (mode 0600) and ``id_ed25519.pub`` in a 0700
-    directory. Refuses, with :class:`SSHError`, a private key that group or others can
-    read and a directory that group or others can write (OpenSSH would refuse them too).
-    Safe when several processes race to create the pair: exactly one key wins.
-    """
-    key_dir = Path(key_dir)
-    if not key_dir.exists():
-        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(key_dir, 0o700)  # mkdir's mode is filtered by the umask
-    _check_key_dir(key_dir)
-    private = key_dir / PRIVATE_KEY_NAME
-    if not private.exists():
-        _create_private_key(private)
-    _check_private_key(private)
-    public = key_dir / (PRIVATE_KEY_NAME + ".pub")
-    line = public_key_line(private)
-    if not public.exists() or public.read_text(encoding="ascii", errors="replace").strip() != line:
-        atomic_write(public, (line + "\n").encode("ascii"), 0o644)
-    return private
-
-
-def public_key_line(private_key: Path) -> str:
-    """The authorized_keys line for a private key: ``ssh-ed25519 AAAA... pytest-devbox``."""
-    key = _load_private_key(Path(private_key))
-    return f"{key.get_name()} {key.get_base64()} {KEY_COMMENT}"
-
-
-def _check_key_dir(key_dir: Path) -> None:
-    st = key_dir.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise SSHError(f"SSH key directory {key_dir} is not a directory; remove it and retry")
-    if st.st_mode & 0o022:
-        raise SSHError(
-            f"SSH key directory {key_dir} is writable by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}), so its key cannot be trusted; "
-            f"fix it with: chmod 700 {shlex.quote(str(key_dir))}"
-        )
-
-
-def _check_private_key(private: Path) -> None:
-    st = private.stat()
-    if st.st_mode & 0o077:
-        raise SSHError(
-            f"SSH private key {private} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); OpenSSH refuses such keys. "
-            f"Fix it with: chmod 600 {shlex.quote(str(private))}"
-        )
-    if st.st_uid != os.geteuid():
-        raise SSHError(
-            f"SSH private key {private} belongs to uid {st.st_uid}, not to you "
-            f"(uid {os.geteuid()}); use your own cache directory or chown the key"
-        )
-
-
-def _create_private_key(private: Path) -> None:
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    fd, tmp = tempfile.mkstemp(prefix=".id_ed25519.", dir=private.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        # link() never replaces: when two processes race, the first key wins for both.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, private)
-    finally:
-        os.unlink(tmp)
-
-
-def _load_private_key(path: Path) -> paramiko.PKey:
-    errors = []
-    key_classes: tuple[type[paramiko.PKey], ...] = (
-        paramiko.Ed25519Key,
-        paramiko.ECDSAKey,
-        paramiko.RSAKey,
-    )
-    for cls in key_classes:
-        try:
-            return cls.from_private_key_file(str(path))
-        except FileNotFoundError:
-            raise SSHError(
-                f"SSH private key {path} does not exist; let pytest-devbox create it "
-                "(ensure_keypair) or point key_path at an existing key"
-            ) from None
-        except (paramiko.SSHException, ValueError) as e:
-            errors.append(f"{cls.__name__}: {e}")
-    raise SSHError(
-        f"cannot read SSH private key {path} ({'; '.join(errors)}); "
-        "delete it to have a new pair created (images built with the old key need a rebuild)"
-    )
-
-
-def _fingerprint(key: paramiko.PKey) -> str:
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-# --- readiness ---------------------------------------------------------------------------
 
 
 def probe_banner(host: str, port: int, timeout: float) -> bool:
@@ -246,9 +59,6 @@ def probe_banner(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-# --- connection --------------------------------------------------------------------------
-
-
 class Connection:
     """An SSH connection to one guest: one paramiko Transport reused for every command.
 
@@ -256,6 +66,9 @@ class Connection:
     guest's host key is pinned there under ``host_key_alias`` (the forwarded port
     changes on every boot, the image's host key does not). The first connection pins
     the key, later ones must present the same key.
+
+    Threads may share it: ``max_channels`` commands or transfers run at once, the others
+    wait; a refused channel open is retried for up to ``channel_wait`` seconds.
     """
 
     def __init__(
@@ -267,17 +80,24 @@ class Connection:
         key_path: Path,
         known_hosts: Path,
         host_key_alias: str,
+        max_channels: int = MAX_CHANNELS,
+        channel_wait: float = CHANNEL_WAIT,
     ) -> None:
         self.host = host
         self.port = port
+        self._where = f"{host}:{port}"  # for messages
         self.username = username
         self.key_path = Path(key_path)
         self.known_hosts = Path(known_hosts)
         self.host_key_alias = host_key_alias
-        self.history: collections.deque[Result] = collections.deque(maxlen=HISTORY_LENGTH)
+        self.channel_wait = channel_wait
+        self.history: deque[Result] = deque(maxlen=HISTORY_LENGTH)
         """The most recent results, oldest first (shown in failure reports)."""
         self._transport: paramiko.Transport | None = None
         self._connect_timeout = 30.0
+        self._slots = ChannelSlots(max_channels)
+        # Guards _transport: one thread (re)connects while the others wait for it.
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Connection {self.username}@{self.host}:{self.port} ({self.host_key_alias})>"
@@ -287,6 +107,16 @@ class Connection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def refused_opens(self) -> int:
+        """How many channel opens the server refused (each was retried)."""
+        return self._slots.refused
+
+    @property
+    def max_channels(self) -> int:
+        """Channels this connection keeps open at once at most."""
+        return self._slots.limit
 
     @property
     def connected(self) -> bool:
@@ -303,130 +133,142 @@ class Connection:
         Raises :class:`HostKeyMismatch` when the guest's host key differs from the pinned
         one and :class:`SSHError` on any other failure.
         """
-        self.close()
-        self._connect_timeout = timeout
-        pkey = _load_private_key(self.key_path)
-        where = f"{self.host}:{self.port}"
+        with self._lock:
+            self.close()
+            self._connect_timeout = timeout
+            pkey = load_private_key(self.key_path)
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=timeout)
+            except OSError as e:
+                raise SSHError(
+                    f"cannot reach SSH at {self._where}: {e}; "
+                    "is the guest running and its port forwarded?"
+                ) from e
+            transport = paramiko.Transport(sock)
+            try:
+                self._handshake(transport, timeout)
+                self._authenticate(transport, pkey)
+                transport.set_keepalive(15)
+            except BaseException:
+                transport.close()
+                raise
+            self._transport = transport
+
+    def _handshake(self, transport: paramiko.Transport, timeout: float) -> None:
+        """Banner, key exchange and the host key check (or pin, the first time)."""
+        transport.banner_timeout = timeout
+        transport.auth_timeout = timeout
+        pinned = pinned_keys(self.known_hosts, self.host_key_alias)
+        if pinned:
+            # Ask only for key types we have pinned, like OpenSSH does.
+            transport.get_security_options().key_types = host_key_algorithms(pinned)
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except OSError as e:
+            transport.start_client(timeout=timeout)
+        except _TRANSPORT_ERRORS as e:
             raise SSHError(
-                f"cannot reach SSH at {where}: {e}; is the guest running and its port forwarded?"
+                f"SSH handshake with {self._where} failed within {timeout:g} s ({e}); "
+                "the guest's sshd may not be up yet or may have crashed: "
+                "check the guest's serial console log"
             ) from e
-        transport = paramiko.Transport(sock)
+        if not (transport.is_active() and transport.initial_kex_done):
+            # start_client() returns quietly when its own timeout expires.
+            raise SSHError(
+                f"no SSH handshake with {self._where} within {timeout:g} s (no banner or key "
+                "exchange); the guest's sshd may not be up yet: check its serial console log"
+            )
+        key = transport.get_remote_server_key()
+        check_host_key(self.known_hosts, self.host_key_alias, key, self._where)
+
+    def _authenticate(self, transport: paramiko.Transport, pkey: paramiko.PKey) -> None:
         try:
-            transport.banner_timeout = timeout
-            transport.auth_timeout = timeout
-            pinned = self._pinned_keys()
-            if pinned:
-                # Ask only for key types we have pinned, like OpenSSH does.
-                transport.get_security_options().key_types = _key_algorithms(pinned)
-            try:
-                transport.start_client(timeout=timeout)
-            except (paramiko.SSHException, EOFError, OSError) as e:
-                raise SSHError(
-                    f"SSH handshake with {where} failed within {timeout:g} s ({e}); "
-                    "the guest's sshd may not be up yet or may have crashed: "
-                    "check the guest's serial console log"
-                ) from e
-            if not (transport.is_active() and transport.initial_kex_done):
-                # start_client() returns quietly when its own timeout expires.
-                raise SSHError(
-                    f"no SSH handshake with {where} within {timeout:g} s; the guest's sshd "
-                    "may not be up yet: check the guest's serial console log"
-                )
-            self._check_host_key(transport.get_remote_server_key(), pinned)
-            try:
-                transport.auth_publickey(self.username, pkey)
-            except paramiko.AuthenticationException as e:
-                raise SSHError(
-                    f"{self.username}@{where} refused the key {self.key_path} ({e}); the image "
-                    "was probably built with another public key: rebuild the image "
-                    "(devbox prune) so the current key is injected"
-                ) from e
-            except (paramiko.SSHException, EOFError, OSError) as e:
-                raise SSHError(f"SSH authentication with {where} failed: {e}") from e
-            transport.set_keepalive(15)
-        except BaseException:
-            transport.close()
-            raise
-        self._transport = transport
+            transport.auth_publickey(self.username, pkey)
+        except paramiko.AuthenticationException as e:
+            raise SSHError(
+                f"{self.username}@{self._where} refused the key {self.key_path} ({e}); the "
+                "image was probably built with another public key: rebuild the image "
+                "(--devbox-rebuild) so the current key is injected"
+            ) from e
+        except _TRANSPORT_ERRORS as e:
+            raise SSHError(f"SSH authentication with {self._where} failed: {e}") from e
 
     def close(self) -> None:
         """Close the transport (idempotent); the next command reconnects."""
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
 
-    def _pinned_keys(self) -> dict[str, paramiko.PKey]:
-        if not self.known_hosts.exists():
-            return {}
-        hostkeys = paramiko.HostKeys()
-        try:
-            hostkeys.load(str(self.known_hosts))
-        except (OSError, paramiko.SSHException, ValueError) as e:
-            raise SSHError(
-                f"cannot read the pinned host keys in {self.known_hosts} ({e}); "
-                "delete that file to pin the guests' keys anew"
-            ) from e
-        entry = hostkeys.lookup(self.host_key_alias)
-        return dict(entry) if entry is not None else {}
-
-    def _check_host_key(self, key: paramiko.PKey, pinned: dict[str, paramiko.PKey]) -> None:
-        if not pinned:
-            self._pin(key)
-            return
-        expected = pinned.get(key.get_name())
-        if expected is not None and expected.asbytes() == key.asbytes():
-            return
-        was = ", ".join(f"{name} {_fingerprint(k)}" for name, k in pinned.items())
-        kh = shlex.quote(str(self.known_hosts))
-        raise HostKeyMismatch(
-            f"the SSH host key of {self.host_key_alias} ({self.host}:{self.port}) changed: "
-            f"it presented {key.get_name()} {_fingerprint(key)}, but {self.known_hosts} pins "
-            f"{was}. If the image was rebuilt on purpose, forget the old key with: "
-            f"ssh-keygen -R {shlex.quote(self.host_key_alias)} -f {kh}"
-        )
-
-    def _pin(self, key: paramiko.PKey) -> None:
-        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        hostkeys = paramiko.HostKeys()
-        if self.known_hosts.exists():
-            hostkeys.load(str(self.known_hosts))
-        hostkeys.add(self.host_key_alias, key.get_name(), key)
-        # Write aside then rename: a concurrent reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(prefix=".known_hosts.", dir=self.known_hosts.parent)
-        os.close(fd)
-        try:
-            hostkeys.save(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.known_hosts)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    def _discard(self, transport: paramiko.Transport) -> None:
+        """Forget a transport found dead, unless another thread already replaced it."""
+        transport.close()
+        with self._lock:
+            if self._transport is transport:
+                self._transport = None
 
     def _live_transport(self) -> paramiko.Transport:
         """The transport, (re)connecting when there is none or it died."""
-        if not self.connected:
-            self.connect(self._connect_timeout)
-        assert self._transport is not None
-        return self._transport
+        with self._lock:
+            if not self.connected:
+                self.connect(self._connect_timeout)
+            assert self._transport is not None
+            return self._transport
 
-    def _open_channel(self) -> paramiko.Channel:
-        # A dead transport is replaced once (like testinfra); a second failure is final.
-        for attempt in (1, 2):
-            transport = self._live_transport()
+    # -- channels --
+
+    @contextlib.contextmanager
+    def _channel(self) -> Iterator[paramiko.Channel]:
+        """An open session channel holding one of the ``max_channels`` slots."""
+        with self._slots.hold():
+            channel = self._open_channel(self.channel_wait)
             try:
-                return transport.open_session(timeout=self._connect_timeout)
+                yield channel
+            finally:
+                channel.close()
+
+    def _open_channel(self, wait: float) -> paramiko.Channel:
+        """Open a session channel: retry refusals, reconnect once if the transport died."""
+        give_up = time.monotonic() + wait
+        delay = 0.05
+        reconnected = False
+        while True:
+            transport = self._live_transport()
+            closes = self._slots.closes
+            try:
+                return transport.open_session(timeout=max(1.0, give_up - time.monotonic()))
             except _TRANSPORT_ERRORS as e:
-                self.close()
-                if attempt == 2:
+                if not transport.is_active():
+                    self._discard(transport)
+                    if reconnected:
+                        raise SSHError(
+                            f"the SSH connection to {self._where} closed again right after "
+                            f"reconnecting ({_seen(transport, e)})"
+                        ) from e
+                    reconnected = True  # like testinfra: a dead transport is replaced once
+                    continue
+                # The transport is fine: the server refused this channel (MaxSessions).
+                if time.monotonic() + delay > give_up:
                     raise SSHError(
-                        f"SSH connection to {self.host}:{self.port} failed again after "
-                        f"reconnecting ({e}); the guest may have crashed or rebooted"
+                        f"the SSH server at {self._where} refused to open a session for "
+                        f"{wait:g} s ({e!r}); its MaxSessions is below this connection's "
+                        f"max_channels={self._slots.limit}, or its sessions linger: raise "
+                        "MaxSessions in the guest's sshd_config or lower max_channels"
                     ) from e
-        raise AssertionError("unreachable")
+                self._slots.wait_after_refusal(closes, delay)
+                delay = min(delay * 2, 0.5)
+
+    def _lost(self, channel: paramiko.Channel, doing: str, e: BaseException) -> SSHError:
+        """The error for a channel that failed while ``doing``; drops a dead transport."""
+        transport = channel.get_transport()
+        if transport.is_active():
+            return SSHError(
+                f"the SSH server at {self._where} failed {doing} on a live connection ({e!r})"
+            )
+        self._discard(transport)
+        return SSHError(
+            f"the SSH connection to {self._where} dropped while {doing}: "
+            f"{_seen(transport, e)}; the guest's serial console log shows whether it "
+            "crashed or rebooted"
+        )
 
     # -- commands --
 
@@ -452,130 +294,39 @@ class Connection:
         whole process group has been stopped.
         """
         command = cmd if isinstance(cmd, str) else shlex.join(cmd)
-        wire = _wire_command(command, cwd, env, user)
+        wire = wire_command(command, cwd, env, user)
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
-        channel = self._open_channel()
-        try:
-            result, timed_out = self._execute(channel, command, wire, data, timeout)
-        except _TRANSPORT_ERRORS as e:
-            self.close()
-            raise SSHError(
-                f"the SSH connection to {self.host}:{self.port} failed while starting "
-                f"`{_shorten(command, 200)}` ({e}); the guest may have crashed or rebooted"
-            ) from e
-        finally:
-            channel.close()
-        self.history.append(result)
-        if timed_out:
-            assert timeout is not None
-            raise CommandTimeout(result, timeout)
-        if result.exit_status == -1 and not self.connected:
-            self.close()
-            raise SSHError(
-                f"the SSH connection to {self.host}:{self.port} dropped while running "
-                f"`{_shorten(command, 200)}`; the guest may have crashed or rebooted\n"
-                + result.tails()
-            )
+        with self._channel() as channel:
+            try:
+                result, timed_out = execute(
+                    channel, command, wire, data, timeout, self._stop_remote
+                )
+            except _TRANSPORT_ERRORS as e:
+                raise self._lost(channel, f"running `{shorten(command, 200)}`", e) from e
+            self.history.append(result)
+            if timed_out:
+                assert timeout is not None
+                raise CommandTimeout(result, timeout)
+            if result.exit_status is None and not channel.get_transport().is_active():
+                lost = self._lost(channel, f"running `{shorten(command, 200)}`", EOFError())
+                raise SSHError(f"{lost}\n{result.tails()}")
         if check and result.failed:
             raise CommandFailed(result)
         return result
 
-    def _execute(
-        self,
-        channel: paramiko.Channel,
-        command: str,
-        wire: str,
-        stdin: bytes | None,
-        timeout: float | None,
-    ) -> tuple[Result, bool]:
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
-        out = bytearray()
-        err = bytearray()
-        pgid: int | None = None
-        header_done = False
-        pending = memoryview(stdin) if stdin else None
-        channel.exec_command(wire)
-        if pending is None:
-            channel.shutdown_write()
-        # fileno() is readable while either stream has data, and after EOF.
-        fd = channel.fileno()
-        timed_out = False
-        try:
-            while True:
-                while channel.recv_ready():
-                    out += channel.recv(_CHUNK)
-                while channel.recv_stderr_ready():
-                    err += channel.recv_stderr(_CHUNK)
-                if not header_done:
-                    header_done, pgid = _strip_pid_header(out)
-                if pending is not None and channel.send_ready():
-                    sent = channel.send(bytes(pending[:_CHUNK]))
-                    pending = pending[sent:]
-                    if not pending:
-                        pending = None
-                        channel.shutdown_write()
-                if channel.eof_received and not channel.recv_ready():
-                    if not channel.recv_stderr_ready():
-                        break
-                    continue
-                if channel.closed:
-                    break
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    timed_out = True
-                    break
-                wait = 0.01 if pending is not None else 0.5
-                if deadline is not None:
-                    wait = min(wait, deadline - now)
-                select.select([fd], [], [], wait)
-            if not timed_out:
-                # The exit status may trail the end of the output.
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not channel.status_event.wait(remaining):
-                    timed_out = True
-        except KeyboardInterrupt:
-            self._stop_remote(pgid)
-            raise
-        if timed_out:
-            self._stop_remote(pgid)
-            while channel.recv_ready():
-                out += channel.recv(_CHUNK)
-            while channel.recv_stderr_ready():
-                err += channel.recv_stderr(_CHUNK)
-            if not header_done:
-                _strip_pid_header(out)
-            status = -1
-        else:
-            status = channel.recv_exit_status()
-        result = Result(
-            command=command,
-            exit_status=status,
-            stdout=out.decode("utf-8", errors="replace"),
-            stderr=err.decode("utf-8", errors="replace"),
-            duration=time.monotonic() - start,
-        )
-        return result, timed_out
-
     def _stop_remote(self, pgid: int | None) -> None:
-        """Stop a remote command's process group: SIGTERM, then SIGKILL after 1 s."""
+        """Stop a timed-out or interrupted command's remote process group (best effort)."""
         if pgid is None or not self.connected:
             return
-        g = f"-{pgid}"
-        script = (
-            f"kill -TERM {g} 2>/dev/null || exit 0; i=0; "
-            f'while [ "$i" -lt 10 ] && kill -0 {g} 2>/dev/null; do sleep 0.1; i=$((i+1)); done; '
-            f"kill -KILL {g} 2>/dev/null; exit 0"
-        )
-        # Plumbing, not something the user ran: it stays out of the history.
-        try:
-            channel = self._open_channel()
+        # Plumbing, not something the user ran: it stays out of the history. It takes no
+        # slot: the command it stops holds one, and every slot may be held by such.
+        with contextlib.suppress(*_TRANSPORT_ERRORS, SSHError):
+            channel = self._open_channel(10.0)
             try:
-                self._execute(channel, "stop", _wire_command(script, None, None, None), None, 10)
+                wire = wire_command(stop_script(pgid), None, None, None)
+                execute(channel, "stop", wire, None, 10, lambda _: None)
             finally:
                 channel.close()
-        except (*_TRANSPORT_ERRORS, SSHError):
-            pass  # best effort: the caller reports the original timeout
 
     # -- files --
 
@@ -608,85 +359,40 @@ class Connection:
                 ) from e
 
     @contextlib.contextmanager
-    def _sftp(self) -> collections.abc.Iterator[paramiko.SFTPClient]:
-        channel = self._open_channel()
-        try:
-            channel.invoke_subsystem("sftp")
-            sftp = paramiko.SFTPClient(channel)
-        except (paramiko.SSHException, EOFError) as e:
-            channel.close()
-            raise SSHError(
-                f"the guest at {self.host}:{self.port} refused the SFTP subsystem ({e}); "
-                "is sftp-server installed there?"
-            ) from e
-        try:
-            yield sftp
-        finally:
-            sftp.close()
+    def _sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """An SFTP session on a channel that holds a slot like a command's."""
+        with self._channel() as channel:
+            try:
+                channel.invoke_subsystem("sftp")
+                sftp = paramiko.SFTPClient(channel)
+            except (paramiko.SSHException, EOFError) as e:
+                if not channel.get_transport().is_active():
+                    raise self._lost(channel, "starting SFTP", e) from e
+                raise SSHError(
+                    f"the guest at {self._where} refused the SFTP subsystem ({e}); "
+                    "is sftp-server installed there?"
+                ) from e
+            try:
+                yield sftp
+            finally:
+                sftp.close()
 
     # -- for people --
 
     def ssh_command(self) -> list[str]:
         """An OpenSSH command line that reaches the same guest, for a person to paste."""
-        return [
-            "ssh",
-            "-i",
-            str(self.key_path),
-            "-p",
-            str(self.port),
-            "-o",
+        argv = ["ssh", "-i", str(self.key_path), "-p", str(self.port)]
+        for option in (
             "IdentitiesOnly=yes",
-            "-o",
             f"UserKnownHostsFile={self.known_hosts}",
-            "-o",
             f"HostKeyAlias={self.host_key_alias}",
-            "-o",
             "StrictHostKeyChecking=yes",
-            f"{self.username}@{self.host}",
-        ]
+        ):
+            argv += ["-o", option]
+        return [*argv, f"{self.username}@{self.host}"]
 
 
-def _key_algorithms(pinned: Mapping[str, paramiko.PKey]) -> list[str]:
-    algorithms: list[str] = []
-    for name in pinned:
-        if name == "ssh-rsa":
-            algorithms += ["rsa-sha2-512", "rsa-sha2-256"]
-        else:
-            algorithms.append(name)
-    return algorithms
-
-
-def _wire_command(
-    command: str,
-    cwd: str | None,
-    env: Mapping[str, str] | None,
-    user: str | None,
-) -> str:
-    """The string sshd hands to the login shell for ``command``."""
-    lines = []
-    for name, value in (env or {}).items():
-        if not _ENV_NAME.match(name):
-            raise ValueError(f"invalid environment variable name: {name!r}")
-        lines.append(f"export {name}={shlex.quote(value)}")
-    if cwd is not None:
-        lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
-    lines.append(command)
-    argv = ["sh", "-c", "\n".join(lines)]
-    if user is not None:
-        argv = ["sudo", "-n", "-u", user, "-H", "--", *argv]
-    return f"echo {_PID_MARKER.decode()}$$; exec {shlex.join(argv)}"
-
-
-def _strip_pid_header(out: bytearray) -> tuple[bool, int | None]:
-    """Remove the ``devbox-pid:N`` first line from ``out``; (header complete, N)."""
-    end = out.find(b"\n")
-    if end < 0:
-        return False, None
-    line = bytes(out[:end])
-    if not line.startswith(_PID_MARKER):
-        return True, None  # something printed before us (a noisy shell rc): leave it
-    del out[: end + 1]
-    try:
-        return True, int(line[len(_PID_MARKER) :])
-    except ValueError:
-        return True, None
+def _seen(transport: paramiko.Transport, e: BaseException) -> str:
+    """What we saw of a dead transport: its own recorded error, else the one raised."""
+    reason = transport.get_exception() or e
+    return f"transport closed ({reason!r})" if str(reason) else "transport closed"

@@ -14,8 +14,9 @@ import pytest
 from pytest_devbox import domain as dom
 from pytest_devbox.boot import Boot, Deadline, authenticate, wait_banner
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
+from pytest_devbox.keys import ensure_keypair
 from pytest_devbox.machine import tail_file
-from pytest_devbox.ssh import Connection, ensure_keypair
+from pytest_devbox.ssh import Connection
 
 TEST_DOMAIN = """<domain type='test'><name>{name}</name><memory>65536</memory>
 <os><type>hvm</type></os></domain>"""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -10,95 +9,19 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, run_sshd, username
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
-from pytest_devbox.ssh import Connection, Result, ensure_keypair, probe_banner, public_key_line
-
-SSHD = "/usr/sbin/sshd"
+from pytest_devbox.keys import ensure_keypair, public_key_line
+from pytest_devbox.result import Result
+from pytest_devbox.ssh import Connection, probe_banner
 
 pytestmark = pytest.mark.skipif(
-    not (os.path.exists(SSHD) and shutil.which("ssh-keygen")),
-    reason="needs OpenSSH server and ssh-keygen (apt-get install openssh-server)",
+    not HAVE_SSHD, reason="needs OpenSSH server and ssh-keygen (apt-get install openssh-server)"
 )
-
-
-@dataclass
-class Sshd:
-    port: int
-    host_key: Path
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _host_key(path: Path) -> Path:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return path
-
-
-@contextlib.contextmanager
-def run_sshd(workdir: Path, authorized_keys: Path, host_key: Path) -> Iterator[Sshd]:
-    """Start sshd in the foreground on a free loopback port; stop it afterwards."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-    root_login = "PermitRootLogin prohibit-password" if os.geteuid() == 0 else ""
-    for _attempt in range(3):  # another process may grab the port between probe and bind
-        port = _free_port()
-        config = workdir / "sshd_config"
-        config.write_text(
-            f"""
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-AuthorizedKeysFile {authorized_keys}
-{root_login}
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile {workdir / "sshd.pid"}
-Subsystem sftp internal-sftp
-MaxSessions 50
-LogLevel INFO
-"""
-        )
-        log = workdir / "sshd.log"
-        proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("wb"),
-        )
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            if probe_banner("127.0.0.1", port, 1):
-                break
-            time.sleep(0.05)
-        else:
-            proc.kill()
-            proc.wait()
-            continue
-        try:
-            yield Sshd(port, host_key, proc, log)
-        finally:
-            proc.terminate()
-            proc.wait(10)
-        return
-    raise RuntimeError(f"sshd did not start; see {log}:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
@@ -121,21 +44,15 @@ def authorized_keys(client_key: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def sshd(authorized_keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     work = tmp_path_factory.mktemp("sshd")
-    with run_sshd(work, authorized_keys, _host_key(work / "host_ed25519")) as server:
+    with run_sshd(work, authorized_keys, host_key(work / "host_ed25519")) as server:
         yield server
-
-
-def _username() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def _connection(port: int, key: Path, known_hosts: Path, alias: str = "img-1") -> Connection:
     return Connection(
         "127.0.0.1",
         port,
-        username=_username(),
+        username=username(),
         key_path=key,
         known_hosts=known_hosts,
         host_key_alias=alias,
@@ -165,24 +82,6 @@ def _remote_processes(pattern: str) -> str:
     return subprocess.run(
         ["pgrep", "-af", pattern], capture_output=True, text=True, check=False
     ).stdout
-
-
-# --- Result ------------------------------------------------------------------------------
-
-
-def test_result_tails_and_failure_description() -> None:
-    out = "".join(f"out {i}\n" for i in range(30))
-    r = Result("make test", 2, out, "boom\n", 1.25)
-    assert r.failed and not r.ok
-    tails = r.tails(5)
-    assert "--- stdout (last 5 of 30 lines) ---" in tails
-    assert "out 29" in tails and "out 24" not in tails
-    assert "--- stderr ---\nboom" in tails
-    message = r.describe_failure()
-    assert message.startswith("command `make test` exited with status 2 after 1.2 s")
-    assert Result("true", 0, "", "", 0.0).tails() == (
-        "--- stdout: (empty) ---\n--- stderr: (empty) ---"
-    )
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -242,7 +141,7 @@ def test_timeout_kills_the_remote_command(conn: Connection) -> None:
         conn.run(f"echo started; {marker}; echo never", timeout=2, cwd=None)
     elapsed = time.monotonic() - start
     assert 1.9 < elapsed < 10
-    assert info.value.result.exit_status == -1
+    assert info.value.result.exit_status is None
     assert info.value.result.stdout == "started\n"
     assert "timed out after 2 s" in str(info.value)
     assert marker in str(info.value)
@@ -381,7 +280,7 @@ def test_host_key_pinning(
     assert known_hosts.read_text() == pinned
     # Another server (another port) claiming the same alias with another key: refused.
     with run_sshd(
-        tmp_path / "other", authorized_keys, _host_key(tmp_path / "other_host_key")
+        tmp_path / "other", authorized_keys, host_key(tmp_path / "other_host_key")
     ) as other:
         impostor = _connection(other.port, client_key, known_hosts, alias="debian-12-abc")
         with pytest.raises(HostKeyMismatch) as info:
@@ -401,7 +300,7 @@ def test_refused_key_is_a_clear_ssh_error(sshd: Sshd, tmp_path: Path) -> None:
 
 
 def test_no_server_is_a_clear_ssh_error(client_key: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(SSHError, match=f"cannot reach SSH at 127.0.0.1:{port}"):
         _connection(port, client_key, tmp_path / "kh").connect(timeout=2)
 
@@ -421,13 +320,13 @@ def test_silent_server_is_a_banner_error(client_key: Path, tmp_path: Path) -> No
 
 def test_probe_banner(sshd: Sshd) -> None:
     assert probe_banner("127.0.0.1", sshd.port, 5) is True
-    assert probe_banner("127.0.0.1", _free_port(), 1) is False
+    assert probe_banner("127.0.0.1", free_port(), 1) is False
 
 
 def test_dead_server_fails_clearly_after_one_reconnect(
     authorized_keys: Path, client_key: Path, tmp_path: Path
 ) -> None:
-    with run_sshd(tmp_path / "s", authorized_keys, _host_key(tmp_path / "hk")) as server:
+    with run_sshd(tmp_path / "s", authorized_keys, host_key(tmp_path / "hk")) as server:
         c = _connection(server.port, client_key, tmp_path / "kh")
         c.connect(timeout=10)
         assert c.run("echo up", cwd=None).stdout == "up\n"
@@ -453,54 +352,3 @@ def test_ssh_command_works_with_openssh(conn: Connection) -> None:
         [*argv, "-o", "BatchMode=yes", "echo", "hi"], capture_output=True, text=True, timeout=30
     )
     assert out.stdout == "hi\n"
-
-
-# --- key pair ----------------------------------------------------------------------------
-
-
-def test_keypair_modes_and_reuse(tmp_path: Path) -> None:
-    key_dir = tmp_path / "cache" / "ssh"
-    private = ensure_keypair(key_dir)
-    assert private == key_dir / "id_ed25519"
-    assert key_dir.stat().st_mode & 0o777 == 0o700
-    assert private.stat().st_mode & 0o777 == 0o600
-    line = public_key_line(private)
-    assert line.startswith("ssh-ed25519 AAAA") and line.endswith(" pytest-devbox")
-    assert (key_dir / "id_ed25519.pub").read_text() == line + "\n"
-    # The real ssh-keygen agrees on the public half.
-    derived = subprocess.run(
-        ["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert derived[:2] == line.split()[:2]
-    before = private.read_bytes()
-    assert ensure_keypair(key_dir) == private
-    assert private.read_bytes() == before
-
-
-def test_world_readable_key_is_refused(tmp_path: Path) -> None:
-    private = ensure_keypair(tmp_path / "k")
-    private.chmod(0o644)
-    with pytest.raises(SSHError, match="chmod 600"):
-        ensure_keypair(tmp_path / "k")
-
-
-def test_writable_key_dir_is_refused(tmp_path: Path) -> None:
-    ensure_keypair(tmp_path / "k")
-    (tmp_path / "k").chmod(0o777)
-    with pytest.raises(SSHError, match="chmod 700"):
-        ensure_keypair(tmp_path / "k")
-
-
-def test_concurrent_keypair_creation_agrees(tmp_path: Path) -> None:
-    results: list[str] = []
-
-    def make() -> None:
-        results.append(public_key_line(ensure_keypair(tmp_path / "race")))
-
-    threads = [threading.Thread(target=make) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(results) == 8 and len(set(results)) == 1
-    assert (tmp_path / "race" / "id_ed25519.pub").read_text() == results[0] + "\n"

@@ -1,0 +1,165 @@
+"""One command on one SSH exec channel, whatever connection the channel belongs to.
+
+Every command runs under ``sh -c`` so its semantics are the same on every distro. The
+login shell first prints its pid (sshd made it a session and process-group leader) and
+then ``exec``s the wrapper, so a timed-out command can be stopped by signalling that
+whole process group from a second channel: closing an exec channel alone leaves a
+pty-less remote command running. ssh.Connection opens the channels.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import shlex
+import time
+from collections.abc import Callable, Mapping
+
+import paramiko
+
+from .result import Result
+
+__all__ = ["execute", "stop_script", "wire_command"]
+
+_CHUNK = 65536
+_PID_MARKER = b"devbox-pid:"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def execute(
+    channel: paramiko.Channel,
+    command: str,
+    wire: str,
+    stdin: bytes | None,
+    timeout: float | None,
+    stop: Callable[[int | None], None],
+) -> tuple[Result, bool]:
+    """Run ``wire`` on ``channel``; the :class:`Result` and whether ``timeout`` expired.
+
+    ``stop(pgid)`` is called with the remote process group (None if not yet known)
+    when the deadline passes or on Ctrl-C, before the rest of the output is taken.
+    """
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+    output = Output()
+    channel.exec_command(wire)
+    if not stdin:
+        channel.shutdown_write()
+    try:
+        timed_out = _pump(channel, output, stdin or None, deadline)
+    except KeyboardInterrupt:
+        stop(output.pgid)
+        raise
+    status: int | None = None
+    if timed_out:
+        stop(output.pgid)
+        output.drain(channel)
+    else:
+        raw = channel.recv_exit_status()  # paramiko's -1: closed without a status
+        status = None if raw == -1 else raw
+    result = Result(
+        command=command,
+        exit_status=status,
+        stdout=output.out.decode("utf-8", errors="replace"),
+        stderr=output.err.decode("utf-8", errors="replace"),
+        duration=time.monotonic() - start,
+    )
+    return result, timed_out
+
+
+def stop_script(pgid: int) -> str:
+    """Shell code that stops process group ``pgid``: SIGTERM, then SIGKILL after 1 s."""
+    g = f"-{pgid}"
+    return (
+        f"kill -TERM {g} 2>/dev/null || exit 0; i=0; "
+        f'while [ "$i" -lt 10 ] && kill -0 {g} 2>/dev/null; do sleep 0.1; i=$((i+1)); done; '
+        f"kill -KILL {g} 2>/dev/null; exit 0"
+    )
+
+
+class Output:
+    """A command's output so far, and the remote pid its first line announced."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.pgid: int | None = None
+        self.header_done = False
+
+    def drain(self, channel: paramiko.Channel) -> None:
+        """Take whatever both streams hold now; strip the pid line once it is complete."""
+        while channel.recv_ready():
+            self.out += channel.recv(_CHUNK)
+        while channel.recv_stderr_ready():
+            self.err += channel.recv_stderr(_CHUNK)
+        if not self.header_done:
+            self.header_done, self.pgid = strip_pid_header(self.out)
+
+
+def _pump(
+    channel: paramiko.Channel, output: Output, stdin: bytes | None, deadline: float | None
+) -> bool:
+    """Feed stdin and collect output until the command ends; True if ``deadline`` passed."""
+    pending = memoryview(stdin) if stdin else None
+    # fileno() is readable while either stream has data, and after EOF.
+    fd = channel.fileno()
+    while True:
+        output.drain(channel)
+        if pending is not None and channel.send_ready():
+            sent = channel.send(bytes(pending[:_CHUNK]))
+            pending = pending[sent:]
+            if not pending:
+                pending = None
+                channel.shutdown_write()
+        if channel.eof_received and not channel.recv_ready():
+            if not channel.recv_stderr_ready():
+                break
+            continue
+        if channel.closed:
+            break
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return True
+        wait = 0.01 if pending is not None else 0.5
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        select.select([fd], [], [], wait)
+    # The exit status may trail the end of the output.
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    return not channel.status_event.wait(remaining)
+
+
+def wire_command(
+    command: str,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    user: str | None,
+) -> str:
+    """The string sshd hands to the login shell for ``command``."""
+    lines = []
+    for name, value in (env or {}).items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"invalid environment variable name: {name!r}")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    if cwd is not None:
+        lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
+    lines.append(command)
+    argv = ["sh", "-c", "\n".join(lines)]
+    if user is not None:
+        argv = ["sudo", "-n", "-u", user, "-H", "--", *argv]
+    return f"echo {_PID_MARKER.decode()}$$; exec {shlex.join(argv)}"
+
+
+def strip_pid_header(out: bytearray) -> tuple[bool, int | None]:
+    """Remove the ``devbox-pid:N`` first line from ``out``; (header complete, N)."""
+    end = out.find(b"\n")
+    if end < 0:
+        return False, None
+    line = bytes(out[:end])
+    if not line.startswith(_PID_MARKER):
+        return True, None  # something printed before us (a noisy shell rc): leave it
+    del out[: end + 1]
+    try:
+        return True, int(line[len(_PID_MARKER) :])
+    except ValueError:
+        return True, None
