@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 from . import host, kept
 from .errors import DevboxError
-from .settings import ACCEL_CHOICES, DEFAULT_ACCEL, DEFAULT_URI
+from .settings import (
+    ACCEL_CHOICES,
+    DEFAULT_ACCEL,
+    DEFAULT_QEMU_USER,
+    DEFAULT_URI,
+    QEMU_USER_CHOICES,
+)
 
 if TYPE_CHECKING:
     from .distros import Profile
@@ -27,7 +33,9 @@ def _log(line: str) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    checks = host.run_checks(args.uri, args.cache, args.accel)
+    checks = host.run_checks(
+        args.uri, args.cache, args.accel, code_dir=args.code_dir, qemu_user=args.qemu_user
+    )
     print(host.checks_json(checks) if args.json else host.format_checks(checks))
     return 0 if all(c.ok or not c.required for c in checks) else 1
 
@@ -234,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check that this host can run guests")
     _common(p)
+    p.add_argument("--code-dir", type=Path, default=Path.cwd(), help="mounted at /code")
+    p.add_argument("--qemu-user", choices=QEMU_USER_CHOICES, default=DEFAULT_QEMU_USER)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 

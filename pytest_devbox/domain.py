@@ -68,6 +68,10 @@ class DomainSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)  # owner pid, run id, ...
     memory_mib: int = 1024
     vcpus: int = 2
+    # Run QEMU as this (uid, gid) instead of libvirt's configured user (qemu_user.py).
+    run_as: tuple[int, int] | None = None
+    # Whether QEMU runs as root: only then can 9p keep the guest's file ownership.
+    qemu_is_root: bool = True
 
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
@@ -136,8 +140,13 @@ def _interface(devices: ET.Element) -> None:
     _sub(iface, "rom", enabled="no")  # no iPXE: we never net-boot, and its banner waits
 
 
-def _filesystem(devices: ET.Element, share: str, code_dir: Path) -> None:
-    fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+def _filesystem(devices: ET.Element, share: str, code_dir: Path, qemu_is_root: bool) -> None:
+    # 9p served by a QEMU that is not root cannot chown what the guest creates: with
+    # passthrough every write of guest root fails (EPERM); squash ignores the chown, so
+    # whatever the guest writes belongs to QEMU's user, who is the calling user
+    # (qemu_user.py). virtiofsd is started by libvirt as root: passthrough always works.
+    mode = "passthrough" if qemu_is_root or share == "virtiofs" else "squash"
+    fs = _sub(devices, "filesystem", type="mount", accessmode=mode)
     if share == "virtiofs":
         # libvirt finds virtiofsd itself through /usr/share/qemu/vhost-user/*.json.
         _sub(fs, "driver", type="virtiofs")
@@ -160,7 +169,7 @@ def _devices(parent: ET.Element, spec: DomainSpec) -> None:
     devices = _sub(parent, "devices")
     _disk(devices, spec.disk)
     _interface(devices)
-    _filesystem(devices, spec.share, spec.code_dir)
+    _filesystem(devices, spec.share, spec.code_dir, spec.qemu_is_root)
     _console(devices, spec.console_log)
     rng = _sub(devices, "rng", model="virtio")  # entropy at boot: sshd starts sooner
     _sub(rng, "backend", "/dev/urandom", model="random")
@@ -170,6 +179,13 @@ def _devices(parent: ET.Element, spec: DomainSpec) -> None:
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
     _sub(devices, "panic", model="isa")
+
+
+def _seclabel(parent: ET.Element, run_as: tuple[int, int]) -> None:
+    # A static DAC label: this domain's QEMU runs as uid:gid, and libvirt hands it its
+    # disk and console files as that user (relabel).
+    label = _sub(parent, "seclabel", type="static", model="dac", relabel="yes")
+    _sub(label, "label", f"+{run_as[0]}:+{run_as[1]}")
 
 
 def build_xml(spec: DomainSpec) -> str:
@@ -193,6 +209,8 @@ def build_xml(spec: DomainSpec) -> str:
     # AUTODESTROY still removes it when our connection closes.
     _sub(root, "on_crash", "preserve")
     _devices(root, spec)
+    if spec.run_as is not None:
+        _seclabel(root, spec.run_as)
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"
 

@@ -122,7 +122,33 @@ def cache_problem(cache_dir: Path) -> str | None:
     return None
 
 
-def run_checks(uri: str, cache_dir: Path, accel: str = "auto") -> list[Check]:
+def qemu_user_check(uri: str, paths: Sequence[Path], policy: str) -> Check:
+    """Whether the user QEMU runs as for our guests reaches the cache and the code dir
+    (a private home stops libvirt's own user): found before any boot, with the fix."""
+    from . import qemu_user
+    from .domain import connect
+
+    conn = connect(uri)
+    try:
+        who = qemu_user.identity(conn, uri, policy)
+    finally:
+        conn.close()
+    if not qemu_user.is_local(uri):
+        return Check("qemu user", True, f"{who.describe()} on the remote host", required=False)
+    problem = who.reach_problem(paths)
+    if problem is not None:
+        return Check("qemu user", False, *problem)
+    return Check("qemu user", True, f"{who.describe()}; reaches the cache and code dir")
+
+
+def run_checks(
+    uri: str,
+    cache_dir: Path,
+    accel: str = "auto",
+    *,
+    code_dir: Path | None = None,
+    qemu_user: str = "caller",
+) -> list[Check]:
     """Every doctor check, in the order a person would fix them."""
     checks: list[Check] = []
     problem = libvirt_problem(uri)
@@ -134,6 +160,9 @@ def run_checks(uri: str, cache_dir: Path, accel: str = "auto") -> list[Check]:
             problem[1] if problem else "",
         )
     )
+    if problem is None:
+        paths = [cache_dir] if code_dir is None else [cache_dir, code_dir]
+        checks.append(qemu_user_check(uri, paths, qemu_user))
     kvm = kvm_problem()
     if accel == "kvm" and kvm:
         checks.append(Check("accel", False, f"kvm requested but {kvm}", "use --devbox-accel=auto"))

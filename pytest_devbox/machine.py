@@ -30,9 +30,12 @@ from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
 from .keys import ensure_keypair
+from .logins import Logins
 from .paths import CacheLayout
+from .qemu_user import identity as qemu_identity
+from .qemu_user import is_local
 from .result import Result
-from .settings import DEFAULT_ACCEL, DEFAULT_URI
+from .settings import DEFAULT_ACCEL, DEFAULT_QEMU_USER, DEFAULT_URI
 from .ssh import Connection
 from .sweep import claim_run_dir
 
@@ -63,7 +66,7 @@ class Machine:
         self.image = image
         self._virconn = virconn
         self.domain = domain
-        self._ssh = ssh
+        self._logins = Logins(ssh)
         self.overlay = overlay
         self.console_log = console_log
         self.boot_seconds = boot_seconds
@@ -80,7 +83,7 @@ class Machine:
     @property
     def history(self) -> deque[Result]:
         """The most recent commands run in this guest, oldest first."""
-        return self._ssh.history
+        return self._logins.history
 
     # ---- starting -------------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class Machine:
         code_dir: Path,
         uri: str = DEFAULT_URI,
         accel: str = DEFAULT_ACCEL,
+        qemu_user: str = DEFAULT_QEMU_USER,
         run_id: str | None = None,
         rebuild: bool = False,
         keep: bool = False,
@@ -111,11 +115,27 @@ class Machine:
         name = f"{dom.NAME_PREFIX}{profile.name}-{run_id}-{uuid.uuid4().hex[:4]}"
         overlay = cache.overlay(image.path, workdir / f"{name}.qcow2")
         console = workdir / f"{name}.console.log"
-        spec = _domain_spec(profile, image, name, overlay, console, code_dir, chosen, run_id, keep)
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         domain: dom.Domain | None = None
         try:
+            qemu = qemu_identity(virconn, uri, qemu_user)
+            problem = qemu.reach_problem([overlay, code_dir]) if is_local(uri) else None
+            if problem:  # said plainly now, rather than as libvirt's "Permission denied"
+                raise HostNotReady(f"{problem[0]}: {problem[1]}")
+            spec = dom.DomainSpec(
+                name=name,
+                disk=overlay,
+                code_dir=code_dir,
+                share=profile.share,
+                accel=chosen,
+                memory_mib=profile.memory_mib,
+                vcpus=profile.vcpus,
+                console_log=console,
+                metadata=_metadata(profile, image, overlay, run_id, keep),
+                run_as=qemu.label,
+                qemu_is_root=qemu.is_root,
+            )
             domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
             boot = Boot(
                 domain,
@@ -161,27 +181,28 @@ class Machine:
         """Run `cmd` in the guest (a shell string, or a list that is quoted for you).
 
         Raises CommandFailed on a non-zero exit when `check`, CommandTimeout after `timeout`.
-        `user="devbox"` runs as the guest user that has the host user's uid and gid.
+        It runs as the guest user `devbox`, who has your uid and gid (so what it writes
+        into /code is yours); `user="root"` runs it as root, another name through sudo.
         """
-        return self._ssh.run(
+        return self._logins.run(
             cmd, check=check, timeout=timeout, cwd=cwd, env=env, user=user, stdin=stdin
         )
 
-    def put(self, local: Path | str, remote: str) -> None:
-        """Copy a host file into the guest (SFTP)."""
-        self._ssh.put(local, remote)
+    def put(self, local: Path | str, remote: str, *, user: str | None = None) -> None:
+        """Copy a host file into the guest (SFTP), as `devbox` or `user="root"`."""
+        self._logins.put(local, remote, user)
 
-    def get(self, remote: str, local: Path | str) -> None:
-        """Copy a guest file to the host (SFTP)."""
-        self._ssh.get(remote, local)
+    def get(self, remote: str, local: Path | str, *, user: str | None = None) -> None:
+        """Copy a guest file to the host (SFTP), as `devbox` or `user="root"`."""
+        self._logins.get(remote, local, user)
 
     def ssh_argv(self) -> list[str]:
         """`ssh_command()` as an argument list."""
-        return self._ssh.ssh_command()
+        return self._logins.root.ssh_command()
 
     def ssh_command(self) -> str:
-        """An OpenSSH command line a person can paste to log in to this guest."""
-        return shlex.join(self._ssh.ssh_command())
+        """An OpenSSH command line a person can paste to log in to this guest (as root)."""
+        return shlex.join(self.ssh_argv())
 
     def console_tail(self, lines: int = 40) -> str:
         return tail_file(self.console_log, lines)
@@ -193,7 +214,7 @@ class Machine:
         if self.closed:
             return
         self.closed = True
-        self._ssh.close()
+        self._logins.close()
         self.domain.destroy()
         _close_quietly(self._virconn)
         self.overlay.unlink(missing_ok=True)
@@ -201,7 +222,7 @@ class Machine:
     def detach(self) -> None:
         """Leave the guest running (--devbox-keep): close only our side."""
         self.closed = True
-        self._ssh.close()
+        self._logins.close()
         _close_quietly(self._virconn)
 
     def __enter__(self) -> Machine:
@@ -245,38 +266,20 @@ def _close_quietly(virconn: libvirt.virConnect) -> None:
         virconn.close()
 
 
-def _domain_spec(
-    profile: Profile,
-    image: ImageInfo,
-    name: str,
-    overlay: Path,
-    console: Path,
-    code_dir: Path,
-    accel: str,
-    run_id: str,
-    keep: bool,
-) -> dom.DomainSpec:
-    return dom.DomainSpec(
-        name=name,
-        disk=overlay,
-        code_dir=code_dir,
-        share=profile.share,
-        accel=accel,
-        memory_mib=profile.memory_mib,
-        vcpus=profile.vcpus,
-        console_log=console,
-        # What the sweep and `devbox ls` need to tell whose guest this is.
-        metadata={
-            "owner_pid": str(os.getpid()),
-            "owner_host": socket.gethostname(),
-            "run_id": run_id,
-            "started": str(int(time.time())),
-            "distro": profile.name,
-            "overlay": str(overlay),
-            "image_key": image.key,
-            "keep": "1" if keep else "0",
-        },
-    )
+def _metadata(
+    profile: Profile, image: ImageInfo, overlay: Path, run_id: str, keep: bool
+) -> dict[str, str]:
+    """What the sweep and `devbox ls` need to tell whose guest this is."""
+    return {
+        "owner_pid": str(os.getpid()),
+        "owner_host": socket.gethostname(),
+        "run_id": run_id,
+        "started": str(int(time.time())),
+        "distro": profile.name,
+        "overlay": str(overlay),
+        "image_key": image.key,
+        "keep": "1" if keep else "0",
+    }
 
 
 def _connection_for(cache: ImageCache, image: ImageInfo) -> Callable[[int], Connection]:

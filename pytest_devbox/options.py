@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 
 import pytest
 
-from .settings import ACCEL_CHOICES, Settings
+from .settings import ACCEL_CHOICES, QEMU_USER_CHOICES, Settings
 
 Kind = Literal["distros", "text", "choice", "dir", "bool", "list"]
 # Reads one ini option by its ini name; None, "" or [] when the project does not set it.
@@ -87,6 +87,16 @@ OPTIONS: tuple[Option, ...] = (
         "virtualisation: kvm, tcg (software emulation) or auto (kvm where it really works)",
         metavar="|".join(ACCEL_CHOICES),
         choices=ACCEL_CHOICES,
+    ),
+    Option(
+        "qemu_user",
+        "--devbox-qemu-user",
+        "devbox_qemu_user",
+        "choice",
+        "who runs QEMU: caller (you, so QEMU reaches a private home and 9p writes are "
+        "yours) or libvirt (its configured user, which must reach the cache and code dir)",
+        metavar="|".join(QEMU_USER_CHOICES),
+        choices=QEMU_USER_CHOICES,
     ),
     Option(
         "rebuild",

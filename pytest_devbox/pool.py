@@ -110,6 +110,7 @@ class Pool:
                     code_dir=s.code_dir,
                     uri=s.uri,
                     accel=s.accel,
+                    qemu_user=s.qemu_user,
                     run_id=self.run_id,
                     rebuild=rebuild,
                     keep=s.keep,

@@ -14,6 +14,9 @@ DEFAULT_URI = SYSTEM_URI
 DEFAULT_ACCEL = "auto"
 # What a user may ask for; `auto` resolves to kvm or tcg (host.resolve_accel).
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
+# Who runs QEMU for a guest: the calling user, or libvirt's configured user (qemu_user.py).
+QEMU_USER_CHOICES = ("caller", "libvirt")
+DEFAULT_QEMU_USER = "caller"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class Settings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     code_dir: Path = field(default_factory=Path.cwd)
     accel: str = DEFAULT_ACCEL
+    qemu_user: str = DEFAULT_QEMU_USER
     rebuild: bool = False
     keep: bool = False
     offline: bool = False

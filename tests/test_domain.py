@@ -53,6 +53,8 @@ def check_golden(name: str, text: str) -> None:
 GOLDEN = {
     "virtiofs-tcg.xml": spec_for("virtiofs", "tcg"),
     "9p-kvm.xml": spec_for("9p", "kvm", memory_mib=2048, vcpus=1),
+    # A workstation: QEMU runs as the calling user, so 9p squashes ownership to them.
+    "9p-as-user.xml": spec_for("9p", "tcg", run_as=(1000, 1000), qemu_is_root=False),
     "metadata.xml": spec_for(
         "9p",
         "tcg",

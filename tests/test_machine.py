@@ -35,11 +35,13 @@ def test_share_both_ways(
     assert m.run("findmnt -no FSTYPE /code").stdout.strip() == fstype
     assert m.run("cat /code/from-host.txt").stdout == "written on the host\n"
 
-    m.run(f"echo from {m.distro} > /code/by-devbox-{fstype}", user="devbox")
+    # By default as the guest user devbox, who has the host user's uid and gid.
+    m.run(f"echo from {m.distro} > /code/by-devbox-{fstype}")
     written = code_dir / f"by-devbox-{fstype}"
     assert written.read_text() == f"from {m.distro}\n"
     assert (written.stat().st_uid, written.stat().st_gid) == (GUEST_UID, GUEST_GID)
-    assert m.run("id -u", user="devbox").stdout.strip() == str(GUEST_UID)
+    assert m.run("id -u").stdout.strip() == str(GUEST_UID)
+    assert m.run("id -u", user="root").stdout.strip() == "0"
 
 
 def test_second_start_is_a_cache_hit(debian12: Machine, cache: ImageCache, code_dir: Path) -> None:
@@ -49,8 +51,8 @@ def test_second_start_is_a_cache_hit(debian12: Machine, cache: ImageCache, code_
         assert second.image.path == debian12.image.path
         assert second.image.metadata["key"] == debian12.image.key
         # Each guest runs on its own overlay: what one writes outside /code the other never sees.
-        second.run("echo only-here > /root/marker")
-        assert debian12.run("test -e /root/marker", check=False).exit_status == 1
+        second.run("echo only-here > /root/marker", user="root")
+        assert debian12.run("test -e /root/marker", check=False, user="root").exit_status == 1
         print(
             f"second start (cache hit) ready in {time.monotonic() - t0:.1f} s, "
             f"boot {second.boot_seconds:.1f} s"

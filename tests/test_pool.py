@@ -49,8 +49,8 @@ def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> No
     # Two guests of one distro in one session (shared and fresh): each keeps its own
     # name and overlay (they used to collide under --devbox-keep).
     (tmp_path / "test_keep.py").write_text(
-        "def test_up(devbox):\n    devbox.run('touch /root/kept')\n"
-        "def test_fresh(devbox_fresh):\n    devbox_fresh.run('touch /root/fresh')\n"
+        "def test_up(devbox):\n    devbox.run('touch /root/kept', user='root')\n"
+        "def test_fresh(devbox_fresh):\n    devbox_fresh.run('touch /root/fresh', user='root')\n"
     )
     proc = subprocess.Popen(
         pytest_on_debian12("--devbox-keep", "test_keep.py"),

@@ -93,15 +93,23 @@ def test_tomllib(devbox: Machine) -> None:
     devbox.run(["python3", "-c", "import tomllib"])
 
 
-def test_runs_as_root_and_devbox_user(devbox: Machine) -> None:
-    assert devbox.run("id -u").stdout.strip() == "0"
-    # The devbox user has the host user's uid, so what it writes under /code is yours.
-    assert devbox.run("id -u", user="devbox").stdout.strip() == str(os.getuid())
+def test_commands_run_as_you_and_root_is_one_argument_away(devbox: Machine) -> None:
+    # By default a command runs as the guest user devbox, who has your uid and gid...
+    assert devbox.run("echo $HOME").stdout.strip() == "/home/devbox"
+    assert devbox.run("id -u").stdout.strip() == str(os.getuid())
+    assert devbox.run("id -u", user="root").stdout.strip() == "0"
+    # ...so what a test writes under /code is yours, and you can delete it.
+    written = PROJECT / f"written-by-{devbox.distro}-{secrets.token_hex(4)}.txt"
+    try:
+        devbox.run(f"echo hi > /code/{written.name}")
+        assert (written.stat().st_uid, written.stat().st_gid) == (os.getuid(), os.getgid())
+    finally:
+        written.unlink(missing_ok=True)
 
 
 @pytest.mark.devbox("debian-12")  # one extra boot is enough for the demo
 def test_fresh_guest_is_private(devbox_fresh: Machine, devbox: Machine) -> None:
-    devbox_fresh.run("echo broken > /etc/devbox-example && rm /usr/bin/make")
+    devbox_fresh.run("echo broken > /etc/devbox-example && rm /usr/bin/make", user="root")
     assert devbox_fresh.run("test -e /usr/bin/make", check=False).exit_status == 1
     # The shared guest of the same distro is untouched by what the fresh one did.
     assert devbox.run("test -e /etc/devbox-example", check=False).exit_status == 1

@@ -1,0 +1,158 @@
+"""Which user QEMU runs as for a devbox guest, and whether that user reaches our files.
+
+libvirt's system daemon runs QEMU as its own user by default (Debian and Ubuntu:
+libvirt-qemu; Fedora: qemu), and that user cannot traverse a private home (0750 on
+Ubuntu, 0700 on Fedora) where the cache and the code dir live. Rather than keep disks
+outside the home or ask for ACLs on it, a devbox guest carries a per-domain DAC label
+that runs its QEMU as the calling user, as qemu:///session and Lima do: it reaches
+exactly what the user reaches, and 9p writes into /code belong to the user. The
+`libvirt` policy keeps libvirt's user instead (for hosts whose rules forbid it).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+import struct
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+POLICIES = ("caller", "libvirt")
+
+
+@dataclass(frozen=True)
+class QemuIdentity:
+    """The uid/gid QEMU runs as for our guests, and the label that makes it so."""
+
+    uid: int
+    gid: int
+    label: tuple[int, int] | None  # a per-domain DAC label, or None for libvirt's user
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    @property
+    def name(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    def describe(self) -> str:
+        how = "you, by a per-domain label" if self.label else "libvirt's configured user"
+        return f"{self.name} (uid {self.uid}, gid {self.gid}; {how})"
+
+    def reach_problem(self, paths: Iterable[Path]) -> tuple[str, str] | None:
+        """(what stops QEMU from reaching one of ``paths``, the fix), or None."""
+        for path in paths:
+            blocked = unreachable(path, self.uid, self.gid)
+            if blocked is not None:
+                return (
+                    f"QEMU runs as {self.describe()} and cannot reach {blocked} (on the way "
+                    f"to {path})",
+                    "run QEMU as yourself (devbox_qemu_user = caller, the default), or let "
+                    f"{self.name} search it: setfacl -m u:{self.name}:x {blocked}",
+                )
+        return None
+
+
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` names this host's libvirt (no host part): only then do our uid
+    and our files mean anything to the QEMU it starts."""
+    return not urlsplit(uri).netloc
+
+
+def default_identity(capabilities_xml: str) -> tuple[int, int] | None:
+    """libvirt's configured QEMU user, from the DAC base label in its capabilities."""
+    root = ET.fromstring(capabilities_xml)
+    for model in root.findall("host/secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for base in model.findall("baselabel"):
+            uid, _, gid = (base.text or "").partition(":")
+            try:
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+            except ValueError:
+                continue
+    return None
+
+
+def identity(conn: Any, uri: str, policy: str = "caller") -> QemuIdentity:
+    """Who QEMU will run as for a guest started through ``conn`` under ``policy``."""
+    base = default_identity(conn.getCapabilities()) or (0, 0)
+    me = (os.getuid(), os.getgid())
+    if policy == "caller" and is_local(uri) and base != me:
+        return QemuIdentity(*me, label=me)
+    return QemuIdentity(*base, label=None)
+
+
+# POSIX ACL xattr entries (linux/posix_acl_xattr.h): tag, permissions, id.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_ENTRY = struct.Struct("<HHI")
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def _acl(path: Path) -> list[tuple[int, int, int]] | None:
+    try:
+        raw = os.getxattr(path, _ACL_XATTR)
+    except OSError:
+        return None  # no ACL beyond the mode bits (or no xattr support)
+    return [_ACL_ENTRY.unpack_from(raw, off) for off in range(4, len(raw), _ACL_ENTRY.size)]
+
+
+def _can(path: Path, st: os.stat_result, uid: int, gids: set[int], bit: int) -> bool:
+    """Whether ``uid`` (with ``gids``) has ``bit`` (r=4, w=2, x=1) on ``path``: the
+    kernel's check, ACL included (setfacl is the usual fix for a private home)."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    entries = _acl(path)
+    if entries:
+        mask = next((perm for tag, perm, _ in entries if tag == _MASK), 7)
+        if any(tag == _USER and who == uid for tag, _, who in entries):
+            return any(t == _USER and w == uid and p & mask & bit for t, p, w in entries)
+        groups = [
+            perm
+            for tag, perm, who in entries
+            if (tag == _GROUP_OBJ and st.st_gid in gids) or (tag == _GROUP and who in gids)
+        ]
+        if groups:
+            return any(perm & mask & bit for perm in groups)
+        return any(tag == _OTHER and perm & bit for tag, perm, _ in entries)
+    if st.st_gid in gids:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def groups_of(uid: int, gid: int) -> set[int]:
+    """The groups a process of ``uid`` gets from libvirt: its gid and supplementary ones."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return {gid}
+    return {gid, *(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)}
+
+
+def unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory on the way to ``path`` (itself included) that ``uid`` cannot
+    search, or None when QEMU running as ``uid`` reaches it."""
+    gids = groups_of(uid, gid)
+    path = path.resolve()
+    for d in [*reversed(path.parents), path]:
+        try:
+            st = d.stat()
+        except FileNotFoundError:
+            return None  # nothing further to reach yet
+        except OSError:
+            return d
+        if stat.S_ISDIR(st.st_mode) and not _can(d, st, uid, gids, 1):
+            return d
+    return None

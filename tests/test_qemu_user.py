@@ -1,0 +1,123 @@
+"""Who QEMU runs as, and whether that user reaches our files: real directories, real
+ACLs (setfacl), libvirt's real capabilities format and its test driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_devbox import domain as dom
+from pytest_devbox import qemu_user
+from pytest_devbox.host import qemu_user_check
+
+# What `virsh capabilities` says on a Debian workstation (qemu.conf user libvirt-qemu).
+WORKSTATION_CAPS = """<capabilities><host>
+  <secmodel><model>apparmor</model><doi>0</doi></secmodel>
+  <secmodel><model>dac</model><doi>0</doi>
+    <baselabel type='kvm'>+64055:+107</baselabel>
+    <baselabel type='qemu'>+64055:+107</baselabel>
+  </secmodel>
+</host></capabilities>"""
+OTHER = 64055  # a uid that is neither ours nor root's
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="makes directories owned by another user: needs root"
+)
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A directory every user can reach (pytest's own tmp_path sits below a 0700 one)."""
+    d = Path(tempfile.mkdtemp(prefix="devbox-reach-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_libvirts_qemu_user_comes_from_the_dac_base_label() -> None:
+    assert qemu_user.default_identity(WORKSTATION_CAPS) == (64055, 107)
+    assert qemu_user.default_identity("<capabilities><host/></capabilities>") is None
+
+
+class _Caps:
+    """A libvirt connection as far as identity() looks at it: its capabilities."""
+
+    def __init__(self, xml: str) -> None:
+        self.xml = xml
+
+    def getCapabilities(self) -> str:
+        return self.xml
+
+
+def test_caller_policy_labels_the_domain_with_our_ids() -> None:
+    who = qemu_user.identity(_Caps(WORKSTATION_CAPS), "qemu:///system", "caller")
+    assert (who.uid, who.gid, who.label) == (os.getuid(), os.getgid(), (os.getuid(), os.getgid()))
+    kept = qemu_user.identity(_Caps(WORKSTATION_CAPS), "qemu:///system", "libvirt")
+    assert (kept.uid, kept.gid, kept.label) == (64055, 107, None)
+    assert not kept.is_root
+    # Our uid means nothing to a remote host's QEMU: no label there.
+    remote = qemu_user.identity(_Caps(WORKSTATION_CAPS), "qemu+ssh://h/system", "caller")
+    assert remote.label is None
+
+
+def test_test_driver_without_dac_model_is_taken_as_root() -> None:
+    conn = dom.connect("test:///default")
+    try:
+        who = qemu_user.identity(conn, "test:///default", "caller")
+    finally:
+        conn.close()
+    if os.geteuid() == 0:
+        assert who.label is None and who.is_root
+    else:
+        assert who.label == (os.getuid(), os.getgid())
+
+
+@needs_root
+def test_a_private_home_blocks_another_user_and_names_the_directory(open_tmp: Path) -> None:
+    home = open_tmp / "home"
+    cache = home / ".cache" / "pytest-devbox"
+    cache.mkdir(parents=True)
+    os.chown(home, 1000, 1000)
+    home.chmod(0o750)
+    assert qemu_user.unreachable(cache, OTHER, 107) == home
+    assert qemu_user.unreachable(cache, 1000, 1000) is None  # the owner gets in
+    assert qemu_user.unreachable(cache, 0, 0) is None
+    who = qemu_user.QemuIdentity(OTHER, 107, label=None)
+    problem = who.reach_problem([cache])
+    assert problem is not None and str(home) in problem[0] and "setfacl" in problem[1]
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="needs setfacl (package acl)")
+def test_a_search_acl_is_the_fix_doctor_names(open_tmp: Path) -> None:
+    home = open_tmp / "home"
+    home.mkdir()
+    os.chown(home, 1000, 1000)
+    home.chmod(0o750)
+    assert qemu_user.unreachable(home / "code", OTHER, 107) == home
+    subprocess.run(["setfacl", "-m", f"u:{OTHER}:x", str(home)], check=True)
+    (home / "code").mkdir()
+    assert qemu_user.unreachable(home / "code", OTHER, 107) is None
+    subprocess.run(["setfacl", "-m", "m::-", str(home)], check=True)  # the mask wins
+    assert qemu_user.unreachable(home / "code", OTHER, 107) == home
+
+
+@needs_root
+def test_group_membership_counts(open_tmp: Path) -> None:
+    d = open_tmp / "grp"
+    d.mkdir()
+    os.chown(d, 1000, 107)
+    d.chmod(0o710)
+    assert qemu_user.unreachable(d / "x", OTHER, 107) is None
+    assert qemu_user.unreachable(d / "x", OTHER, 5555) == d
+
+
+def test_doctor_check_on_the_test_driver(tmp_path: Path) -> None:
+    check = qemu_user_check("test:///default", [tmp_path], "caller")
+    assert check.ok, check
