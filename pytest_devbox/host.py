@@ -150,64 +150,19 @@ def run_checks(
     qemu_user: str = "caller",
 ) -> list[Check]:
     """Every doctor check, in the order a person would fix them."""
-    checks: list[Check] = []
     problem = libvirt_problem(uri)
-    checks.append(
+    checks = [
         Check(
             "libvirt",
             problem is None,
             problem[0] if problem else f"reachable at {uri}",
             problem[1] if problem else "",
         )
-    )
+    ]
     if problem is None:
         paths = [cache_dir] if code_dir is None else [cache_dir, code_dir]
         checks.append(qemu_user_check(uri, paths, qemu_user))
-    kvm = kvm_problem()
-    if accel == "kvm" and kvm:
-        checks.append(Check("accel", False, f"kvm requested but {kvm}", "use --devbox-accel=auto"))
-    else:
-        chosen = "tcg" if accel == "tcg" or kvm else "kvm"
-        why = f" ({kvm})" if kvm and accel != "tcg" else ""
-        slow = (
-            "; guests run under software emulation, boots take about 30 s"
-            if chosen == "tcg"
-            else ""
-        )
-        checks.append(Check("accel", True, f"{chosen}{why}{slow}"))
-    vfsd = find_virtiofsd()
-    checks.append(
-        Check(
-            "virtiofsd",
-            vfsd is not None,
-            vfsd or "not found (needed for virtiofs shares)",
-            "" if vfsd else "install qemu-system-common (Debian 12) or virtiofsd",
-            required=False,
-        )
-    )
-    for tool, package in TOOLS.items():
-        path = shutil.which(tool)
-        checks.append(
-            Check(
-                tool,
-                path is not None,
-                path or "not found",
-                "" if path else f"install the {package} package (`sudo apt-get install {package}`)",
-                required=tool != "mmdebstrap",
-            )
-        )
-    kernel = host_kernel()
-    checks.append(
-        Check(
-            "libguestfs kernel",
-            kernel is not None,
-            kernel or "no readable /boot/vmlinuz-* with matching /lib/modules",
-            ""
-            if kernel
-            else "install a kernel package (`sudo apt-get install linux-image-amd64`) "
-            "and make it readable (`sudo chmod 0644 /boot/vmlinuz-*`)",
-        )
-    )
+    checks += [_accel_check(accel), _virtiofsd_check(), *_tool_checks(), _kernel_check()]
     cproblem = cache_problem(cache_dir)
     checks.append(
         Check(
@@ -218,6 +173,51 @@ def run_checks(
         )
     )
     return checks
+
+
+def _accel_check(accel: str) -> Check:
+    kvm = kvm_problem()
+    if accel == "kvm" and kvm:
+        return Check("accel", False, f"kvm requested but {kvm}", "use --devbox-accel=auto")
+    chosen = "tcg" if accel == "tcg" or kvm else "kvm"
+    why = f" ({kvm})" if kvm and accel != "tcg" else ""
+    slow = "; guests run under software emulation, boots take about 30 s" if chosen == "tcg" else ""
+    return Check("accel", True, f"{chosen}{why}{slow}")
+
+
+def _virtiofsd_check() -> Check:
+    vfsd = find_virtiofsd()
+    return Check(
+        "virtiofsd",
+        vfsd is not None,
+        vfsd or "not found (needed for virtiofs shares)",
+        "" if vfsd else "install qemu-system-common (Debian 12) or virtiofsd",
+        required=False,
+    )
+
+
+def _tool_checks() -> list[Check]:
+    checks = []
+    for tool, package in TOOLS.items():
+        path = shutil.which(tool)
+        fix = "" if path else f"install the {package} package (`sudo apt-get install {package}`)"
+        checks.append(
+            Check(tool, path is not None, path or "not found", fix, required=tool != "mmdebstrap")
+        )
+    return checks
+
+
+def _kernel_check() -> Check:
+    kernel = host_kernel()
+    return Check(
+        "libguestfs kernel",
+        kernel is not None,
+        kernel or "no readable /boot/vmlinuz-* with matching /lib/modules",
+        ""
+        if kernel
+        else "install a kernel package (`sudo apt-get install linux-image-amd64`) "
+        "and make it readable (`sudo chmod 0644 /boot/vmlinuz-*`)",
+    )
 
 
 def format_checks(checks: Sequence[Check]) -> str:
