@@ -68,6 +68,9 @@ class DomainSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)  # owner pid, run id, ...
     memory_mib: int = 1024
     vcpus: int = 2
+    # A VM generation id: libvirt gives each restore of a save a new one, and Linux
+    # >= 5.18 then reseeds its RNG, so clones of one save do not share random bytes.
+    genid: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
@@ -176,6 +179,8 @@ def build_xml(spec: DomainSpec) -> str:
     """The libvirt domain XML for `spec`, pretty-printed and deterministic."""
     root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(root, "name", spec.name)
+    if spec.genid:
+        _sub(root, "genid")
     _metadata(root, spec.metadata)
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")
     if spec.share == "virtiofs":
@@ -195,6 +200,31 @@ def build_xml(spec: DomainSpec) -> str:
     _devices(root, spec)
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def restore_xml(
+    saved: str, *, disk: Path, code_dir: Path, console_log: Path, metadata: Mapping[str, str]
+) -> str:
+    """The XML of a save image (as libvirt gives it) changed for one restore: a disk
+    overlay, /code's directory, the console file and the metadata of its own. libvirt's
+    ABI check lets a restore change these and nothing that the guest can see."""
+    root = ET.fromstring(saved)
+    disk_source = root.find("devices/disk[@device='disk']/source")
+    if disk_source is None:
+        raise DomainError("the saved guest has no disk: the save image is not one of ours")
+    disk_source.set("file", str(disk))
+    for fs in root.iterfind("devices/filesystem"):
+        source = fs.find("source")
+        if source is not None and fs.find(f"target[@dir='{SHARE_TAG}']") is not None:
+            source.set("dir", str(code_dir))
+    for chardev in ("serial", "console"):
+        for source in root.iterfind(f"devices/{chardev}/source"):
+            source.set("path", str(console_log))
+    old = root.find("metadata")
+    if old is not None:
+        root.remove(old)
+    _metadata(root, metadata)
+    return ET.tostring(root, encoding="unicode")
 
 
 def read_metadata(xml: str) -> dict[str, str]:
@@ -283,6 +313,29 @@ class Domain:
             ) from e
         return cls(virdom)
 
+    @classmethod
+    def restore(cls, conn: libvirt.virConnect, save: Path, xml: str) -> Domain:
+        """Start a guest from a save image with `xml` (see restore_xml). libvirt has no
+        AUTODESTROY for a restore: the caller must see to it that the guest goes away
+        with its process (reaper.py)."""
+        name = ET.fromstring(xml).findtext("name", "")
+        try:
+            conn.restoreFlags(str(save), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            return cls(conn.lookupByName(name))
+        except libvirt.libvirtError as e:
+            raise DomainError(
+                f"libvirt could not restore {name} from {save}: {e.get_error_message() or e}"
+            ) from e
+
+    def save(self, path: Path) -> None:
+        """Save the running guest's memory and device state to `path`; the guest stops."""
+        try:
+            self.virdom.save(str(path))
+        except libvirt.libvirtError as e:
+            raise DomainError(
+                f"libvirt could not save {self.name} to {path}: {e.get_error_message() or e}"
+            ) from e
+
     def _monitor(self, command: str) -> str:
         try:
             out: str = libvirt_qemu.qemuMonitorCommand(
@@ -334,6 +387,15 @@ class Domain:
             if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
                 return
             raise DomainError(f"cannot destroy {self.name}: {e.get_error_message() or e}") from e
+
+
+def saved_xml(conn: libvirt.virConnect, save: Path) -> str:
+    """The domain XML embedded in a save image."""
+    try:
+        xml: str = conn.saveImageGetXMLDesc(str(save), 0)
+    except libvirt.libvirtError as e:
+        raise DomainError(f"cannot read the save image {save}: {e.get_error_message() or e}") from e
+    return xml
 
 
 def list_devbox_domains(conn: libvirt.virConnect) -> list[tuple[str, dict[str, str]]]:

@@ -30,6 +30,7 @@ from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
 from .paths import CacheLayout
+from .restore import Restored, RestoreJob, restore_guest
 from .settings import DEFAULT_ACCEL, DEFAULT_URI
 from .ssh import Connection, Result, ensure_keypair
 from .sweep import claim_run_dir
@@ -56,6 +57,7 @@ class Machine:
         overlay: Path,
         console_log: Path,
         boot_seconds: float,
+        restored: Restored | None = None,
     ) -> None:
         self.profile = profile
         self.image = image
@@ -65,7 +67,13 @@ class Machine:
         self.overlay = overlay
         self.console_log = console_log
         self.boot_seconds = boot_seconds
+        self._restored = restored
         self.closed = False
+
+    @property
+    def started(self) -> str:
+        """How this guest started: "booted" or "restored" (from a saved guest)."""
+        return "booted" if self._restored is None else "restored"
 
     @property
     def distro(self) -> str:
@@ -143,6 +151,67 @@ class Machine:
             boot_seconds=seconds,
         )
 
+    @classmethod
+    def restore(
+        cls,
+        profile: Profile,
+        *,
+        cache: ImageCache,
+        code_dir: Path,
+        uri: str = DEFAULT_URI,
+        accel: str = DEFAULT_ACCEL,
+        run_id: str | None = None,
+        rebuild: bool = False,
+        boot_timeout: float | None = None,
+        log: Callable[[str], None] = print,
+    ) -> Machine:
+        """Like `start`, but restore a saved booted guest of `profile` (saving one first
+        when there is none yet). RestoreUnavailable when it cannot: boot instead."""
+        code_dir = Path(code_dir).resolve()
+        if not code_dir.is_dir():
+            raise HostNotReady(f"code dir {code_dir} does not exist: pass an existing directory")
+        chosen = resolve_accel(accel)
+        image = cache.image_for(profile, rebuild=rebuild)
+        run_id = run_id or new_run_id()
+        workdir = claim_run_dir(cache.root, run_id)
+
+        def make_spec(name: str, disk: Path, console: Path) -> dom.DomainSpec:
+            keep = False  # a restored guest ends with its session (it holds a slot)
+            return _domain_spec(profile, image, name, disk, console, code_dir, chosen, run_id, keep)
+
+        t0 = time.monotonic()
+        virconn = dom.connect(uri)
+        try:
+            job = RestoreJob(
+                profile=profile,
+                virconn=virconn,
+                image=image,
+                cache_root=cache.root,
+                workdir=workdir,
+                make_spec=make_spec,
+                timeout=boot_timeout or BOOT_TIMEOUT[chosen],
+                connection=_connection_for(cache, image),
+                tail=tail_file,
+                log=log,
+            )
+            restored = restore_guest(job)
+        except BaseException:
+            _close_quietly(virconn)
+            raise
+        seconds = time.monotonic() - t0
+        log(f"{profile.name}: restored in {seconds:.1f} s ({chosen}, {profile.share} /code)")
+        return cls(
+            profile=profile,
+            image=image,
+            virconn=virconn,
+            domain=restored.domain,
+            ssh=restored.ssh,
+            overlay=restored.overlay,
+            console_log=restored.console,
+            boot_seconds=seconds,
+            restored=restored,
+        )
+
     # ---- using ----------------------------------------------------------------------------
 
     def run(
@@ -193,6 +262,8 @@ class Machine:
         self.closed = True
         self._ssh.close()
         self.domain.destroy()
+        if self._restored is not None:
+            self._restored.release()
         _close_quietly(self._virconn)
         self.overlay.unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 
 import pytest
 
-from .settings import ACCEL_CHOICES, Settings
+from .settings import ACCEL_CHOICES, RESTORE_CHOICES, Settings
 
 Kind = Literal["distros", "text", "choice", "dir", "bool", "list"]
 # Reads one ini option by its ini name; None, "" or [] when the project does not set it.
@@ -87,6 +87,16 @@ OPTIONS: tuple[Option, ...] = (
         "virtualisation: kvm, tcg (software emulation) or auto (kvm where it really works)",
         metavar="|".join(ACCEL_CHOICES),
         choices=ACCEL_CHOICES,
+    ),
+    Option(
+        "restore",
+        "--devbox-restore",
+        "devbox_restore",
+        "choice",
+        "start guests by restoring a saved booted guest (seconds) instead of booting: "
+        "auto (profiles sharing /code over 9p; others boot) or off",
+        metavar="|".join(RESTORE_CHOICES),
+        choices=RESTORE_CHOICES,
     ),
     Option(
         "rebuild",

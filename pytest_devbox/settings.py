@@ -14,6 +14,8 @@ DEFAULT_URI = SYSTEM_URI
 DEFAULT_ACCEL = "auto"
 # What a user may ask for; `auto` resolves to kvm or tcg (host.resolve_accel).
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
+# auto: restore guests of 9p profiles from a saved booted guest, boot the rest.
+RESTORE_CHOICES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -30,3 +32,4 @@ class Settings:
     repos: tuple[str, ...] = ()
     boot_timeout: float | None = None
     boot_retries: int = 1
+    restore: str = "auto"
