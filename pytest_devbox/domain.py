@@ -320,7 +320,8 @@ class Domain:
         with its process (reaper.py)."""
         name = ET.fromstring(xml).findtext("name", "")
         try:
-            conn.restoreFlags(str(save), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            # Flags 0: the guest resumes as it was saved (running, for every save of ours).
+            conn.restoreFlags(str(save), xml, 0)
             return cls(conn.lookupByName(name))
         except libvirt.libvirtError as e:
             raise DomainError(

@@ -39,10 +39,23 @@ class Reaper:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "pytest_devbox.reaper", uri, str(os.getpid())],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        # Wait until it ignores SIGINT and reads the pipe: a guest is never watched by
+        # a reaper that could not start.
+        assert self._proc.stdout is not None
+        ready = self._proc.stdout.readline()
+        self._proc.stdout.close()
+        if ready != b"ready\n":
+            self._proc.kill()
+            self._proc.wait()
+            raise DomainError(
+                f"the reaper process (python -m pytest_devbox.reaper) did not start: exit "
+                f"status {self._proc.returncode}; without it a restored guest could outlive "
+                "its session"
+            )
 
     @classmethod
     def for_uri(cls, uri: str) -> Reaper:
@@ -81,27 +94,21 @@ class Reaper:
         Reaper._running.pop((os.getpid(), self.uri), None)
 
 
-def reap(uri: str, owner_pid: str, names: set[str]) -> list[str]:
+def reap(conn: libvirt.virConnect, owner_pid: str, names: set[str]) -> list[str]:
     """Destroy each of `names` that still runs on behalf of `owner_pid`; what it did."""
     done: list[str] = []
-    if not names:
-        return done
-    conn = dom.connect(uri)
-    try:
-        for name in sorted(names):
-            try:
-                virdom = conn.lookupByName(name)
-                meta = dom.read_metadata(virdom.XMLDesc(0))
-                if meta.get("owner_pid") != owner_pid:
-                    continue  # the slot's next guest, someone else's
-                virdom.destroy()
-            except libvirt.libvirtError:
-                continue  # gone already
-            if meta.get("overlay"):
-                Path(meta["overlay"]).unlink(missing_ok=True)
-            done.append(name)
-    finally:
-        conn.close()
+    for name in sorted(names):
+        try:
+            virdom = conn.lookupByName(name)
+            meta = dom.read_metadata(virdom.XMLDesc(0))
+            if meta.get("owner_pid") != owner_pid:
+                continue  # the slot's next guest, someone else's
+            virdom.destroy()
+        except libvirt.libvirtError:
+            continue  # gone already
+        if meta.get("overlay"):
+            Path(meta["overlay"]).unlink(missing_ok=True)
+        done.append(name)
     return done
 
 
@@ -110,6 +117,10 @@ def main(argv: list[str]) -> int:
     # Ctrl-C and a closing terminal are for the parent: we act when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    print("ready", flush=True)
+    # Our parent stops reading now: nothing more goes to that pipe.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
     names: set[str] = set()
     for raw in sys.stdin.buffer:
         verb, _, name = raw.decode().strip().partition(" ")
@@ -117,8 +128,13 @@ def main(argv: list[str]) -> int:
             names.add(name)
         elif verb == "forget":
             names.discard(name)
-    for name in reap(uri, owner_pid, names):
-        print(f"reaped {name}", flush=True)
+    if not names:
+        return 0
+    conn = dom.connect(uri)
+    try:
+        reap(conn, owner_pid, names)
+    finally:
+        conn.close()
     return 0
 
 
