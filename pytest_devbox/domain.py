@@ -91,7 +91,7 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -
     return el
 
 
-def _metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
+def add_metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
     # libvirt keeps one foreign element per namespace under <metadata>; keys go in an
     # attribute so any string is a valid key. Sorted, so the XML is deterministic.
     meta = _sub(_sub(parent, "metadata"), f"{{{METADATA_NS}}}devbox")
@@ -181,7 +181,7 @@ def build_xml(spec: DomainSpec) -> str:
     _sub(root, "name", spec.name)
     if spec.genid:
         _sub(root, "genid")
-    _metadata(root, spec.metadata)
+    add_metadata(root, spec.metadata)
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")
     if spec.share == "virtiofs":
         _memory_backing(root)
@@ -200,31 +200,6 @@ def build_xml(spec: DomainSpec) -> str:
     _devices(root, spec)
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"
-
-
-def restore_xml(
-    saved: str, *, disk: Path, code_dir: Path, console_log: Path, metadata: Mapping[str, str]
-) -> str:
-    """The XML of a save image (as libvirt gives it) changed for one restore: a disk
-    overlay, /code's directory, the console file and the metadata of its own. libvirt's
-    ABI check lets a restore change these and nothing that the guest can see."""
-    root = ET.fromstring(saved)
-    disk_source = root.find("devices/disk[@device='disk']/source")
-    if disk_source is None:
-        raise DomainError("the saved guest has no disk: the save image is not one of ours")
-    disk_source.set("file", str(disk))
-    for fs in root.iterfind("devices/filesystem"):
-        source = fs.find("source")
-        if source is not None and fs.find(f"target[@dir='{SHARE_TAG}']") is not None:
-            source.set("dir", str(code_dir))
-    for chardev in ("serial", "console"):
-        for source in root.iterfind(f"devices/{chardev}/source"):
-            source.set("path", str(console_log))
-    old = root.find("metadata")
-    if old is not None:
-        root.remove(old)
-    _metadata(root, metadata)
-    return ET.tostring(root, encoding="unicode")
 
 
 def read_metadata(xml: str) -> dict[str, str]:
@@ -315,7 +290,7 @@ class Domain:
 
     @classmethod
     def restore(cls, conn: libvirt.virConnect, save: Path, xml: str) -> Domain:
-        """Start a guest from a save image with `xml` (see restore_xml). libvirt has no
+        """Start a guest from a save image with `xml` (see restore.restore_xml). libvirt has no
         AUTODESTROY for a restore: the caller must see to it that the guest goes away
         with its process (reaper.py)."""
         name = ET.fromstring(xml).findtext("name", "")

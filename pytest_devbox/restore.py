@@ -23,7 +23,8 @@ import secrets
 import shlex
 import time
 import uuid
-from collections.abc import Callable
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from . import domain as dom
 from . import qemu_img
 from .boot import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
 from .distros import Profile
-from .errors import DevboxError, RestoreUnavailable
+from .errors import DevboxError, DomainError, RestoreUnavailable
 from .images import ImageInfo
 from .reaper import Reaper
 from .snapshot import MAX_SLOTS, Lease, SaveCache, save_key
@@ -65,6 +66,31 @@ def unrestorable(profile: Profile) -> str | None:
             "in seconds)"
         )
     return None
+
+
+def restore_xml(
+    saved: str, *, disk: Path, code_dir: Path, console_log: Path, metadata: Mapping[str, str]
+) -> str:
+    """The XML of a save image (as libvirt gives it) changed for one restore: a disk
+    overlay, /code's directory, the console file and the metadata of its own. libvirt's
+    ABI check lets a restore change these and nothing that the guest can see."""
+    root = ET.fromstring(saved)
+    disk_source = root.find("devices/disk[@device='disk']/source")
+    if disk_source is None:
+        raise DomainError("the saved guest has no disk: the save image is not one of ours")
+    disk_source.set("file", str(disk))
+    for fs in root.iterfind("devices/filesystem"):
+        source = fs.find("source")
+        if source is not None and fs.find(f"target[@dir='{dom.SHARE_TAG}']") is not None:
+            source.set("dir", str(code_dir))
+    for chardev in ("serial", "console"):
+        for source in root.iterfind(f"devices/{chardev}/source"):
+            source.set("path", str(console_log))
+    old = root.find("metadata")
+    if old is not None:
+        root.remove(old)
+    dom.add_metadata(root, metadata)
+    return ET.tostring(root, encoding="unicode")
 
 
 def freshen_command(now: float | None = None, seed: bytes | None = None) -> str:
@@ -183,7 +209,7 @@ def _restore(job: RestoreJob, lease: Lease) -> Restored:
     overlay = qemu_img.create_overlay(slot.disk, job.workdir / f"{slot.name}-{suffix}.qcow2")
     console = job.workdir / f"{slot.name}-{suffix}.console.log"
     spec = job.make_spec(slot.name, overlay, console)
-    xml = dom.restore_xml(
+    xml = restore_xml(
         dom.saved_xml(job.virconn, slot.state),
         disk=overlay,
         code_dir=spec.code_dir,

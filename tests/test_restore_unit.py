@@ -17,7 +17,7 @@ from pytest_devbox.errors import DomainError
 from pytest_devbox.options import Places, resolve
 from pytest_devbox.pool import Pool
 from pytest_devbox.report import summary_rows
-from pytest_devbox.restore import _RESEED_PY, freshen_command, unrestorable
+from pytest_devbox.restore import _RESEED_PY, freshen_command, restore_xml, unrestorable
 from pytest_devbox.session import DevboxSession
 from pytest_devbox.settings import Settings
 
@@ -59,7 +59,7 @@ def test_save_and_the_xml_a_restore_gets(testconn: libvirt.virConnect, tmp_path:
     d.save(save)
     assert d.state() == "shutoff"  # saving stops the guest
     saved = dom.saved_xml(testconn, save)
-    new = dom.restore_xml(
+    new = restore_xml(
         saved,
         disk=tmp_path / "run" / "overlay.qcow2",
         code_dir=Path("/home/dev/second"),
@@ -93,7 +93,7 @@ def test_a_refused_restore_is_a_domain_error(testconn: libvirt.virConnect, tmp_p
 
 def test_a_save_without_a_disk_is_not_ours() -> None:
     with pytest.raises(DomainError, match="no disk"):
-        dom.restore_xml(
+        restore_xml(
             "<domain><name>x</name></domain>",
             disk=Path("/d"),
             code_dir=Path("/c"),
