@@ -72,6 +72,9 @@ class DomainSpec:
     run_as: tuple[int, int] | None = None
     # Whether QEMU runs as root: only then can 9p keep the guest's file ownership.
     qemu_is_root: bool = True
+    # A VM generation id: libvirt gives each restore of a save a new one, and Linux
+    # >= 5.18 then reseeds its RNG, so clones of one save do not share random bytes.
+    genid: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
@@ -92,7 +95,7 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -
     return el
 
 
-def _metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
+def add_metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
     # libvirt keeps one foreign element per namespace under <metadata>; keys go in an
     # attribute so any string is a valid key. Sorted, so the XML is deterministic.
     meta = _sub(_sub(parent, "metadata"), f"{{{METADATA_NS}}}devbox")
@@ -192,7 +195,9 @@ def build_xml(spec: DomainSpec) -> str:
     """The libvirt domain XML for `spec`, pretty-printed and deterministic."""
     root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(root, "name", spec.name)
-    _metadata(root, spec.metadata)
+    if spec.genid:
+        _sub(root, "genid")
+    add_metadata(root, spec.metadata)
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")
     if spec.share == "virtiofs":
         _memory_backing(root)
@@ -301,6 +306,30 @@ class Domain:
             ) from e
         return cls(virdom)
 
+    @classmethod
+    def restore(cls, conn: libvirt.virConnect, save: Path, xml: str) -> Domain:
+        """Start a guest from a save image with `xml` (see restore.restore_xml). libvirt has no
+        AUTODESTROY for a restore: the caller must see to it that the guest goes away
+        with its process (reaper.py)."""
+        name = ET.fromstring(xml).findtext("name", "")
+        try:
+            # Flags 0: the guest resumes as it was saved (running, for every save of ours).
+            conn.restoreFlags(str(save), xml, 0)
+            return cls(conn.lookupByName(name))
+        except libvirt.libvirtError as e:
+            raise DomainError(
+                f"libvirt could not restore {name} from {save}: {e.get_error_message() or e}"
+            ) from e
+
+    def save(self, path: Path) -> None:
+        """Save the running guest's memory and device state to `path`; the guest stops."""
+        try:
+            self.virdom.save(str(path))
+        except libvirt.libvirtError as e:
+            raise DomainError(
+                f"libvirt could not save {self.name} to {path}: {e.get_error_message() or e}"
+            ) from e
+
     def _monitor(self, command: str) -> str:
         try:
             out: str = libvirt_qemu.qemuMonitorCommand(
@@ -352,6 +381,15 @@ class Domain:
             if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
                 return
             raise DomainError(f"cannot destroy {self.name}: {e.get_error_message() or e}") from e
+
+
+def saved_xml(conn: libvirt.virConnect, save: Path) -> str:
+    """The domain XML embedded in a save image."""
+    try:
+        xml: str = conn.saveImageGetXMLDesc(str(save), 0)
+    except libvirt.libvirtError as e:
+        raise DomainError(f"cannot read the save image {save}: {e.get_error_message() or e}") from e
+    return xml
 
 
 def list_devbox_domains(conn: libvirt.virConnect) -> list[tuple[str, dict[str, str]]]:

@@ -42,6 +42,10 @@ class DomainError(DevboxError):
     """libvirt refused to create, inspect or destroy a domain."""
 
 
+class RestoreUnavailable(DevboxError):
+    """A guest cannot be restored from a save (profile, host or save): boot it instead."""
+
+
 class BootTimeout(DevboxError):
     """A guest did not become ready before the deadline."""
 

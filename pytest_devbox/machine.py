@@ -9,42 +9,25 @@ The handle tests and the `devbox` command get. Usable without pytest:
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import shlex
-import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
 
 import libvirt
 
 from . import domain as dom
 from .boot import Boot, Deadline, wait_ready
 from .distros import Profile
-from .errors import HostNotReady
-from .host import resolve_accel
 from .images import ImageCache, ImageInfo
-from .keys import ensure_keypair
+from .launch import Log, Plan, qemu_for, tail_file
 from .logins import Logins
-from .paths import CacheLayout
-from .qemu_user import identity as qemu_identity
-from .qemu_user import is_local
+from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
 from .settings import DEFAULT_ACCEL, DEFAULT_QEMU_USER, DEFAULT_URI
 from .ssh import Connection
-from .sweep import claim_run_dir
-
-# Deadlines for the whole boot (all phases together). Software emulation is 5-10x slower.
-BOOT_TIMEOUT = {"kvm": 120.0, "tcg": 420.0}
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 class Machine:
@@ -61,6 +44,7 @@ class Machine:
         overlay: Path,
         console_log: Path,
         boot_seconds: float,
+        restored: Restored | None = None,
     ) -> None:
         self.profile = profile
         self.image = image
@@ -70,7 +54,13 @@ class Machine:
         self.overlay = overlay
         self.console_log = console_log
         self.boot_seconds = boot_seconds
+        self._restored = restored
         self.closed = False
+
+    @property
+    def started(self) -> str:
+        """How this guest started: "booted" or "restored" (from a saved guest)."""
+        return "booted" if self._restored is None else "restored"
 
     @property
     def distro(self) -> str:
@@ -101,50 +91,23 @@ class Machine:
         rebuild: bool = False,
         keep: bool = False,
         boot_timeout: float | None = None,
-        log: Callable[[str], None] = print,
+        log: Log = print,
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable."""
-        code_dir = Path(code_dir).resolve()
-        if not code_dir.is_dir():
-            raise HostNotReady(f"code dir {code_dir} does not exist: pass an existing directory")
-        chosen = resolve_accel(accel)
-        image = cache.image_for(profile, rebuild=rebuild)
-        run_id = run_id or new_run_id()
-        workdir = claim_run_dir(cache.root, run_id)
-        # Unique per machine, kept or not: a session may start several of one distro.
-        name = f"{dom.NAME_PREFIX}{profile.name}-{run_id}-{uuid.uuid4().hex[:4]}"
-        overlay = cache.overlay(image.path, workdir / f"{name}.qcow2")
-        console = workdir / f"{name}.console.log"
+        plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
+        name = plan.new_name()
+        overlay = cache.overlay(plan.image.path, plan.workdir / f"{name}.qcow2")
+        console = plan.workdir / f"{name}.console.log"
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         domain: dom.Domain | None = None
         try:
-            qemu = qemu_identity(virconn, uri, qemu_user)
-            problem = qemu.reach_problem([overlay, code_dir]) if is_local(uri) else None
-            if problem:  # said plainly now, rather than as libvirt's "Permission denied"
-                raise HostNotReady(f"{problem[0]}: {problem[1]}")
-            spec = dom.DomainSpec(
-                name=name,
-                disk=overlay,
-                code_dir=code_dir,
-                share=profile.share,
-                accel=chosen,
-                memory_mib=profile.memory_mib,
-                vcpus=profile.vcpus,
-                console_log=console,
-                metadata=_metadata(profile, image, overlay, run_id, keep),
-                run_as=qemu.label,
-                qemu_is_root=qemu.is_root,
-            )
+            qemu = qemu_for(virconn, uri, qemu_user, [overlay, plan.code_dir])
+            spec = plan.spec(name, overlay, console, qemu, keep=keep)
             domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
-            boot = Boot(
-                domain,
-                profile.name,
-                console,
-                Deadline(boot_timeout or BOOT_TIMEOUT[chosen]),
-                tail_file,
-            )
-            ssh = wait_ready(boot, connection=_connection_for(cache, image), share=profile.share)
+            deadline = Deadline(plan.deadline_seconds(boot_timeout))
+            boot = Boot(domain, profile.name, console, deadline, tail_file)
+            ssh = wait_ready(boot, connection=plan.connection, share=profile.share)
         except BaseException:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).
             if domain is not None:
@@ -153,16 +116,73 @@ class Machine:
             overlay.unlink(missing_ok=True)
             raise
         seconds = time.monotonic() - t0
-        log(f"{profile.name}: ready in {seconds:.1f} s ({chosen}, {profile.share} /code)")
+        log(f"{profile.name}: ready in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
         return cls(
             profile=profile,
-            image=image,
+            image=plan.image,
             virconn=virconn,
             domain=domain,
             ssh=ssh,
             overlay=overlay,
             console_log=console,
             boot_seconds=seconds,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        profile: Profile,
+        *,
+        cache: ImageCache,
+        code_dir: Path,
+        uri: str = DEFAULT_URI,
+        accel: str = DEFAULT_ACCEL,
+        qemu_user: str = DEFAULT_QEMU_USER,
+        run_id: str | None = None,
+        rebuild: bool = False,
+        boot_timeout: float | None = None,
+        log: Log = print,
+    ) -> Machine:
+        """Like `start`, but restore a saved booted guest of `profile` (saving one first
+        when there is none yet). RestoreUnavailable when it cannot: boot instead."""
+        plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
+        t0 = time.monotonic()
+        virconn = dom.connect(uri)
+        try:
+            qemu = qemu_for(virconn, uri, qemu_user, [plan.workdir, plan.code_dir])
+
+            def make_spec(name: str, disk: Path, console: Path) -> dom.DomainSpec:
+                # A restored guest ends with its session (it holds a slot): never kept.
+                return plan.spec(name, disk, console, qemu, keep=False)
+
+            job = RestoreJob(
+                profile=profile,
+                virconn=virconn,
+                image=plan.image,
+                cache_root=cache.root,
+                workdir=plan.workdir,
+                make_spec=make_spec,
+                timeout=plan.deadline_seconds(boot_timeout),
+                connection=plan.connection,
+                tail=tail_file,
+                log=log,
+            )
+            restored = restore_guest(job)
+        except BaseException:
+            _close_quietly(virconn)
+            raise
+        seconds = time.monotonic() - t0
+        log(f"{profile.name}: restored in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
+        return cls(
+            profile=profile,
+            image=plan.image,
+            virconn=virconn,
+            domain=restored.domain,
+            ssh=restored.ssh,
+            overlay=restored.overlay,
+            console_log=restored.console,
+            boot_seconds=seconds,
+            restored=restored,
         )
 
     # ---- using ----------------------------------------------------------------------------
@@ -216,6 +236,8 @@ class Machine:
         self.closed = True
         self._logins.close()
         self.domain.destroy()
+        if self._restored is not None:
+            self._restored.release()
         _close_quietly(self._virconn)
         self.overlay.unlink(missing_ok=True)
 
@@ -240,57 +262,7 @@ class Machine:
         return f"<Machine {self.name} {'closed' if self.closed else 'running'}>"
 
 
-def host_key_alias(image: ImageInfo) -> str:
-    """The name the guest's host key is pinned under: one per image build, since host
-    keys are made when the image is built and ports change on every boot."""
-    built = re.sub(r"[^0-9A-Za-z]", "", str(image.metadata.get("built_at", "")))
-    return f"devbox-{image.path.stem}-{built}"
-
-
-def tail_file(path: Path, lines: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    # Serial consoles emit CR LF and escape sequences; keep it readable.
-    text = data.replace("\r", "")
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _close_quietly(virconn: libvirt.virConnect) -> None:
     # Closing a connection that already broke is not worth an error.
     with contextlib.suppress(libvirt.libvirtError):
         virconn.close()
-
-
-def _metadata(
-    profile: Profile, image: ImageInfo, overlay: Path, run_id: str, keep: bool
-) -> dict[str, str]:
-    """What the sweep and `devbox ls` need to tell whose guest this is."""
-    return {
-        "owner_pid": str(os.getpid()),
-        "owner_host": socket.gethostname(),
-        "run_id": run_id,
-        "started": str(int(time.time())),
-        "distro": profile.name,
-        "overlay": str(overlay),
-        "image_key": image.key,
-        "keep": "1" if keep else "0",
-    }
-
-
-def _connection_for(cache: ImageCache, image: ImageInfo) -> Callable[[int], Connection]:
-    def connection(port: int) -> Connection:
-        layout = CacheLayout(cache.root)
-        return Connection(
-            "127.0.0.1",
-            port,
-            key_path=ensure_keypair(layout.ssh),
-            known_hosts=layout.known_hosts,
-            host_key_alias=host_key_alias(image),
-        )
-
-    return connection

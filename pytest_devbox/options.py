@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 
 import pytest
 
-from .settings import ACCEL_CHOICES, QEMU_USER_CHOICES, Settings
+from .settings import ACCEL_CHOICES, QEMU_USER_CHOICES, RESTORE_CHOICES, Settings
 
 Kind = Literal["distros", "text", "choice", "dir", "bool", "list"]
 # Reads one ini option by its ini name; None, "" or [] when the project does not set it.
@@ -97,6 +97,16 @@ OPTIONS: tuple[Option, ...] = (
         "yours) or libvirt (its configured user, which must reach the cache and code dir)",
         metavar="|".join(QEMU_USER_CHOICES),
         choices=QEMU_USER_CHOICES,
+    ),
+    Option(
+        "restore",
+        "--devbox-restore",
+        "devbox_restore",
+        "choice",
+        "start guests by restoring a saved booted guest (seconds) instead of booting: "
+        "auto (profiles sharing /code over 9p; others boot) or off",
+        metavar="|".join(RESTORE_CHOICES),
+        choices=RESTORE_CHOICES,
     ),
     Option(
         "rebuild",

@@ -8,6 +8,7 @@
 <root>/ssh/                          the key pair and pinned host keys
 <root>/run/<run id>/                 one session's overlays and console logs
 <root>/kept/                         records of guests kept past their session
+<root>/saves/<distro>-<key>/<slot>/  saved running guests (restore slots): state + disk
 """
 
 from __future__ import annotations
@@ -66,3 +67,14 @@ class CacheLayout:
     @property
     def kept(self) -> Path:
         return self.root / "kept"
+
+    @property
+    def saves(self) -> Path:
+        return self.root / "saves"
+
+    def save_dir(self, distro: str, key: str) -> Path:
+        """The restore slots of one profile under one save key."""
+        return self.saves / f"{distro}-{key}"
+
+    def save_slot(self, distro: str, key: str, slot: int) -> Path:
+        return self.save_dir(distro, key) / f"slot-{slot}"

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .distros import Profile
-from .errors import BootTimeout, DevboxError, UnknownDistro
+from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from .host import resolve_accel
 from .images import ImageCache
-from .machine import Machine, new_run_id
+from .launch import new_run_id
+from .machine import Machine
+from .restore import unrestorable
 from .settings import Settings
 from .sweep import remove_run_dir, sweep_leftovers
 
@@ -29,6 +31,8 @@ class DistroStats:
     image_built: bool | None = None
     build_seconds: float | None = None
     retried: int = 0
+    restores: int = 0
+    restore_seconds: float | None = None
 
 
 class Pool:
@@ -48,6 +52,7 @@ class Pool:
         self._cache: ImageCache | None = None
         self._rebuilt: set[str] = set()
         self._swept = False
+        self._boot_only: dict[str, str] = {}  # distro -> why it is not restored
 
     @property
     def distros(self) -> list[str]:
@@ -97,14 +102,64 @@ class Pool:
                 f"{distro!r} is not one of this session's distros: {', '.join(self.profiles)}"
             )
         self._sweep_once()
-        s = self.settings
         stats = self.stats[distro]
         # --devbox-rebuild rebuilds each image once per session, not once per machine.
-        rebuild = s.rebuild and distro not in self._rebuilt
+        rebuild = self.settings.rebuild and distro not in self._rebuilt
+        machine = self._restore(profile, rebuild)
+        if machine is None:
+            # A restore that got as far as the image rebuilt it already.
+            machine = self._boot(profile, rebuild and distro not in self._rebuilt)
+        self._rebuilt.add(distro)
+        if machine.started == "restored":
+            stats.restores += 1
+            if stats.restore_seconds is None:
+                stats.restore_seconds = machine.boot_seconds
+        else:
+            stats.boots += 1
+            if stats.boot_seconds is None:
+                stats.boot_seconds = machine.boot_seconds
+        if stats.image_built is None or machine.image.built:
+            stats.image_built = machine.image.built
+            stats.build_seconds = machine.image.build_seconds
+        return machine
+
+    def _restore(self, profile: Profile, rebuild: bool) -> Machine | None:
+        """A restored machine, or None (saying why, once per distro) to boot instead."""
+        s = self.settings
+        if s.restore == "off" or profile.name in self._boot_only:
+            return None
+        why = unrestorable(profile)
+        if s.keep:
+            # A restored guest holds its restore slot: it cannot outlive the session.
+            why = "--devbox-keep guests are booted (a restored guest ends with its session)"
+        elif why is None:
+            self._rebuilt.add(profile.name)
+            try:
+                return Machine.restore(
+                    profile,
+                    cache=self.cache,
+                    code_dir=s.code_dir,
+                    uri=s.uri,
+                    accel=s.accel,
+                    qemu_user=s.qemu_user,
+                    run_id=self.run_id,
+                    rebuild=rebuild,
+                    boot_timeout=s.boot_timeout,
+                    log=self.log,
+                )
+            except RestoreUnavailable as e:
+                why = str(e)
+        self._boot_only[profile.name] = why
+        self.log(f"{profile.name}: booting instead of restoring: {why}")
+        return None
+
+    def _boot(self, profile: Profile, rebuild: bool) -> Machine:
+        s = self.settings
+        stats = self.stats[profile.name]
         attempts = 1 + max(0, s.boot_retries)
         for attempt in range(attempts):
             try:
-                machine = Machine.start(
+                return Machine.start(
                     profile,
                     cache=self.cache,
                     code_dir=s.code_dir,
@@ -117,21 +172,13 @@ class Pool:
                     boot_timeout=s.boot_timeout,
                     log=self.log,
                 )
-                break
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
                     raise
                 stats.retried += 1
-                self.log(f"{distro}: boot failed in phase {e.phase!r}; retrying once")
+                self.log(f"{profile.name}: boot failed in phase {e.phase!r}; retrying once")
             rebuild = False
-        self._rebuilt.add(distro)
-        stats.boots += 1
-        if stats.boot_seconds is None:
-            stats.boot_seconds = machine.boot_seconds
-        if stats.image_built is None or machine.image.built:
-            stats.image_built = machine.image.built
-            stats.build_seconds = machine.image.build_seconds
-        return machine
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _sweep_once(self) -> None:
         if self._swept:

@@ -104,19 +104,22 @@ def _image_cell(state: DevboxSession, name: str) -> str:
 
 
 def summary_rows(state: DevboxSession) -> list[tuple[str, ...]]:
-    """The summary table, heading first: per distro boots, boot time, image, outcomes."""
+    """The summary table, heading first: per distro boots and boot time, restores and
+    restore time, image, outcomes."""
     rows: list[tuple[str, ...]] = [
-        ("distro", "boots", "boot", "image", "passed", "failed", "skipped")
+        ("distro", "boots", "boot", "restored", "image", "passed", "failed", "skipped")
     ]
     for name in state.selected_names:
         st = state.stats.get(name)
         counts = state.outcomes(name)
         boots = str(st.boots) if st else "0"
         boot = f"{st.boot_seconds:.1f} s" if st and st.boot_seconds is not None else "-"
+        restored = "-"
+        if st and st.restores and st.restore_seconds is not None:
+            restored = f"{st.restores} in {st.restore_seconds:.1f} s"
         image = _image_cell(state, name)
-        rows.append(
-            (name, boots, boot, image, str(counts.passed), str(counts.failed), str(counts.skipped))
-        )
+        outcomes = (str(counts.passed), str(counts.failed), str(counts.skipped))
+        rows.append((name, boots, boot, restored, image, *outcomes))
     return rows
 
 
@@ -124,10 +127,10 @@ def format_table(rows: Iterable[tuple[str, ...]]) -> list[str]:
     """Columns padded to their widest cell; text columns left, numbers right."""
     rows = list(rows)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = {0, *(i for i, head in enumerate(rows[0]) if head == "image")}
     return [
         "  ".join(
-            c.ljust(w) if i == 0 or i == 3 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths))
+            c.ljust(w) if i in text else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
         ).rstrip()
         for r in rows
     ]

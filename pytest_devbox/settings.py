@@ -17,6 +17,8 @@ ACCEL_CHOICES = ("auto", "kvm", "tcg")
 # Who runs QEMU for a guest: the calling user, or libvirt's configured user (qemu_user.py).
 QEMU_USER_CHOICES = ("caller", "libvirt")
 DEFAULT_QEMU_USER = "caller"
+# auto: restore guests of 9p profiles from a saved booted guest, boot the rest.
+RESTORE_CHOICES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,4 @@ class Settings:
     repos: tuple[str, ...] = ()
     boot_timeout: float | None = None
     boot_retries: int = 1
+    restore: str = "auto"

@@ -15,7 +15,7 @@ from pytest_devbox import domain as dom
 from pytest_devbox.boot import Boot, Deadline, authenticate, wait_banner
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
 from pytest_devbox.keys import ensure_keypair
-from pytest_devbox.machine import tail_file
+from pytest_devbox.launch import tail_file
 from pytest_devbox.ssh import Connection
 
 TEST_DOMAIN = """<domain type='test'><name>{name}</name><memory>65536</memory>

@@ -1,0 +1,257 @@
+"""Restoring instead of booting: a guest from a saved, booted guest in seconds.
+
+Once per image (and libvirt/QEMU, accel, memory...), a guest of the profile boots into
+a restore slot (snapshot.py) with `<genid/>`, /code is unmounted (9p refuses to be
+saved while mounted), SSH is closed (TCP does not survive a save) and libvirt saves it.
+Every later guest restores a slot onto an overlay of the slot's frozen disk, with its
+own console file, /code directory and metadata (all a restore may change), and then:
+a new port forward (QEMU's user network forgets it), the clock stepped to the host's
+(the guest resumes at the moment of the save), the RNG reseeded from the host (see
+`RESEED`), /code mounted.
+
+Only 9p profiles are restored: virtiofs (vhost-user-fs) cannot be saved before QEMU
+8.2, and hot-plugging a virtiofs share crashed libvirt 9.0's daemon when tried by hand,
+so virtiofs profiles boot. Restored guests have no AUTODESTROY: the reaper (reaper.py)
+and the sweep destroy them when their process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import shlex
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from . import domain as dom
+from . import qemu_img
+from .boot import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
+from .distros import Profile
+from .errors import DevboxError, DomainError, RestoreUnavailable
+from .images import ImageInfo
+from .reaper import Reaper
+from .snapshot import MAX_SLOTS, Lease, SaveCache, save_key
+from .ssh import Connection
+
+# QEMU >= 8.2 can migrate vhost-user-fs (with a virtiofsd that supports it); that is
+# untested here, so virtiofs profiles always boot.
+RESTORE_SHARE = "9p"
+# The guest's RNG gets host bytes and is reseeded at once (RNDADDENTROPY credits them,
+# RNDRESEEDCRNG reseeds; Linux >= 4.17). Kernels without vmgenid reseeding (< 5.18, e.g.
+# debian-11's 5.10) would otherwise give every clone of one save the same random bytes
+# until their next periodic reseed. Without python3 the bytes are only mixed in.
+_RESEED_PY = (
+    "import fcntl,os,struct,sys;b=bytes.fromhex(sys.argv[1]);"
+    "fd=os.open('/dev/random',os.O_WRONLY);"
+    "fcntl.ioctl(fd,0x40085203,struct.pack('ii',len(b)*8,len(b))+b);"
+    "fcntl.ioctl(fd,0x5207)"
+)
+MakeSpec = Callable[[str, Path, Path], dom.DomainSpec]  # (name, disk, console) -> spec
+Log = Callable[[str], None]
+
+
+def unrestorable(profile: Profile) -> str | None:
+    """Why guests of `profile` are booted, not restored; None when they can be restored."""
+    if profile.share != RESTORE_SHARE:
+        return (
+            f"its /code share is {profile.share}, which cannot be saved before QEMU 8.2 "
+            f'(restored guests share /code over 9p: share = "9p" in a profile restores '
+            "in seconds)"
+        )
+    return None
+
+
+def restore_xml(
+    saved: str, *, disk: Path, code_dir: Path, console_log: Path, metadata: Mapping[str, str]
+) -> str:
+    """The XML of a save image (as libvirt gives it) changed for one restore: a disk
+    overlay, /code's directory, the console file and the metadata of its own. libvirt's
+    ABI check lets a restore change these and nothing that the guest can see."""
+    root = ET.fromstring(saved)
+    disk_source = root.find("devices/disk[@device='disk']/source")
+    if disk_source is None:
+        raise DomainError("the saved guest has no disk: the save image is not one of ours")
+    disk_source.set("file", str(disk))
+    for fs in root.iterfind("devices/filesystem"):
+        source = fs.find("source")
+        if source is not None and fs.find(f"target[@dir='{dom.SHARE_TAG}']") is not None:
+            source.set("dir", str(code_dir))
+    for chardev in ("serial", "console"):
+        for source in root.iterfind(f"devices/{chardev}/source"):
+            source.set("path", str(console_log))
+    old = root.find("metadata")
+    if old is not None:
+        root.remove(old)
+    dom.add_metadata(root, metadata)
+    return ET.tostring(root, encoding="unicode")
+
+
+def freshen_command(now: float | None = None, seed: bytes | None = None) -> str:
+    """Step the clock to the host's and reseed the RNG: what a restored guest needs first."""
+    now = time.time() if now is None else now
+    hexseed = (seed or secrets.token_bytes(64)).hex()
+    return (
+        f"date -s @{now:.3f} >/dev/null && "
+        f"{{ python3 -c {shlex.quote(_RESEED_PY)} {hexseed} 2>/dev/null "
+        f"|| echo {hexseed} >/dev/urandom; }}"
+    )
+
+
+@dataclass
+class Restored:
+    """A restored guest ready for commands, and what its end must undo."""
+
+    domain: dom.Domain
+    ssh: Connection
+    overlay: Path
+    console: Path
+    lease: Lease
+    reaper: Reaper
+
+    def release(self) -> None:
+        """After the domain is destroyed: no more reaping, the slot is free."""
+        self.reaper.forget(self.domain.name)
+        self.lease.release()
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    """Everything one restore needs from the machine that asks for it."""
+
+    profile: Profile
+    virconn: libvirt.virConnect
+    image: ImageInfo
+    cache_root: Path
+    workdir: Path
+    make_spec: MakeSpec
+    timeout: float
+    connection: Callable[[int], Connection]
+    tail: Callable[[Path, int], str]
+    log: Log
+
+
+def restore_guest(job: RestoreJob) -> Restored:
+    """A guest of `job.profile` restored from a slot (built first when there is none).
+    RestoreUnavailable when that cannot be done: the caller boots instead."""
+    reason = unrestorable(job.profile)
+    if reason:
+        raise RestoreUnavailable(reason)
+    saves = SaveCache(job.cache_root)
+    key = _key(job)
+    lease = saves.lease(job.profile.name, key)
+    if lease is None:
+        raise RestoreUnavailable(f"all {MAX_SLOTS} restore slots are in use")
+    try:
+        if not saves.valid(lease.slot):
+            t0 = time.monotonic()
+            job.log(f"{job.profile.name}: booting a guest to save for restores (once per image)")
+            saves.install(lease, lambda state, disk: _save_booted(job, lease, state, disk))
+            job.log(f"{job.profile.name}: saved in {time.monotonic() - t0:.1f} s")
+            saves.prune(job.profile.name, key)
+        return _restore(job, lease)
+    except DevboxError as e:
+        lease.release()
+        raise RestoreUnavailable(str(e)) from e
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _key(job: RestoreJob) -> str:
+    # The XML without what differs per guest (name, paths, metadata): its shape only.
+    spec = dataclasses.replace(
+        job.make_spec(dom.NAME_PREFIX + "slot", Path("/disk"), Path("/console")),
+        code_dir=Path("/code"),
+        metadata={},
+        genid=True,
+    )
+    return save_key(
+        cache_root=job.cache_root,
+        image_key=job.image.key,
+        image_built_at=str(job.image.metadata.get("built_at", "")),
+        domain_xml=dom.build_xml(spec),
+        libvirt_version=job.virconn.getLibVersion(),
+        qemu_version=job.virconn.getVersion(),
+    )
+
+
+def _save_booted(job: RestoreJob, lease: Lease, state: Path, disk: Path) -> None:
+    """Boot a guest on `disk`, make it ready to be saved, save it to `state`."""
+    slot = lease.slot
+    qemu_img.create_overlay(job.image.path, disk)
+    spec = dataclasses.replace(job.make_spec(slot.name, disk, slot.build_console), genid=True)
+    _clear_leftover(job, slot.name)
+    domain = dom.Domain.create(job.virconn, spec, autodestroy=True)
+    try:
+        boot = Boot(domain, job.profile.name, slot.build_console, Deadline(job.timeout), job.tail)
+        ssh = wait_ready(boot, connection=job.connection, share=job.profile.share)
+        try:
+            # 9p blocks a save while mounted (QEMU adds a migration blocker on attach).
+            ssh.run("umount /code && sync", cwd=None, timeout=60)
+        finally:
+            ssh.close()
+        domain.save(state)
+    except BaseException:
+        domain.destroy()
+        raise
+
+
+def _restore(job: RestoreJob, lease: Lease) -> Restored:
+    slot = lease.slot
+    suffix = uuid.uuid4().hex[:4]
+    overlay = qemu_img.create_overlay(slot.disk, job.workdir / f"{slot.name}-{suffix}.qcow2")
+    console = job.workdir / f"{slot.name}-{suffix}.console.log"
+    spec = job.make_spec(slot.name, overlay, console)
+    xml = restore_xml(
+        dom.saved_xml(job.virconn, slot.state),
+        disk=overlay,
+        code_dir=spec.code_dir,
+        console_log=console,
+        metadata=spec.metadata,
+    )
+    _clear_leftover(job, slot.name)
+    reaper = Reaper.for_uri(job.virconn.getURI())
+    domain: dom.Domain | None = None
+    try:
+        reaper.watch(slot.name)  # before the guest exists: never unwatched
+        domain = dom.Domain.restore(job.virconn, slot.state, xml)
+        boot = Boot(domain, job.profile.name, console, Deadline(job.timeout), job.tail)
+        ssh = _ready(boot, job)
+    except BaseException:
+        if domain is not None:
+            domain.destroy()
+        reaper.forget(slot.name)
+        overlay.unlink(missing_ok=True)
+        raise
+    return Restored(domain, ssh, overlay, console, lease, reaper)
+
+
+def _ready(boot: Boot, job: RestoreJob) -> Connection:
+    """Forward SSH again, log in, set the clock and the RNG, mount /code."""
+    boot.check_alive("running")
+    port = boot.domain.forward_port(22)
+    wait_banner(boot, port)
+    ssh = job.connection(port)
+    try:
+        authenticate(boot, ssh)
+        ssh.run(freshen_command(), cwd=None, timeout=boot.deadline.cap(30.0))
+        mount_code(boot, ssh, job.profile.share)
+    except BaseException:
+        ssh.close()
+        raise
+    return ssh
+
+
+def _clear_leftover(job: RestoreJob, name: str) -> None:
+    """A domain with the slot's name while we hold its lease is a leftover of a dead
+    process (its reaper or the sweep has not got to it yet): destroy it."""
+    with contextlib.suppress(libvirt.libvirtError):
+        job.virconn.lookupByName(name).destroy()
+        job.log(f"{job.profile.name}: destroyed leftover guest {name}")
