@@ -1,7 +1,5 @@
-"""libvirt: the domain XML builder and the lifecycle of one transient guest.
-
-The XML is built as an ElementTree object model (never formatted strings), one small
-builder per element, and serialised pretty and deterministic so golden files are stable.
+"""libvirt: the connection and the lifecycle of one transient guest (its XML comes from
+domxml.py, re-exported here so `domain.DomainSpec` and `domain.build_xml` keep working).
 """
 
 from __future__ import annotations
@@ -10,28 +8,40 @@ import errno
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
 import libvirt_qemu
 
+from .domxml import (
+    ACCELS,
+    METADATA_NS,
+    NAME_PREFIX,
+    NETDEV_ID,
+    SHARE_TAG,
+    SHARES,
+    DomainSpec,
+    add_metadata,
+    build_xml,
+    read_metadata,
+)
 from .errors import DomainError, HostNotReady
 from .settings import SYSTEM_URI
 
-NAME_PREFIX = "devbox-"
-METADATA_NS = "https://pytest-devbox.invalid/xmlns/1"
-METADATA_PREFIX = "devbox"
-SHARE_TAG = "/code"
-SHARES = ("virtiofs", "9p")
-ACCELS = ("kvm", "tcg")
-# The netdev id libvirt derives from a user-set alias: "host" + alias. Setting the alias
-# ourselves keeps the id the monitor commands need independent of device numbering.
-NET_ALIAS = "ua-devbox-net"
-NETDEV_ID = "host" + NET_ALIAS
-
-ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+__all__ = [
+    "ACCELS",
+    "METADATA_NS",
+    "NAME_PREFIX",
+    "SHARES",
+    "SHARE_TAG",
+    "Domain",
+    "DomainSpec",
+    "add_metadata",
+    "build_xml",
+    "connect",
+    "list_devbox_domains",
+    "read_metadata",
+]
 
 _START_LIBVIRTD = (
     "start libvirtd: `scripts/setup-host`, or `sudo systemctl start libvirtd` "
@@ -53,178 +63,6 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    """Everything that shapes one guest's libvirt XML."""
-
-    name: str  # devbox-<distro>-<run id>
-    disk: Path  # the per-VM qcow2 overlay
-    code_dir: Path  # host directory exported under the mount tag "/code"
-    share: str  # "virtiofs" | "9p"
-    accel: str  # "kvm" | "tcg"
-    console_log: Path  # the serial console is written to this file
-    metadata: Mapping[str, str] = field(default_factory=dict)  # owner pid, run id, ...
-    memory_mib: int = 1024
-    vcpus: int = 2
-    # Run QEMU as this (uid, gid) instead of libvirt's configured user (qemu_user.py).
-    run_as: tuple[int, int] | None = None
-    # Whether QEMU runs as root: only then can 9p keep the guest's file ownership.
-    qemu_is_root: bool = True
-    # A VM generation id: libvirt gives each restore of a save a new one, and Linux
-    # >= 5.18 then reseeds its RNG, so clones of one save do not share random bytes.
-    genid: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.name.startswith(NAME_PREFIX):
-            raise DomainError(f"domain name {self.name!r} must start with {NAME_PREFIX!r}")
-        if self.share not in SHARES:
-            raise DomainError(f"unknown share kind {self.share!r}: use one of {SHARES}")
-        if self.accel not in ACCELS:
-            raise DomainError(f"unknown accel {self.accel!r}: use one of {ACCELS}")
-
-
-# --- XML builders ---------------------------------------------------------------------
-
-
-def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, attrib)
-    if text is not None:
-        el.text = text
-    return el
-
-
-def add_metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
-    # libvirt keeps one foreign element per namespace under <metadata>; keys go in an
-    # attribute so any string is a valid key. Sorted, so the XML is deterministic.
-    meta = _sub(_sub(parent, "metadata"), f"{{{METADATA_NS}}}devbox")
-    for key in sorted(values):
-        _sub(meta, f"{{{METADATA_NS}}}item", str(values[key]), key=key)
-
-
-def _os(parent: ET.Element) -> None:
-    os_ = _sub(parent, "os")
-    _sub(os_, "type", "hvm", arch="x86_64", machine="pc")
-    _sub(os_, "boot", dev="hd")
-    # BIOS messages ("Boot failed: not a bootable disk") go to the serial console log too.
-    _sub(os_, "bios", useserial="yes")
-
-
-def _cpu(parent: ET.Element, accel: str) -> None:
-    if accel == "kvm":
-        _sub(parent, "cpu", mode="host-passthrough")
-    else:
-        # "maximum" is every feature TCG emulates (x86-64-v2/v3 included): newer distros
-        # (CentOS Stream 9, RHEL 9+) refuse to boot on the default qemu64 model.
-        _sub(parent, "cpu", mode="maximum")
-
-
-def _memory_backing(parent: ET.Element) -> None:
-    # virtiofsd maps guest memory, so it must be shared and file-backed.
-    mb = _sub(parent, "memoryBacking")
-    _sub(mb, "source", type="memfd")
-    _sub(mb, "access", mode="shared")
-
-
-def _disk(devices: ET.Element, path: Path) -> None:
-    disk = _sub(devices, "disk", type="file", device="disk")
-    # cache=unsafe ignores guest flushes: the overlay is thrown away with the VM, so
-    # durability buys nothing and fsync-heavy package installs get much faster.
-    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
-    _sub(disk, "source", file=str(path))
-    _sub(disk, "target", dev="vda", bus="virtio")
-
-
-def _interface(devices: ET.Element) -> None:
-    iface = _sub(devices, "interface", type="user")
-    _sub(iface, "model", type="virtio")
-    _sub(iface, "alias", name=NET_ALIAS)
-    _sub(iface, "rom", enabled="no")  # no iPXE: we never net-boot, and its banner waits
-
-
-def _filesystem(devices: ET.Element, share: str, code_dir: Path, qemu_is_root: bool) -> None:
-    # 9p served by a QEMU that is not root cannot chown what the guest creates: with
-    # passthrough every write of guest root fails (EPERM); squash ignores the chown, so
-    # whatever the guest writes belongs to QEMU's user, who is the calling user
-    # (qemu_user.py). virtiofsd is started by libvirt as root: passthrough always works.
-    mode = "passthrough" if qemu_is_root or share == "virtiofs" else "squash"
-    fs = _sub(devices, "filesystem", type="mount", accessmode=mode)
-    if share == "virtiofs":
-        # libvirt finds virtiofsd itself through /usr/share/qemu/vhost-user/*.json.
-        _sub(fs, "driver", type="virtiofs")
-    _sub(fs, "source", dir=str(code_dir))
-    _sub(fs, "target", dir=SHARE_TAG)
-
-
-def _console(devices: ET.Element, log: Path) -> None:
-    # A plain file: qemu writes it directly, nothing has to read a pty for output to flow.
-    # append=off: the file holds this boot only, so a console tail is never stale.
-    serial = _sub(devices, "serial", type="file")
-    _sub(serial, "source", path=str(log), append="off")
-    _sub(serial, "target", port="0")
-    console = _sub(devices, "console", type="file")
-    _sub(console, "source", path=str(log), append="off")
-    _sub(console, "target", type="serial", port="0")
-
-
-def _devices(parent: ET.Element, spec: DomainSpec) -> None:
-    devices = _sub(parent, "devices")
-    _disk(devices, spec.disk)
-    _interface(devices)
-    _filesystem(devices, spec.share, spec.code_dir, spec.qemu_is_root)
-    _console(devices, spec.console_log)
-    rng = _sub(devices, "rng", model="virtio")  # entropy at boot: sshd starts sooner
-    _sub(rng, "backend", "/dev/urandom", model="random")
-    # Headless and minimal: no display, no USB, no balloon. pvpanic lets a kernel panic
-    # show up as the "crashed" state instead of a silent hang.
-    _sub(_sub(devices, "video"), "model", type="none")
-    _sub(devices, "controller", type="usb", model="none")
-    _sub(devices, "memballoon", model="none")
-    _sub(devices, "panic", model="isa")
-
-
-def _seclabel(parent: ET.Element, run_as: tuple[int, int]) -> None:
-    # A static DAC label: this domain's QEMU runs as uid:gid, and libvirt hands it its
-    # disk and console files as that user (relabel).
-    label = _sub(parent, "seclabel", type="static", model="dac", relabel="yes")
-    _sub(label, "label", f"+{run_as[0]}:+{run_as[1]}")
-
-
-def build_xml(spec: DomainSpec) -> str:
-    """The libvirt domain XML for `spec`, pretty-printed and deterministic."""
-    root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
-    _sub(root, "name", spec.name)
-    if spec.genid:
-        _sub(root, "genid")
-    add_metadata(root, spec.metadata)
-    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
-    if spec.share == "virtiofs":
-        _memory_backing(root)
-    _sub(root, "vcpu", str(spec.vcpus))
-    _os(root)
-    features = _sub(root, "features")
-    _sub(features, "acpi")  # the guest can power itself off
-    _sub(features, "vmport", state="off")  # no VMware backdoor port and vmmouse
-    _cpu(root, spec.accel)
-    _sub(root, "on_poweroff", "destroy")
-    _sub(root, "on_reboot", "restart")
-    # preserve: the domain stays in the "crashed" state, so the boot watcher reports a
-    # panic at once (with the console tail) instead of seeing the domain just vanish.
-    # AUTODESTROY still removes it when our connection closes.
-    _sub(root, "on_crash", "preserve")
-    _devices(root, spec)
-    if spec.run_as is not None:
-        _seclabel(root, spec.run_as)
-    ET.indent(root, space="  ")
-    return ET.tostring(root, encoding="unicode") + "\n"
-
-
-def read_metadata(xml: str) -> dict[str, str]:
-    """The devbox metadata of a domain XML (as build_xml wrote it); {} if it has none."""
-    root = ET.fromstring(xml)
-    items = root.findall(f"metadata/{{{METADATA_NS}}}devbox/{{{METADATA_NS}}}item")
-    return {item.get("key", ""): item.text or "" for item in items}
 
 
 # --- connection -----------------------------------------------------------------------
