@@ -27,6 +27,7 @@ Command = Callable[[argparse.Namespace, Context], int]
 # project's config and the environment).
 WHERE = ("uri", "cache_dir")
 BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos")
+RUN_USAGE = "devbox run [options] [DISTRO[,DISTRO...] ... | --all-up] -- COMMAND..."
 DISTRO_WORDS = "DISTRO[,DISTRO...]; none: the project's own selection (devbox ini option)"
 
 
@@ -109,7 +110,7 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
              "devbox run debian-12 -- 'ls | head -3; uname -r'\n"
              "devbox run debian-11,debian-12 -- make test\n"
              "devbox run --all-up -- git status --short", cmd_run, (*BOOT, "keep"),
-             usage="devbox run [options] [DISTRO[,DISTRO...] ... | --all-up] -- COMMAND...")  # fmt: skip
+             usage=RUN_USAGE)  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
     p.add_argument("--all-up", action="store_true", help="on every guest that is up")
 

@@ -136,9 +136,7 @@ def test_destroy_nothing_matching(capsys: pytest.CaptureFixture[str], tmp_path: 
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
 def test_usage_errors(argv: list[str], message: str, tmp_path: Path) -> None:
-    r = devbox(*argv, "--cache", str(tmp_path)) if "--" not in argv else devbox(
-        *argv[: argv.index("--")], "--cache", str(tmp_path), *argv[argv.index("--") :]
-    )
+    r = devbox(argv[0], "--cache", str(tmp_path), *argv[1:])
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("devbox: error: "), r.stderr
