@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import host, kept
 from .cli_context import Context, UsageProblem, in_parallel, log
+from .cli_run import remote_line
 from .distros import select
 from .errors import DevboxError
 from .kept import KeptGuest
@@ -115,10 +117,11 @@ def cmd_ssh(args: argparse.Namespace, ctx: Context) -> int:
     if len(ctx.distros) != 1:
         raise UsageProblem("name one distro: devbox ssh debian-12")
     argv = list(find_kept(ctx, ctx.distros[0]).ssh)
-    if args.command:  # like ssh: the words are joined into one line of shell code
-        argv.append(" ".join(args.command))
+    if args.command:  # like ssh: the words are one line of shell code (run in /code)
+        argv.append(remote_line(args.command))
     else:  # a login shell that starts where the code is
-        argv[1:1] = ["-t"]
+        if sys.stdin.isatty():
+            argv[1:1] = ["-t"]
         argv.append('cd /code 2>/dev/null; exec "${SHELL:-/bin/sh}" -l')
     os.execvp(argv[0], argv)
 
