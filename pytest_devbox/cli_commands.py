@@ -209,11 +209,12 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     if not rows:
         print(f"no devbox guests at {ctx.settings.uri}: start one with `devbox up DISTRO`")
         return 0
-    print(f"{'DISTRO':<16} {'STATE':<9} {'UP':>7}  {'PORT':<6} {'IMAGE':<17} NAME")
+    w = max(len("DISTRO"), *(len(r.distro) for r in rows))
+    print(f"{'DISTRO':<{w}}  {'STATE':<9} {'UP':>7}  {'PORT':<6} {'IMAGE':<17} NAME")
     for r in rows:
         port = r.record.port if r.record else "-"
         age = _age(r.started)
-        print(f"{r.distro:<16} {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} {r.name}")
+        print(f"{r.distro:<{w}}  {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} {r.name}")
         if r.record:
             print(f"    {shlex.join(r.record.ssh)}")
         elif r.kept:
