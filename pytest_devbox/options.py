@@ -12,7 +12,7 @@ own flag names for the messages.
 
 Messages of every layer name an option by its pytest flag (`--devbox-offline`): that is
 the option's name in the table. A face that spells its flags otherwise rewrites them
-with `spell_for`, so every hint names a flag of the face that printed it.
+with `spell_for_command`, so every hint names a flag of the face that printed it.
 """
 
 from __future__ import annotations
