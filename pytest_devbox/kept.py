@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import DevboxError
 from .fileio import atomic_write
 from .paths import CacheLayout
 
@@ -23,6 +24,15 @@ class KeptGuest:
     uri: str
     overlay: str
     ssh: tuple[str, ...]
+    # What it shares as /code: a guest of another project is not this project's guest.
+    # Empty in records written before it was recorded.
+    code_dir: str = ""
+
+    @property
+    def port(self) -> str:
+        """The forwarded SSH port on 127.0.0.1, read from the ssh line ("" if none)."""
+        argv = list(self.ssh)
+        return argv[argv.index("-p") + 1] if "-p" in argv[:-1] else ""
 
 
 def save(cache_dir: Path, guest: KeptGuest) -> None:
@@ -43,9 +53,17 @@ def _read(path: Path) -> KeptGuest | None:
             uri=str(data["uri"]),
             overlay=str(data["overlay"]),
             ssh=tuple(str(a) for a in data["ssh"]),
+            code_dir=str(data.get("code_dir", "")),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another devbox
+        return 0.0
 
 
 def load(
@@ -53,21 +71,38 @@ def load(
     running: Callable[[str], Iterable[str]],
     warn: Callable[[str], None],
 ) -> dict[str, KeptGuest]:
-    """Live kept guests by distro (the newest wins). ``running(uri)`` names the devbox
-    domains running at a libvirt URI; records of any other guest are removed."""
-    found: dict[str, KeptGuest] = {}
+    """Live kept guests by distro (the newest wins); see `load_all`."""
+    return {g.distro: g for g in load_all(cache_dir, running, warn)}
+
+
+def load_all(
+    cache_dir: Path,
+    running: Callable[[str], Iterable[str]],
+    warn: Callable[[str], None],
+) -> list[KeptGuest]:
+    """Live kept guests, oldest first. ``running(uri)`` names the devbox domains at a
+    libvirt URI; records of any other guest are removed."""
+    found: list[KeptGuest] = []
     live: dict[str, set[str]] = {}
+    unreachable: set[str] = set()
     kept_dir = CacheLayout(cache_dir).kept
-    records = sorted(kept_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    for path in records:
+    for path in sorted(kept_dir.glob("*.json"), key=_mtime):
         guest = _read(path)
         if guest is None:
             warn(f"ignoring unreadable record {path}; remove it if it stays")
             continue
         if guest.uri not in live:
-            live[guest.uri] = set(running(guest.uri))
+            try:
+                live[guest.uri] = set(running(guest.uri))
+            except DevboxError as e:
+                # Unreachable now is not gone: keep the record, skip it this time.
+                warn(f"cannot check the guests kept at {guest.uri}: {str(e).splitlines()[0]}")
+                live[guest.uri] = set()
+                unreachable.add(guest.uri)
+        if guest.uri in unreachable:
+            continue
         if guest.name not in live[guest.uri]:
             path.unlink(missing_ok=True)  # its guest is gone: the record is stale
             continue
-        found[guest.distro] = guest
+        found.append(guest)
     return found

@@ -9,11 +9,16 @@ starts; a bad one is a `pytest.UsageError` that names where it came from.
 `resolve` knows nothing of pytest's `Config`: the `devbox` command can pass its own
 command-line values (by option key), an ini reader of the same project files, and its
 own flag names for the messages.
+
+Messages of every layer name an option by its pytest flag (`--devbox-offline`): that is
+the option's name in the table. A face that spells its flags otherwise rewrites them
+with `spell_for_command`, so every hint names a flag of the face that printed it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,6 +50,7 @@ class Option:
     default_help: str = ""  # how --help names the default when Settings' value won't do
     choices: tuple[str, ...] = ()
     must_exist: bool = False  # a "dir" that must already be a directory
+    cli: str = ""  # the devbox command's flag; "" where the command has none
 
 
 DISTROS = Option(
@@ -58,7 +64,15 @@ DISTROS = Option(
 )
 OPTIONS: tuple[Option, ...] = (
     DISTROS,
-    Option("uri", "--devbox-uri", "devbox_uri", "text", "libvirt connection URI", metavar="URI"),
+    Option(
+        "uri",
+        "--devbox-uri",
+        "devbox_uri",
+        "text",
+        "libvirt connection URI",
+        metavar="URI",
+        cli="--uri",
+    ),
     Option(
         "cache_dir",
         "--devbox-cache",
@@ -68,6 +82,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DIR",
         default_help="/var/cache/pytest-devbox as root, else $XDG_CACHE_HOME/pytest-devbox; "
         "$PYTEST_DEVBOX_CACHE overrides",
+        cli="--cache",
     ),
     Option(
         "code_dir",
@@ -78,6 +93,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DIR",
         default_help="pytest's rootdir",
         must_exist=True,
+        cli="--code-dir",
     ),
     Option(
         "accel",
@@ -87,6 +103,7 @@ OPTIONS: tuple[Option, ...] = (
         "virtualisation: kvm, tcg (software emulation) or auto (kvm where it really works)",
         metavar="|".join(ACCEL_CHOICES),
         choices=ACCEL_CHOICES,
+        cli="--accel",
     ),
     Option(
         "qemu_user",
@@ -97,6 +114,7 @@ OPTIONS: tuple[Option, ...] = (
         "yours) or libvirt (its configured user, which must reach the cache and code dir)",
         metavar="|".join(QEMU_USER_CHOICES),
         choices=QEMU_USER_CHOICES,
+        cli="--qemu-user",
     ),
     Option(
         "restore",
@@ -107,6 +125,7 @@ OPTIONS: tuple[Option, ...] = (
         "auto (profiles sharing /code over 9p; others boot) or off",
         metavar="|".join(RESTORE_CHOICES),
         choices=RESTORE_CHOICES,
+        cli="--restore",
     ),
     Option(
         "rebuild",
@@ -114,6 +133,7 @@ OPTIONS: tuple[Option, ...] = (
         "devbox_rebuild",
         "bool",
         "rebuild the cached disk images of the selected distros",
+        cli="--rebuild",
     ),
     Option(
         "keep",
@@ -121,6 +141,7 @@ OPTIONS: tuple[Option, ...] = (
         "devbox_keep",
         "bool",
         "leave the guests running after the session and print how to reach them",
+        cli="--keep",
     ),
     Option(
         "offline",
@@ -128,6 +149,7 @@ OPTIONS: tuple[Option, ...] = (
         "devbox_offline",
         "bool",
         "do not use the public virt-builder index: only local template repositories",
+        cli="--offline",
     ),
     Option(
         "repos",
@@ -136,11 +158,22 @@ OPTIONS: tuple[Option, ...] = (
         "list",
         "an extra virt-builder repository index URI (repeatable; one a line in the ini file)",
         metavar="URI",
+        cli="--repo",
     ),
 )
 HOW_TO_SELECT = (
     f"run with {DISTROS.flag}=debian-12 (or set {DISTROS.env} / the {DISTROS.ini} ini option)"
 )
+# The devbox command's flags by option key; its distros are words, not a flag.
+COMMAND_FLAGS: dict[str, str] = {o.key: o.cli for o in OPTIONS if o.cli} | {"distros": "DISTRO"}
+_PYTEST_FLAG = re.compile(r"--devbox(?:-[a-z]+)*(?![\w-])")
+
+
+def spell_for_command(text: str) -> str:
+    """`text` with every pytest flag of the table written as the devbox command's flag
+    (`--devbox-offline` -> `--offline`); flags the command lacks stay as they are."""
+    names = {o.flag: o.cli for o in OPTIONS if o.cli}
+    return _PYTEST_FLAG.sub(lambda m: names.get(m.group(0), m.group(0)), text)
 
 
 # --- pytest: the table as addoption and addini ----------------------------------------

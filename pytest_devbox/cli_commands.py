@@ -1,0 +1,262 @@
+"""The `devbox` subcommands but `run` (cli_run.py): each takes the parsed arguments and
+the project's resolved `Context`, prints what was asked for, returns the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import host, kept
+from .cli_context import Context, UsageProblem, in_parallel, log
+from .cli_run import remote_line
+from .distros import select
+from .errors import DevboxError
+from .kept import KeptGuest
+from .options import spell_for_command
+
+if TYPE_CHECKING:
+    from .distros import Profile
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    s = ctx.settings
+    checks = host.run_checks(
+        s.uri, s.cache_dir, s.accel, code_dir=s.code_dir, qemu_user=s.qemu_user
+    )
+    text = host.checks_json(checks) if args.json else host.format_checks(checks)
+    print(spell_for_command(text))
+    return 0 if all(c.ok or not c.required for c in checks) else 1
+
+
+def cmd_template_build(args: argparse.Namespace, ctx: Context) -> int:
+    from .templates import DEFAULT_MIRROR, TemplateRepo, default_repo_dir
+
+    repo = TemplateRepo(
+        args.repo_dir or default_repo_dir(ctx.settings.cache_dir),
+        mirror=args.mirror or DEFAULT_MIRROR,
+        log=log,
+    )
+    for distro in args.names:
+        outcome = repo.build(distro, force=args.force)
+        if outcome.built:
+            print(f"{distro}: built revision {outcome.revision} in {outcome.seconds:.0f} s")
+        else:
+            print(f"{distro}: up to date (revision {outcome.revision}), nothing to build")
+    print(f"repository: {repo.uri}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
+    profiles = ctx.selected("build")
+    cache = ctx.pool(profiles).cache
+    for profile in profiles:
+        t0 = time.monotonic()
+        info = cache.image_for(profile, rebuild=ctx.settings.rebuild)
+        state = "built" if info.built else "cached"
+        print(f"{profile.name}: {state} {info.path} ({time.monotonic() - t0:.0f} s)")
+    return 0
+
+
+# --- guests that stay up ---------------------------------------------------------------
+
+
+def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
+    """Boot `profiles` at once as guests that stay up; one line per distro."""
+    pool = ctx.pool(profiles, keep=True, **changes)
+    outcomes = in_parallel([p.name for p in profiles], pool.get)
+    failed = 0
+    for profile, outcome in zip(profiles, outcomes):
+        if isinstance(outcome, DevboxError):
+            failed += 1
+            log(f"{profile.name}: could not start: {spell_for_command(str(outcome))}")
+            continue
+        guest = ctx.remember(outcome)
+        print(f"{guest.distro}: {guest.name} is up: {shlex.join(guest.ssh)}")
+    pool.close()  # keep=True: detaches, the guests stay up
+    return 1 if failed else 0
+
+
+def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
+    profiles = ctx.selected("up")
+    up = {g.distro: g for g in ctx.kept()}
+    todo = []
+    for p in profiles:
+        guest = up.get(p.name)
+        if guest is None:
+            todo.append(p)
+        else:
+            print(f"{p.name}: {guest.name} is already up: {shlex.join(guest.ssh)}")
+    return start_kept(ctx, todo) if todo else 0
+
+
+def cmd_rebuild(args: argparse.Namespace, ctx: Context) -> int:
+    profiles = ctx.selected("rebuild")
+    names = {p.name for p in profiles}
+    for row in guest_rows(ctx):
+        if row.kept and row.distro in names:
+            destroy(ctx, row)
+    return start_kept(ctx, profiles, rebuild=True)
+
+
+def find_kept(ctx: Context, distro: str) -> KeptGuest:
+    """The guest `devbox up` left running for `distro`, or an error saying how to start one."""
+    select([distro], ctx.profiles)  # an unknown name is a usage error first
+    guest = {g.distro: g for g in ctx.kept()}.get(distro)
+    if guest is None:
+        raise DevboxError(f"no {distro} guest is up: start one with `devbox up {distro}`")
+    return guest
+
+
+def cmd_ssh(args: argparse.Namespace, ctx: Context) -> int:
+    if len(ctx.distros) != 1:
+        raise UsageProblem("name one distro: devbox ssh debian-12")
+    argv = list(find_kept(ctx, ctx.distros[0]).ssh)
+    if args.command:  # like ssh: the words are one line of shell code (run in /code)
+        argv.append(remote_line(args.command))
+    else:  # a login shell that starts where the code is
+        if sys.stdin.isatty():
+            argv[1:1] = ["-t"]
+        argv.append('cd /code 2>/dev/null; exec "${SHELL:-/bin/sh}" -l')
+    os.execvp(argv[0], argv)
+
+
+# --- listing and destroying -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestRow:
+    name: str
+    distro: str
+    state: str
+    kept: bool
+    started: float | None
+    image_key: str
+    owner_pid: str
+    overlay: str
+    record: KeptGuest | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distro": self.distro,
+            "state": self.state,
+            "kept": self.kept,
+            "uptime_seconds": None if self.started is None else int(time.time() - self.started),
+            "image_key": self.image_key,
+            "owner_pid": self.owner_pid,
+            "port": self.record.port if self.record else None,
+            "ssh": list(self.record.ssh) if self.record else None,
+            "code_dir": self.record.code_dir if self.record else None,
+        }
+
+
+def _started(meta: dict[str, str]) -> float | None:
+    try:
+        return float(meta["started"])
+    except (KeyError, ValueError):
+        return None
+
+
+def guest_rows(ctx: Context) -> list[GuestRow]:
+    """Every devbox domain at the configured URI, with its kept record if it has one."""
+    from . import domain as dom
+
+    records = {g.name: g for g in ctx.kept()}
+    conn = dom.connect(ctx.settings.uri)
+    try:
+        rows = []
+        for name, meta in dom.list_devbox_domains(conn):
+            try:
+                state = dom.Domain(conn.lookupByName(name)).state()
+            except Exception:  # vanished meanwhile: libvirtError or DomainError
+                state = "gone"
+            rows.append(
+                GuestRow(
+                    name=name,
+                    distro=meta.get("distro", "?"),
+                    state=state,
+                    kept=meta.get("keep") == "1",
+                    started=_started(meta),
+                    image_key=meta.get("image_key", ""),
+                    owner_pid=meta.get("owner_pid", ""),
+                    overlay=meta.get("overlay", ""),
+                    record=records.get(name),
+                )
+            )
+        return rows
+    finally:
+        conn.close()
+
+
+def _age(started: float | None) -> str:
+    if started is None:
+        return "?"
+    minutes = int(time.time() - started) // 60
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h"
+
+
+def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
+    rows = guest_rows(ctx)
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no devbox guests at {ctx.settings.uri}: start one with `devbox up DISTRO`")
+        return 0
+    w = max(len("DISTRO"), *(len(r.distro) for r in rows))
+    print(f"{'DISTRO':<{w}}  {'STATE':<9} {'UP':>7}  {'PORT':<6} {'IMAGE':<17} NAME")
+    for r in rows:
+        port = r.record.port if r.record else "-"
+        age = _age(r.started)
+        print(f"{r.distro:<{w}}  {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} {r.name}")
+        if r.record:
+            print(f"    {shlex.join(r.record.ssh)}")
+        elif r.kept:
+            print("    kept by a pytest session (--devbox-keep): its ssh line is in that summary")
+        else:
+            print(f"    in use by a pytest session (pid {r.owner_pid or '?'})")
+    return 0
+
+
+def destroy(ctx: Context, row: GuestRow) -> None:
+    import libvirt
+
+    from . import domain as dom
+
+    conn = dom.connect(ctx.settings.uri)
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.Domain(conn.lookupByName(row.name)).destroy()
+    finally:
+        conn.close()
+    if row.overlay:
+        Path(row.overlay).unlink(missing_ok=True)
+    kept.forget(ctx.settings.cache_dir, row.name)
+    print(f"destroyed {row.name} ({row.distro})")
+
+
+def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.names and not args.all:
+        raise UsageProblem("name guests or distros to destroy, or give --all")
+    rows = guest_rows(ctx)
+    # A distro name or --all means kept guests only: a running pytest session's guest
+    # goes only when named in full.
+    targets = [
+        r for r in rows if r.name in args.names or (r.kept and (args.all or r.distro in args.names))
+    ]
+    unmatched = [n for n in args.names if not any(n in (r.name, r.distro) for r in targets)]
+    for name in unmatched:
+        log(f"no kept devbox guest named {name} or of distro {name} at {ctx.settings.uri}")
+    for row in targets:
+        destroy(ctx, row)
+    if not targets and args.all:
+        print("no kept devbox guest to destroy")
+    return 1 if unmatched else 0

@@ -1,0 +1,146 @@
+"""What every `devbox` subcommand works with: the project's settings, resolved through
+the one options table exactly as the plugin resolves them (command line, then
+$PYTEST_DEVBOX*, then the project's pytest config file), its profiles, and the guests
+that `devbox up` left running."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import pytest
+
+from . import inifile, kept
+from .distros import Profile, load_profiles, select
+from .errors import DevboxError, ProfileError, UnknownDistro
+from .options import COMMAND_FLAGS, OPTIONS, Places, resolve
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .pool import Pool
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class UsageProblem(DevboxError):
+    """The command line asks for something that cannot be: exit status 2."""
+
+
+# What a person typed wrong (exit 2), as opposed to what went wrong while working (1).
+USAGE_ERRORS = (UsageProblem, pytest.UsageError, UnknownDistro, ProfileError)
+
+
+def log(line: str) -> None:
+    """Progress and notes: stderr, so stdout holds only what was asked for."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def running(uri: str) -> list[str]:
+    """Names of the devbox domains at `uri`."""
+    from . import domain as dom
+
+    conn = dom.connect(uri)
+    try:
+        return [name for name, _meta in dom.list_devbox_domains(conn)]
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    profiles: dict[str, Profile]
+    distros: list[str]  # named on the command line, else the project's selection
+    project: inifile.ProjectConfig
+
+    def selected(self, what: str = "up") -> list[Profile]:
+        """The profiles of the distros asked for; at least one, or a usage error."""
+        if not self.distros:
+            raise UsageProblem(
+                f"name a distro, e.g. `devbox {what} debian-12` (or set the devbox ini "
+                "option or $PYTEST_DEVBOX for this project)"
+            )
+        return select(self.distros, self.profiles)
+
+    def pool(self, profiles: Sequence[Profile], **changes: Any) -> Pool:
+        from .pool import Pool
+
+        return Pool(profiles, replace(self.settings, **changes), log=log)
+
+    def remember(self, machine: Machine) -> kept.KeptGuest:
+        """Record a guest left running, so later commands find it."""
+        guest = kept.KeptGuest(
+            machine.name,
+            machine.distro,
+            self.settings.uri,
+            str(machine.overlay),
+            tuple(machine.ssh_argv()),
+            code_dir=str(self.settings.code_dir),
+        )
+        kept.save(self.settings.cache_dir, guest)
+        return guest
+
+    def kept(self) -> list[kept.KeptGuest]:
+        """Guests `devbox up` left running (oldest first); stale records are dropped."""
+        return kept.load_all(self.settings.cache_dir, running, log)
+
+
+def _command_line(args: argparse.Namespace, pytest_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Values by option key: the command's own flags on top of pytest's addopts."""
+    values = dict(pytest_args)
+    for opt in OPTIONS:
+        own = getattr(args, opt.key, None)
+        if own is None:
+            continue
+        if opt.kind == "list":  # repeatable: pytest adds command-line ones to addopts'
+            own = [*values.get(opt.key, []), *own]
+        values[opt.key] = own
+    return values
+
+
+def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Context:
+    """Resolve the settings for `args` the way the plugin would in the same project."""
+    env = os.environ if env is None else env
+    start = Path(getattr(args, "project", None) or Path.cwd())
+    if not start.is_dir():
+        raise UsageProblem(f"--project {start}: not a directory")
+    project = inifile.locate(start)
+    cli = _command_line(args, inifile.pytest_args(project, env))
+    places = Places(cwd=Path.cwd(), ini_dir=project.ini_dir, rootdir=project.rootdir)
+    resolved = resolve(cli, project.read, places, env=env, flags=COMMAND_FLAGS)
+    profiles = load_profiles(project.rootdir)
+    return Context(resolved.settings, profiles, resolved.distros, project)
+
+
+def in_parallel(items: Sequence[T], work: Callable[[T], R]) -> list[R | DevboxError]:
+    """`work(item)` for every item, at the same time when there are several; each
+    result or the DevboxError it raised, in the order of `items`.
+
+    Daemon threads: Ctrl-C ends the command at once, and guests being started go with
+    the process (libvirt destroys them with our connection)."""
+    results: list[R | DevboxError] = [DevboxError("not run")] * len(items)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = work(items[i])
+        except DevboxError as e:
+            results[i] = e
+
+    if len(items) == 1:
+        one(0)
+        return results
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)  # joined in slices so Ctrl-C reaches the main thread
+    return results
