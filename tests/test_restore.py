@@ -64,14 +64,17 @@ def test_restored_guests_are_usable_pristine_and_distinct(
         # The clock was stepped from the save's moment to now.
         guest_now = float(first.run("date +%s.%N", cwd=None).stdout)
         assert abs(guest_now - time.time()) < 2.0
-        first.run("touch /root/written-in-first")
+        first.run("touch /root/written-in-first", user="root")
         first_bytes = _urandom(first)
         # A second clone at the same time: another slot, another name, both running.
         second = _restore(profile, cache, code_dir)
         try:
             assert second.name != first.name
             assert first.domain.is_running() and second.domain.is_running()
-            assert second.run("test -e /root/written-in-first", check=False).exit_status == 1
+            assert (
+                second.run("test -e /root/written-in-first", check=False, user="root").exit_status
+                == 1
+            )
             assert _urandom(second) != first_bytes
             assert second.run("cat /code/restored-first.txt").stdout == "from-first\n"
             second.run("echo from-second > /code/restored-second.txt", user="devbox")
