@@ -118,9 +118,7 @@ PASSWORD = "0FbqAmh1qqTy5eCT"
 
 
 @pytest.mark.parametrize("exit_status", [0, 1], ids=["success", "failure"])
-def test_the_root_password_never_reaches_the_log_or_the_error(
-    root: Path, exit_status: int
-) -> None:
+def test_the_root_password_never_reaches_the_log_or_the_error(root: Path, exit_status: int) -> None:
     # The real run loop over virt-builder's real output: the line must come through (so
     # the check cannot pass by the line being absent), with the password hidden.
     assert PASSWORD in OUTPUT.read_text()
