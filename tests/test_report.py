@@ -11,7 +11,11 @@ from typing import IO
 
 import pytest
 
-from pytest_devbox.report import format_table
+from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.pool import DistroStats
+from pytest_devbox.report import format_table, summary_rows
+from pytest_devbox.session import DevboxSession
+from pytest_devbox.settings import Settings
 
 # A fixture that logs through the session, as the pool does while it builds and boots.
 CONFTEST = """
@@ -111,3 +115,26 @@ def test_format_table_aligns_text_left_and_numbers_right() -> None:
         "distro     boots    boot  image",
         "debian-12      1  21.5 s  cached",
     ]
+
+
+def test_the_summary_says_a_boot_was_retried() -> None:
+    # The pool counts a retried boot in its DistroStats (test_pool.py proves that on a
+    # real guest); the summary row of that distro must show it.
+    selected = [BUILTIN_PROFILES["debian-11"], BUILTIN_PROFILES["debian-12"]]
+    state = DevboxSession(
+        Settings(), dict(BUILTIN_PROFILES), selected, accel="tcg", log=lambda _: None
+    )
+    state.stats = {
+        "debian-11": DistroStats("debian-11", boots=1, boot_seconds=21.0, image_built=False),
+        "debian-12": DistroStats(
+            "debian-12", boots=1, boot_seconds=95.5, image_built=False, retried=1
+        ),
+    }
+    state.results = {"t.py::test_a[debian-12]": ("debian-12", "passed")}
+    assert summary_rows(state)[1:] == [
+        ("debian-11", "1", "21.0 s", "cached", "0", "0", "0"),
+        ("debian-12", "1", "95.5 s", "cached (retried 1)", "1", "0", "0"),
+    ]
+    assert format_table(summary_rows(state))[2].split() == [
+        "debian-12", "1", "95.5", "s", "cached", "(retried", "1)", "1", "0", "0",
+    ]  # fmt: skip
