@@ -29,7 +29,7 @@ def building(request):
     print("the test's own output stays captured")
     go = pathlib.Path("go")
     if request.config.getoption("--wait-for-go"):
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while not go.exists():
             if time.monotonic() > deadline:
                 pytest.fail("nobody saw the progress line")
@@ -86,9 +86,9 @@ def test_progress_arrives_while_the_fixture_still_runs(pytester: pytest.Pytester
         argv, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ
     )
     assert proc.stdout is not None
-    seen = _read_until(proc.stdout, PROGRESS.encode(), timeout=30)
+    seen = _read_until(proc.stdout, PROGRESS.encode(), timeout=120)
     (pytester.path / "go").touch()
-    rest = proc.communicate(timeout=60)[0]
+    rest = proc.communicate(timeout=180)[0]
     assert PROGRESS.encode() in seen, (seen + rest).decode()
     assert proc.returncode == 0, (seen + rest).decode()
 
