@@ -131,10 +131,11 @@ def test_the_summary_says_a_boot_was_retried() -> None:
         ),
     }
     state.results = {"t.py::test_a[debian-12]": ("debian-12", "passed")}
-    assert summary_rows(state)[1:] == [
-        ("debian-11", "1", "21.0 s", "cached", "0", "0", "0"),
-        ("debian-12", "1", "95.5 s", "cached (retried 1)", "1", "0", "0"),
-    ]
-    assert format_table(summary_rows(state))[2].split() == [
-        "debian-12", "1", "95.5", "s", "cached", "(retried", "1)", "1", "0", "0",
-    ]  # fmt: skip
+    # By heading: the table may gain columns (how guests started, ...).
+    heading, *rows = summary_rows(state)
+    cells = {row[0]: dict(zip(heading, row)) for row in rows}
+    assert cells["debian-11"]["image"] == "cached"
+    assert cells["debian-12"]["image"] == "cached (retried 1)"
+    assert (cells["debian-12"]["boots"], cells["debian-12"]["passed"]) == ("1", "1")
+    table = format_table(summary_rows(state))
+    assert "cached (retried 1)" in table[2] and table[2].startswith("debian-12 ")
