@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,6 +51,7 @@ class Option:
     default_help: str = ""  # how --help names the default when Settings' value won't do
     choices: tuple[str, ...] = ()
     must_exist: bool = False  # a "dir" that must already be a directory
+    writable: bool = False  # a "dir" we write into: made if missing, checked by a write
     cli: str = ""  # the devbox command's flag; "" where the command has none
 
 
@@ -83,6 +85,7 @@ OPTIONS: tuple[Option, ...] = (
         default_help="/var/cache/pytest-devbox as root, else $XDG_CACHE_HOME/pytest-devbox; "
         "$PYTEST_DEVBOX_CACHE overrides",
         cli="--cache",
+        writable=True,
     ),
     Option(
         "code_dir",
@@ -312,6 +315,15 @@ def _to_dir(opt: Option, value: Any, source: Source, places: Places, flag: str) 
         )
     if path.exists() and not path.is_dir():
         raise _usage(source, value, f"{path} is not a directory")
+    if opt.writable:
+        try:  # a real write: access() says yes to root even where writes fail
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise pytest.UsageError(
+                f"devbox: cannot use {path} as the {opt.key.replace('_', ' ')} ({e.strerror}); "
+                f"point {flag} (or the {opt.ini} ini option) at a writable directory"
+            ) from None
     return path
 
 
