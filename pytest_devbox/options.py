@@ -200,19 +200,24 @@ def flag_help(opt: Option) -> str:
     return f"{text} Overrides the '{opt.ini}' ini option."
 
 
+def argument_attrs(opt: Option, dest: str, help: str) -> dict[str, Any]:
+    """argparse's keywords for ``opt``'s flag, in either face. default=None everywhere:
+    "not given" must be told apart, so the environment and the ini file can decide."""
+    attrs: dict[str, Any] = {"dest": dest, "default": None, "help": help}
+    if opt.kind == "bool":
+        attrs["action"] = "store_true"
+        return attrs
+    attrs["metavar"] = opt.metavar
+    if opt.kind == "list":
+        attrs["action"] = "append"
+    return attrs
+
+
 def add_options(parser: pytest.Parser) -> None:
     """Register every option of the table as a flag and an ini option."""
     group = parser.getgroup("devbox", "run tests in disposable libvirt VMs (pytest-devbox)")
     for opt in OPTIONS:
-        # default=None everywhere: "not given" must be told apart to fall back to env/ini.
-        attrs: dict[str, Any] = {"dest": opt.ini, "default": None, "help": flag_help(opt)}
-        if opt.kind == "bool":
-            attrs["action"] = "store_true"
-        else:
-            attrs["metavar"] = opt.metavar
-        if opt.kind == "list":
-            attrs["action"] = "append"
-        group.addoption(opt.flag, **attrs)
+        group.addoption(opt.flag, **argument_attrs(opt, opt.ini, flag_help(opt)))
         if opt.kind == "bool":
             parser.addini(opt.ini, opt.help, type="bool", default=False)
         elif opt.kind == "list":
