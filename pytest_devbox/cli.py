@@ -50,6 +50,10 @@ def cmd_template_build(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     cache = _cache_for(args)
+    if args.dry_run:
+        from .dryrun import print_plans
+
+        return print_plans(cache, _profiles(args))
     for profile in _profiles(args):
         t0 = time.monotonic()
         info = cache.image_for(profile, rebuild=args.rebuild)
@@ -251,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     _image_args(p)
     p.add_argument("distros", nargs="+", metavar="DISTRO")
     p.add_argument("--rebuild", action="store_true")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the virt-builder command and commands file; build nothing, no network",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("up", help="boot guests that stay up until `devbox destroy`")
