@@ -143,6 +143,17 @@ _SELINUX_HOOK = r"""
 printf 'SELINUX=enforcing\nSELINUXTYPE=default\n' > "$root/etc/selinux/config"
 rm -f "$root/.autorelabel"
 sed -i 's/^  APPEND .*/& security=selinux selinux=1/' "$root/boot/extlinux/extlinux.conf"
+
+# Debian 12's reference policy has no labelling rule for virtiofs (no fs_use_xattr, no
+# genfscon): the share is unlabeled_t, creating a file there is denied (`associate`),
+# and a context= mount option is denied to systemd's mount (`relabelfrom`), all measured
+# on this template. Label it fusefs_t, the type of FUSE mounts, which virtiofs is, with
+# a genfscon as Fedora's policy does (O. Mosnacek, selinux@vger.kernel.org 2020-12-07,
+# "virtiofs and its optional xattr support vs. fs_use_xattr", re Fedora PR 478).
+printf '(genfscon virtiofs "/" (system_u object_r fusefs_t ((s0) (s0))))\n' \
+    > "$root/tmp/devbox-virtiofs.cil"
+chroot "$root" semodule -i /tmp/devbox-virtiofs.cil
+rm "$root/tmp/devbox-virtiofs.cil"
 """
 # Label the whole disk with the same step an image build ends with. extlinux makes
 # ldlinux.sys immutable, and an immutable file takes no xattr: lift the flag around the

@@ -90,6 +90,7 @@ def test_debian12_selinux_is_the_local_enforcing_variant() -> None:
     p = BUILTIN_PROFILES["debian-12-selinux"]
     assert (p.template, p.share, p.selinux) == ("debian-12-selinux", "virtiofs", True)
     assert not p.needs_network
+    assert p.customize == ()  # the template teaches its policy virtiofs: the plain line
 
 
 @pytest.mark.parametrize(

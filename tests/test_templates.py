@@ -83,6 +83,7 @@ def test_the_selinux_variant_is_debian_12_enforcing_and_labelled_at_build() -> N
     assert se.customize.startswith(plain.customize)
     assert "SELINUX=enforcing" in se.customize and "SELINUXTYPE=default" in se.customize
     assert "security=selinux selinux=1" in se.customize  # on the extlinux APPEND line
+    assert "(genfscon virtiofs" in se.customize  # the policy labels the share
     # Labelled by the same step an image build ends with, after extlinux, before unmount.
     lines = se.guestfish.splitlines()
     relabel = lines.index(f"sh {guestfish_quote(RELABEL_SHELL)}")
