@@ -91,6 +91,11 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
              "devbox build debian-12 centos-7", c.cmd_build,
              ("cache_dir", "accel", "rebuild", "offline", "repos"))  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the virt-builder command and commands file; build nothing, no network",
+    )
 
     p = _sub(sub, "up", "boot guests that stay up until `devbox destroy`",
              "devbox up debian-11,debian-12", c.cmd_up, BOOT)  # fmt: skip

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .distros import Profile
+from .selinux import RELABEL_COMMAND
 
 # Bump when the recipe changes in a way the hashed inputs below do not show.
 IMAGE_FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ def code_mount_type(line: str) -> str | None:
 def _customize_with_mount(profile: Profile) -> list[str]:
     """The profile's customize lines, with /code mounted the way its share says.
 
-    A profile may carry its own /code fstab line (centos-7's original recipe does);
+    A profile may carry its own /code fstab line (centos-7 keeps the design recipe's);
     it stands when it mounts the profile's share. A line for another share kind was
     inherited through ``extends`` from a profile with another share, and would
     mount the wrong thing: it is dropped, and the share's own line added.
@@ -70,6 +71,8 @@ def _customize_with_mount(profile: Profile) -> list[str]:
 def commands(profile: Profile, guest_user: GuestUser, public_key: Path) -> list[str]:
     """The virt-builder commands-file lines for ``profile``, in order."""
     user, uid, gid = guest_user
+    # Last: every file the build wrote (keys, users, packages) gets its SELinux label.
+    relabel = [RELABEL_COMMAND] if profile.relabels else []
     return [
         *_customize_with_mount(profile),
         # -o: the host's uid/gid may already exist in the guest; the point is the number.
@@ -83,6 +86,7 @@ def commands(profile: Profile, guest_user: GuestUser, public_key: Path) -> list[
         # Host keys made now belong to the image, so every guest booted from it
         # presents the same key and the pin per image holds.
         "run-command ssh-keygen -A",
+        *relabel,
     ]
 
 

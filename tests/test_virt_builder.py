@@ -45,7 +45,7 @@ def test_config_dir_holds_only_the_wanted_repos(root: Path, tmp_path: Path) -> N
     online = confs(builder(root, public_index=True))
     assert online[0].endswith(local)
     assert online[1].startswith(f"[libguestfs.org]\nuri={PUBLIC_INDEX}\n")
-    assert PUBLIC_INDEX == "http://builder.libguestfs.org/index.asc"
+    assert PUBLIC_INDEX == "https://builder.libguestfs.org/index.asc"
     extra = tmp_path / "repo" / "index"
     p = replace(BUILTIN_PROFILES["debian-12"], repos=("https://example.org/index.asc",))
     three = confs(builder(root, repos=[str(extra)]), p)
