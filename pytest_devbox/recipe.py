@@ -19,6 +19,7 @@ from .selinux import RELABEL_COMMAND
 # Bump when the recipe changes in a way the hashed inputs below do not show.
 IMAGE_FORMAT_VERSION = 1
 GUEST_USER = "devbox"
+SSHD_SETTINGS = ("MaxSessions 64", "MaxStartups 64:30:128")
 # (name, uid, gid) of the unprivileged guest user.
 GuestUser = tuple[str, int, int]
 
@@ -83,6 +84,11 @@ def commands(profile: Profile, guest_user: GuestUser, public_key: Path) -> list[
         f"append-line /etc/sudoers.d/{user}:{user} ALL=(ALL) NOPASSWD:ALL",
         f"chmod 0440:/etc/sudoers.d/{user}",
         f"ssh-inject {user}:file:{public_key}",
+        # Threads share one connection per login, and under software emulation a session
+        # outlives its channel a while: sshd's default of 10 sessions per connection is
+        # too few. MaxStartups: many logins at once (xdist workers, pasted ssh lines).
+        # Appended: no stock sshd_config of ours ends in a Match block that would scope it.
+        *(f"append-line /etc/ssh/sshd_config:{line}" for line in SSHD_SETTINGS),
         # Host keys made now belong to the image, so every guest booted from it
         # presents the same key and the pin per image holds.
         "run-command ssh-keygen -A",

@@ -28,6 +28,8 @@ mkdir /etc/sudoers.d
 append-line /etc/sudoers.d/devbox:devbox ALL=(ALL) NOPASSWD:ALL
 chmod 0440:/etc/sudoers.d/devbox
 ssh-inject devbox:file:@CACHE@/ssh/id_ed25519.pub
+append-line /etc/ssh/sshd_config:MaxSessions 64
+append-line /etc/ssh/sshd_config:MaxStartups 64:30:128
 run-command ssh-keygen -A
 """
     + RELABEL

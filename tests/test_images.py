@@ -79,6 +79,9 @@ def user_lines(c: ImageCache) -> list[str]:
         "append-line /etc/sudoers.d/devbox:devbox ALL=(ALL) NOPASSWD:ALL",
         "chmod 0440:/etc/sudoers.d/devbox",
         f"ssh-inject devbox:file:{c.root}/ssh/id_ed25519.pub",
+        # Many threads on one connection per login (issue 16): sshd's limits raised.
+        "append-line /etc/ssh/sshd_config:MaxSessions 64",
+        "append-line /etc/ssh/sshd_config:MaxStartups 64:30:128",
         "run-command ssh-keygen -A",
     ]
 
