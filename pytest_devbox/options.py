@@ -152,6 +152,15 @@ OPTIONS: tuple[Option, ...] = (
         cli="--offline",
     ),
     Option(
+        "eager",
+        "--devbox-eager",
+        "devbox_eager",
+        "bool",
+        "start the shared guests of every selected distro at session start, at the same "
+        "time (as many at once as cores and memory allow), not when each one's first test "
+        "asks",
+    ),
+    Option(
         "repos",
         "--devbox-repo",
         "devbox_repo",
@@ -197,9 +206,21 @@ def flag_help(opt: Option) -> str:
     return f"{text} Overrides the '{opt.ini}' ini option."
 
 
+# An action, not a setting: no ini twin, no Settings field.
+MATRIX_FLAG = "--devbox-matrix"
+
+
 def add_options(parser: pytest.Parser) -> None:
     """Register every option of the table as a flag and an ini option."""
     group = parser.getgroup("devbox", "run tests in disposable libvirt VMs (pytest-devbox)")
+    group.addoption(
+        MATRIX_FLAG,
+        dest="devbox_matrix",
+        action="store_true",
+        default=False,
+        help="print the selected distros (every known profile when none is selected) as a "
+        "JSON list, for a CI matrix, and exit.",
+    )
     for opt in OPTIONS:
         # default=None everywhere: "not given" must be told apart to fall back to env/ini.
         attrs: dict[str, Any] = {"dest": opt.ini, "default": None, "help": flag_help(opt)}

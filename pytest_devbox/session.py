@@ -19,6 +19,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .distros import Profile
+    from .machine import Machine
     from .pool import DistroStats, Pool
 
 
@@ -55,6 +56,9 @@ class DevboxSession:
         self.close_error = ""
         # A distro whose shared guest failed to start: later tests fail fast, not reboot.
         self.broken: dict[str, str] = {}
+        # distro -> whether a collected test uses its shared guest (else only fresh ones).
+        self.planned: dict[str, bool] = {}
+        self._warmed = False
         self._pool: Pool | None = None
 
     @property
@@ -70,6 +74,44 @@ class DevboxSession:
             self._pool = Pool(self.selected, self.settings, log=self.log)
             self.stats = self._pool.stats
         return self._pool
+
+    def plan(self, items: list[pytest.Item], param: str) -> None:
+        """Note which distros the collected tests need, and which need the shared guest."""
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            distro = callspec.params.get(param) if callspec is not None else None
+            if distro is None or item.get_closest_marker("skip") is not None:
+                continue
+            shared = "devbox" in getattr(item, "fixturenames", ())
+            self.planned[distro] = self.planned.get(distro, False) or shared
+
+    def warm_up(self, *, eager: bool) -> None:
+        """Once a session: build the planned distros' missing images at the same time
+        (with `eager`, start their shared guests too). A distro that failed is broken:
+        its tests fail with the error instead of trying again."""
+        if self._warmed:
+            return
+        self._warmed = True
+        distros = [d for d in self.selected_names if d in self.planned]
+        if eager:
+            distros = [d for d in distros if self.planned[d]]
+        elif len(distros) < 2:
+            return  # one distro: its first test builds the image and boots, as before
+        for distro, error in self.pool.prepare(distros, boot=eager).items():
+            self.broken.setdefault(distro, error.splitlines()[0] if error else "failed")
+
+    def shared_machine(self, distro: str) -> Machine | None:
+        """The running shared guest of `distro`, or None (never starts one)."""
+        return None if self._pool is None else self._pool.running(distro)
+
+    def release(self, distro: str) -> None:
+        """`distro`'s tests are done: stop its shared guest (kept with --devbox-keep)."""
+        if self._pool is None:
+            return
+        try:
+            self._pool.release(distro)
+        except DevboxError as e:
+            self.close_error = self.close_error or str(e)
 
     def close(self) -> None:
         """Stop every guest (idempotent); with keep, remember how to reach them."""
@@ -145,6 +187,19 @@ def open_session(
         except DevboxError as e:
             raise pytest.UsageError(f"devbox: {e}") from e
     return DevboxSession(resolved.settings, profiles, selected, accel=accel, log=log)
+
+
+def matrix(resolved: Resolved, project_dir: Path) -> list[str]:
+    """The distros a CI matrix runs: the selected ones, or every known profile."""
+    from .distros import load_profiles, select
+
+    try:
+        profiles = load_profiles(project_dir)
+        if resolved.distros:
+            return [p.name for p in select(resolved.distros, profiles)]
+    except (ProfileError, UnknownDistro) as e:
+        raise pytest.UsageError(f"devbox: {e}") from e
+    return sorted(profiles)
 
 
 def marker_limits(node: Any, profiles: dict[str, Profile]) -> tuple[set[str] | None, set[str]]:

@@ -37,3 +37,4 @@ class Settings:
     boot_timeout: float | None = None
     boot_retries: int = 1
     restore: str = "auto"
+    eager: bool = False  # start every selected distro's shared guest at session start
