@@ -114,4 +114,4 @@ def test_fixtures_of_any_scope_run_once_per_distro_and_guests_stop_in_turn(
     # ...and while debian-12's tests run, debian-11's guest is gone.
     assert all(e["running"] == [e["test"]] for e in tests), tests
     stopped = out.index("debian-11: stopping the shared guest")
-    assert stopped < out.index("test_one.py::test_a[debian-12]"), out
+    assert stopped < out.index("test_one.py::test_a[debian-12] PASSED"), out
