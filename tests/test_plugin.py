@@ -386,3 +386,31 @@ def test_failed_test_reports_console_and_commands(pytester: pytest.Pytester) -> 
             "debian-12 * 1 * s * 1 * 1 * 0",
         ]
     )
+
+
+def test_fixtures_of_any_scope_may_use_devbox(pytester: pytest.Pytester) -> None:
+    """A user's session- or module-scoped fixture on `devbox` is no ScopeMismatch; with
+    libvirt unreachable each fails with the start error (the VM tier counts real runs)."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def built(devbox):
+            return devbox
+
+        @pytest.fixture(scope="module")
+        def prepared(devbox):
+            return devbox
+
+        def test_session(built):
+            pass
+
+        def test_module(prepared):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12")
+    result.assert_outcomes(errors=2)
+    assert "ScopeMismatch" not in result.stdout.str()
+    assert result.stdout.str().count("devbox: could not start debian-12: libvirtd") == 2
