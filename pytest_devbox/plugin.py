@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from . import report
+from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .errors import DevboxError
 from .options import HOW_TO_SELECT, add_options, resolve_config
 from .session import DevboxSession, matrix, open_session
@@ -53,6 +54,15 @@ def pytest_configure(config: pytest.Config) -> None:
     state = open_session(resolve_config(config), config.rootpath, report.live_log(config))
     config.stash[state_key] = state
     config.pluginmanager.register(state, "devbox-session")
+    if not state.selected:
+        return
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        state.broker_path = workerinput.get(WORKER_INPUT_KEY)
+    elif getattr(config.option, "dist", "no") != "no":
+        # pytest-xdist's controller: it owns the shared guests, its workers borrow them.
+        state.start_broker()
+        config.pluginmanager.register(XdistController(state), "devbox-xdist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -69,6 +79,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(state_key, None)
     if state is not None:
         state.close()
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: xdist sends it after this hook
+            workeroutput[WORKER_OUTPUT_KEY] = state.worker_stats()
+
+
+class XdistController:
+    """pytest-xdist's hooks on the controller, registered only under xdist (pytest would
+    reject hooks it has no spec for when xdist is not installed)."""
+
+    def __init__(self, state: DevboxSession) -> None:
+        self.state = state
+
+    def pytest_configure_node(self, node: Any) -> None:
+        assert self.state.broker is not None
+        node.workerinput[WORKER_INPUT_KEY] = str(self.state.broker.path)
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        # A crashed worker sends nothing: its fresh guests died with it, uncounted.
+        stats = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY)
+        if stats:
+            self.state.add_worker_stats(stats)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -209,7 +240,7 @@ def devbox(request: pytest.FixtureRequest, _devbox_distro: str) -> Generator[Mac
     _ready(state, _devbox_distro)
     error = ""
     try:
-        machine = state.pool.get(_devbox_distro)
+        machine = state.shared(_devbox_distro)
     except DevboxError as e:
         error = str(e)
     if error:

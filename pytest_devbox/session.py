@@ -6,7 +6,7 @@ fixture needs a guest, so a session that selects no distro never opens a connect
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,6 +18,7 @@ from .options import HOW_TO_SELECT, Resolved
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .broker import Broker
     from .distros import Profile
     from .machine import Machine
     from .pool import DistroStats, Pool
@@ -60,6 +61,10 @@ class DevboxSession:
         self.planned: dict[str, bool] = {}
         self._warmed = False
         self._pool: Pool | None = None
+        # pytest-xdist: the controller's broker, or a worker's way to it (broker.py).
+        self.broker: Broker | None = None
+        self.broker_path: str | None = None
+        self.attached: dict[str, Machine] = {}  # a worker's view of the shared guests
 
     @property
     def selected_names(self) -> list[str]:
@@ -97,16 +102,54 @@ class DevboxSession:
             distros = [d for d in distros if self.planned[d]]
         elif len(distros) < 2:
             return  # one distro: its first test builds the image and boots, as before
-        for distro, error in self.pool.prepare(distros, boot=eager).items():
+        if eager and self.broker_path is not None:
+            errors = self._borrow_all(distros)  # an xdist worker: the controller boots
+        else:
+            errors = self.pool.prepare(distros, boot=eager)
+        for distro, error in errors.items():
             self.broken.setdefault(distro, error.splitlines()[0] if error else "failed")
+
+    def _borrow_all(self, distros: list[str]) -> dict[str, str]:
+        from .parallel import run_bounded
+
+        results = run_bounded(distros, self.shared, len(distros))
+        return {d: str(r) for d, r in zip(distros, results) if isinstance(r, DevboxError)}
+
+    def shared(self, distro: str) -> Machine:
+        """The shared guest of `distro`: the pool's, or under xdist the controller's."""
+        if self.broker_path is None:
+            return self.pool.get(distro)
+        from .broker import ask, attach
+
+        machine = self.attached.get(distro)
+        if machine is None or machine.closed:
+            info = ask(self.broker_path, distro)
+            machine = attach(self.profiles[distro], info, self.settings)
+            self.attached[distro] = machine
+        return machine
+
+    def start_broker(self) -> None:
+        """Under xdist, on the controller: serve the shared guests to the workers."""
+        from .broker import Broker, describe
+
+        pool = self.pool  # created here, in one thread, before any worker asks
+        self.broker = Broker(lambda distro: describe(pool.get(distro)))
 
     def shared_machine(self, distro: str) -> Machine | None:
         """The running shared guest of `distro`, or None (never starts one)."""
+        attached = self.attached.get(distro)
+        if attached is not None and not attached.closed:
+            return attached
         return None if self._pool is None else self._pool.running(distro)
 
     def release(self, distro: str) -> None:
-        """`distro`'s tests are done: stop its shared guest (kept with --devbox-keep)."""
-        if self._pool is None:
+        """`distro`'s tests are done: stop its shared guest (kept with --devbox-keep).
+        A worker only lets go of it: the controller stops it at its own end."""
+        attached = self.attached.pop(distro, None)
+        if attached is not None:
+            attached.detach()
+            return
+        if self._pool is None or self.broker is not None:
             return
         try:
             self._pool.release(distro)
@@ -115,6 +158,12 @@ class DevboxSession:
 
     def close(self) -> None:
         """Stop every guest (idempotent); with keep, remember how to reach them."""
+        for machine in self.attached.values():
+            machine.detach()
+        self.attached.clear()
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -141,6 +190,27 @@ class DevboxSession:
             f"the devbox marker ({'; '.join(limits)}) excludes every selected distro "
             f"({', '.join(names)})"
         )
+
+    def worker_stats(self) -> dict[str, dict[str, Any]]:
+        """This xdist worker's per-distro stats (its fresh guests, its image builds)."""
+        return {name: asdict(st) for name, st in self.stats.items()}
+
+    def add_worker_stats(self, stats: dict[str, dict[str, Any]]) -> None:
+        """Count an xdist worker's boots and builds in the controller's summary."""
+        from .pool import DistroStats
+
+        for name, theirs in stats.items():
+            ours = self.stats.setdefault(name, DistroStats(name))
+            ours.boots += theirs["boots"]
+            ours.restores += theirs["restores"]
+            ours.retried += theirs["retried"]
+            for field in ("boot_seconds", "restore_seconds"):
+                if getattr(ours, field) is None:
+                    setattr(ours, field, theirs[field])
+            if theirs["image_built"] and not ours.image_built:
+                ours.image_built, ours.build_seconds = True, theirs["build_seconds"]
+            elif ours.image_built is None:
+                ours.image_built = theirs["image_built"]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         distro = getattr(report, "devbox_distro", None)
