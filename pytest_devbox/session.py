@@ -110,9 +110,10 @@ class DevboxSession:
             self.broken.setdefault(distro, error.splitlines()[0] if error else "failed")
 
     def _borrow_all(self, distros: list[str]) -> dict[str, str]:
-        from .parallel import run_bounded
+        from .parallel import limit, run_bounded
 
-        results = run_bounded(distros, self.shared, len(distros))
+        at_once = limit(len(distros), max(self.profiles[d].memory_mib for d in distros))
+        results = run_bounded(distros, self.shared, at_once)
         return {d: str(r) for d, r in zip(distros, results) if isinstance(r, DevboxError)}
 
     def shared(self, distro: str) -> Machine:
