@@ -18,7 +18,7 @@ from . import report
 from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .errors import DevboxError
 from .options import HOW_TO_SELECT, add_options, resolve_config
-from .session import DevboxSession, matrix, open_session
+from .session import DevboxSession, distro_in_nodeid, matrix, open_session
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -94,6 +94,13 @@ class XdistController:
     def pytest_configure_node(self, node: Any) -> None:
         assert self.state.broker is not None
         node.workerinput[WORKER_INPUT_KEY] = str(self.state.broker.path)
+
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
+        # xdist makes the crashed test's report itself, without our distro: the summary
+        # counts it as its distro's failure all the same.
+        distro = distro_in_nodeid(crashitem, self.state.selected_names)
+        if distro is not None:
+            report.devbox_distro = distro  # type: ignore[attr-defined]
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         # A crashed worker sends nothing: its fresh guests died with it, uncounted.

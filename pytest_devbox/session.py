@@ -273,6 +273,16 @@ def matrix(resolved: Resolved, project_dir: Path) -> list[str]:
     return sorted(profiles)
 
 
+def distro_in_nodeid(nodeid: str, names: list[str]) -> str | None:
+    """The distro in a test id's parameters (`test_x[debian-12-1]`), the longest name
+    that fits (debian-11-9p, not debian-11); None when there is none."""
+    if not nodeid.endswith("]") or "[" not in nodeid:
+        return None
+    params = "-" + nodeid[nodeid.index("[") + 1 : -1] + "-"
+    found = [n for n in names if f"-{n}-" in params]
+    return max(found, key=len) if found else None
+
+
 def marker_limits(node: Any, profiles: dict[str, Profile]) -> tuple[set[str] | None, set[str]]:
     """(include or None for no limit, exclude) from every devbox marker on a test.
 

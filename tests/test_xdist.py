@@ -18,6 +18,7 @@ from pytest_devbox import domain as dom
 from pytest_devbox.broker import Broker, ask
 from pytest_devbox.errors import DevboxError
 from pytest_devbox.host import default_cache_dir
+from pytest_devbox.session import distro_in_nodeid
 
 pytest.importorskip("xdist")
 BAD_URI = "qemu:///system?socket=/nonexistent"
@@ -155,7 +156,7 @@ def test_xdist_run_shares_one_guest_and_a_crashed_worker_leaks_nothing(tmp_path:
         # Never more than one shared guest (the controller's) in libvirt during the run.
         owned = [d for d in e["domains"] if d[2] == str(e["controller"])]
         assert [d[0] for d in owned] == list(shared), e
-    assert "crashed while running 'test_inner.py::test_crash'" in out, out
+    assert "crashed while running 'test_inner.py::test_crash[debian-12]'" in out, out
     assert proc.returncode == 1, out  # the crashed test failed; the others passed
     print(f"workers used: {sorted(w for w in workers if w)}")
     # Nothing of the run is left: not the controller's guest, not the dead worker's one.
@@ -174,3 +175,13 @@ def test_xdist_run_shares_one_guest_and_a_crashed_worker_leaks_nothing(tmp_path:
     fresh_pid = next(e["pid"] for e in entries if e["test"] == "fresh")
     crash_pid = next(e["pid"] for e in entries if e["test"] == "crash")
     assert row.split()[1] == ("2" if fresh_pid != crash_pid else "1"), summary
+    assert row.split()[-3:] == ["5", "1", "0"], summary  # the crash counts as a failure
+
+
+def test_the_distro_of_a_crashed_tests_id() -> None:
+    names = ["debian-11", "debian-11-9p", "debian-12"]
+    assert distro_in_nodeid("t.py::test_x[debian-12]", names) == "debian-12"
+    assert distro_in_nodeid("t.py::test_x[debian-11-9p-3]", names) == "debian-11-9p"
+    assert distro_in_nodeid("t.py::test_x[3-debian-11]", names) == "debian-11"
+    assert distro_in_nodeid("t.py::test_x", names) is None
+    assert distro_in_nodeid("t.py::test_x[centos-7]", names) is None
