@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def main() -> None:
             f"--devbox={distros}", "-q"]  # fmt: skip
     before = {name for name, _ in domains()}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=EXAMPLES, stdout=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # a pipe unread while we poll could fill and block
+    proc = subprocess.Popen(argv, cwd=EXAMPLES, stdout=log, stderr=subprocess.STDOUT, text=True)
     shared_most: collections.Counter[str] = collections.Counter()
     fresh_most = 0
     owners = {str(proc.pid)}  # the controller and every worker seen owning a guest
@@ -60,7 +62,8 @@ def main() -> None:
         owners.update(m["owner_pid"] for m in fresh)
         time.sleep(1.0)
     seconds = time.perf_counter() - t0
-    out = proc.stdout.read() if proc.stdout else ""
+    log.seek(0)
+    out = log.read()
     left = [name for name, m in domains() if m.get("owner_pid") in owners]
     print(f"pytest -n {n} examples --devbox={distros}: exit {proc.returncode} in {seconds:.0f} s")
     print(f"most shared guests at once (controller's), per distro: {dict(shared_most)}")
