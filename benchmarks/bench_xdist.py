@@ -39,20 +39,15 @@ def parent(pid: str) -> str:
         return ""
 
 
-def main() -> None:
-    n = sys.argv[1] if len(sys.argv) > 1 else "4"
-    distros = sys.argv[2] if len(sys.argv) > 2 else "debian-11,debian-12"
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", n,
-            f"--devbox={distros}", "-q"]  # fmt: skip
+def watch(proc: subprocess.Popen[str]) -> tuple[dict[str, int], int, set[str]]:
+    """Until `proc` ends: the most shared guests per distro and fresh guests at once,
+    and the pids that owned them (the controller and its workers)."""
+    controller = str(proc.pid)
     before = {name for name, _ in domains()}
-    t0 = time.perf_counter()
-    log = tempfile.TemporaryFile("w+")  # a pipe unread while we poll could fill and block
-    proc = subprocess.Popen(argv, cwd=EXAMPLES, stdout=log, stderr=subprocess.STDOUT, text=True)
     shared_most: collections.Counter[str] = collections.Counter()
     fresh_most = 0
-    owners = {str(proc.pid)}  # the controller and every worker seen owning a guest
+    owners = {controller}
     while proc.poll() is None:
-        controller = str(proc.pid)
         found = [m for name, m in domains() if name not in before]
         shared = collections.Counter(m["distro"] for m in found if m.get("owner_pid") == controller)
         for distro, count in shared.items():
@@ -61,14 +56,27 @@ def main() -> None:
         fresh_most = max(fresh_most, len(fresh))
         owners.update(m["owner_pid"] for m in fresh)
         time.sleep(1.0)
-    seconds = time.perf_counter() - t0
-    log.seek(0)
-    out = log.read()
+    return dict(shared_most), fresh_most, owners
+
+
+def main() -> None:
+    n = sys.argv[1] if len(sys.argv) > 1 else "4"
+    distros = sys.argv[2] if len(sys.argv) > 2 else "debian-11,debian-12"
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", n,
+            f"--devbox={distros}", "-q"]  # fmt: skip
+    t0 = time.perf_counter()
+    # A file, not a pipe: an unread pipe could fill while we poll and block pytest.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, cwd=EXAMPLES, stdout=log, stderr=subprocess.STDOUT, text=True)
+        shared_most, fresh_most, owners = watch(proc)
+        seconds = time.perf_counter() - t0
+        log.seek(0)
+        out = log.read()
     left = [name for name, m in domains() if m.get("owner_pid") in owners]
     print(f"pytest -n {n} examples --devbox={distros}: exit {proc.returncode} in {seconds:.0f} s")
-    print(f"most shared guests at once (controller's), per distro: {dict(shared_most)}")
-    print(f"most fresh guests at once (workers'): {fresh_most}")
-    print(f"devbox domains left after the run: {left or 'none'}")
+    print(f"most shared guests at once (the controller's), per distro: {shared_most}")
+    print(f"most fresh guests at once (the workers'): {fresh_most}")
+    print(f"devbox domains of the run left after it: {left or 'none'}")
     summary = out[out.find("= devbox =") :] if "= devbox =" in out else out[-2000:]
     print(summary.rstrip())
 
