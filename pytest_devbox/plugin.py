@@ -165,13 +165,16 @@ def pytest_runtest_makereport(
         return
     # Travels with the report (also through xdist) so the summary can count per distro.
     test_report.devbox_distro = distro  # type: ignore[attr-defined]
+    state = item.config.stash.get(state_key, None)
+    uses_shared = "devbox" in getattr(item, "fixturenames", ())
+    if state is not None and call.when == "teardown" and uses_shared:
+        state.test_done(distro)
     if test_report.failed:
         machines: list[Machine] = []
-        state = item.config.stash.get(state_key, None)
         shared = state.shared_machine(distro) if state is not None else None
         # The shared guest is a session fixture: any test of its distro that asked for
         # `devbox` (itself or through a fixture of its own) used it.
-        if shared is not None and "devbox" in getattr(item, "fixturenames", ()):
+        if shared is not None and uses_shared:
             machines.append(shared)
         fresh: list[Machine] = item.stash.get(_used_key, [])
         machines += fresh

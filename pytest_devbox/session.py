@@ -59,6 +59,8 @@ class DevboxSession:
         self.broken: dict[str, str] = {}
         # distro -> whether a collected test uses its shared guest (else only fresh ones).
         self.planned: dict[str, bool] = {}
+        # distro -> tests using its shared guest not yet done: at 0 the guest may stop.
+        self.remaining: dict[str, int] = {}
         self._warmed = False
         self._pool: Pool | None = None
         # pytest-xdist: the controller's broker, or a worker's way to it (broker.py).
@@ -85,10 +87,17 @@ class DevboxSession:
         for item in items:
             callspec = getattr(item, "callspec", None)
             distro = callspec.params.get(param) if callspec is not None else None
-            if distro is None or item.get_closest_marker("skip") is not None:
+            if distro is None:
                 continue
             shared = "devbox" in getattr(item, "fixturenames", ())
-            self.planned[distro] = self.planned.get(distro, False) or shared
+            self.remaining[distro] = self.remaining.get(distro, 0) + shared
+            if item.get_closest_marker("skip") is None:
+                self.planned[distro] = self.planned.get(distro, False) or shared
+
+    def test_done(self, distro: str) -> None:
+        """A test that used `distro`'s shared guest is done."""
+        if self.remaining.get(distro, 0) > 0:
+            self.remaining[distro] -= 1
 
     def warm_up(self, *, eager: bool) -> None:
         """Once a session: build the planned distros' missing images at the same time
@@ -151,6 +160,10 @@ class DevboxSession:
             attached.detach()
             return
         if self._pool is None or self.broker is not None:
+            return
+        if self.remaining.get(distro, 0) > 0:
+            # Tests were reordered (pytest-randomly, say): more of this distro's tests
+            # come later, so the guest stays up for them instead of booting again.
             return
         try:
             self._pool.release(distro)

@@ -115,3 +115,47 @@ def test_fixtures_of_any_scope_run_once_per_distro_and_guests_stop_in_turn(
     assert all(e["running"] == [e["test"]] for e in tests), tests
     stopped = out.index("debian-11: stopping the shared guest")
     assert stopped < out.index("test_one.py::test_a[debian-12] PASSED"), out
+
+
+INTERLEAVE = """
+import pytest
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    # What pytest-randomly and friends do to the distro grouping: alternate distros.
+    items.sort(key=lambda item: (item.name.split("[")[0], item.name))
+"""
+
+MIXED = """
+import json, os
+
+def test_1(devbox):
+    with open(os.environ["PER_DISTRO_LOG"], "a") as f:
+        f.write(json.dumps([devbox.distro, devbox.name]) + "\\n")
+
+test_2 = test_3 = test_1
+"""
+
+
+def test_interleaved_distros_keep_their_guest_until_their_last_test(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(INTERLEAVE)
+    (tmp_path / "test_mixed.py").write_text(MIXED)
+    log = tmp_path / "log.jsonl"
+    env = {**os.environ, "PER_DISTRO_LOG": str(log)}
+    env.pop("PYTEST_DEVBOX", None)
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v",
+            "--devbox=debian-11,debian-12", "--devbox-offline",
+            f"--devbox-cache={default_cache_dir()}"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    order = [distro for distro, _ in runs]
+    assert order[:2] in (["debian-11", "debian-12"], ["debian-12", "debian-11"]), order
+    # Each distro kept one guest through every switch: booted once, not once a switch.
+    for distro in ("debian-11", "debian-12"):
+        assert len({name for d, name in runs if d == distro}) == 1, runs
+    summary = out[out.index("= devbox =") :]
+    for distro in ("debian-11", "debian-12"):
+        row = next(line for line in summary.splitlines() if line.startswith(distro))
+        assert row.split()[1] == "1", summary
