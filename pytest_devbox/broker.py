@@ -9,7 +9,8 @@ controller's libvirt connection (autodestroy) takes every guest with it, even on
 
 One JSON line each way over a Unix socket in a private directory of the controller. A
 distro that failed to start is remembered: the other workers fail fast with its error
-instead of booting it again.
+instead of booting it again. On Ctrl-C a guest still starting for a worker goes with the
+controller's process, as every guest does (libvirt destroys it with our connection).
 """
 
 from __future__ import annotations
