@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,46 @@ def test_the_distro_of_a_crashed_tests_id() -> None:
     assert distro_in_nodeid("t.py::test_x[3-debian-11]", names) == "debian-11"
     assert distro_in_nodeid("t.py::test_x", names) is None
     assert distro_in_nodeid("t.py::test_x[centos-7]", names) is None
+
+
+@pytest.mark.vm
+def test_ctrl_c_under_xdist_leaves_no_guest(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    (tmp_path / "test_slow.py").write_text(
+        "import json, os, pathlib, time\n\n"
+        "def test_slow(devbox, devbox_fresh):\n"
+        "    devbox.run('true')\n"
+        f"    pathlib.Path({str(started)!r}).write_text(json.dumps([os.getppid(), os.getpid()]))\n"
+        "    time.sleep(600)\n"
+    )
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2",
+            "--devbox=debian-12", "--devbox-offline",
+            f"--devbox-cache={default_cache_dir()}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_DEVBOX"}
+    out = tmp_path / "pytest.log"
+    log = out.open("w")
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 900
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.5)
+        owners = {str(pid) for pid in json.loads(started.read_text())}
+        assert len(_owned(owners)) == 2  # the controller's shared guest, the worker's fresh one
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    assert not _owned(owners), out.read_text()
+
+
+def _owned(pids: set[str]) -> list[str]:
+    conn = dom.connect("qemu:///system")
+    try:
+        return [n for n, m in dom.list_devbox_domains(conn) if m.get("owner_pid") in pids]
+    finally:
+        conn.close()
