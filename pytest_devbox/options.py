@@ -161,6 +161,15 @@ OPTIONS: tuple[Option, ...] = (
         "asks",
     ),
     Option(
+        "artifacts_dir",
+        "--devbox-artifacts",
+        "devbox_artifacts",
+        "dir",
+        "where a failed test's guests leave their console log, journal and kernel log "
+        "tails and SELinux denials, one directory per test (default: nowhere)",
+        metavar="DIR",
+    ),
+    Option(
         "repos",
         "--devbox-repo",
         "devbox_repo",

@@ -169,6 +169,8 @@ def pytest_runtest_makereport(
     uses_shared = "devbox" in getattr(item, "fixturenames", ())
     if state is not None and call.when == "teardown" and uses_shared:
         state.test_done(distro)
+    if call.when == "setup":  # a property of the test case in JUnit XML
+        item.user_properties.append(("devbox_distro", distro))
     if test_report.failed:
         machines: list[Machine] = []
         shared = state.shared_machine(distro) if state is not None else None
@@ -179,6 +181,9 @@ def pytest_runtest_makereport(
         fresh: list[Machine] = item.stash.get(_used_key, [])
         machines += fresh
         report.add_guest_sections(test_report, machines)
+        root = state.settings.artifacts_dir if state is not None else None
+        if root is not None and machines:
+            report.add_artifacts(test_report, machines, root, item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
