@@ -97,6 +97,10 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="print the virt-builder command and commands file; build nothing, no network",
     )
 
+    p = _sub(sub, "key", "print the image cache key of distros (for a CI cache)",
+             "devbox key debian-12", c.cmd_key, ("cache_dir", "offline", "repos"))  # fmt: skip
+    p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
+
     p = _sub(sub, "up", "boot guests that stay up until `devbox destroy`",
              "devbox up debian-11,debian-12", c.cmd_up, BOOT)  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)

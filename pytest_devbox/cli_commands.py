@@ -69,6 +69,20 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_key(args: argparse.Namespace, ctx: Context) -> int:
+    """The image cache key of each distro: a CI cache keyed by it restores the image
+    exactly when the image would be the same (recipe, template revision, guest user)."""
+    profiles = ctx.selected("key")
+    cache = ctx.pool(profiles).cache
+    keys = [(p.name, cache.key_for(p)) for p in profiles]
+    if len(keys) == 1:
+        print(keys[0][1])  # alone, for `key=$(devbox key debian-12)`
+    else:
+        for name, key in keys:
+            print(f"{name} {key}")
+    return 0
+
+
 # --- guests that stay up ---------------------------------------------------------------
 
 

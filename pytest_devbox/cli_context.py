@@ -19,7 +19,8 @@ import pytest
 from . import inifile, kept
 from .distros import Profile, load_profiles, select
 from .errors import DevboxError, ProfileError, UnknownDistro
-from .options import COMMAND_FLAGS, OPTIONS, Places, resolve
+from .options import COMMAND_FLAGS, OPTIONS
+from .resolution import Places, resolve
 from .settings import Settings
 
 if TYPE_CHECKING:

@@ -8,15 +8,18 @@ first time a fixture needs a guest.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from . import report
+from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .errors import DevboxError
-from .options import HOW_TO_SELECT, add_options, resolve_config
-from .session import DevboxSession, open_session
+from .options import HOW_TO_SELECT, add_options
+from .resolution import resolve_config
+from .session import DevboxSession, distro_in_nodeid, matrix, open_session
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -31,6 +34,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    if not config.getoption("devbox_matrix", False):
+        return None
+    # Before pytest_configure: nothing is collected, nothing touches libvirt.
+    print(json.dumps(matrix(resolve_config(config), config.rootpath)))
+    return 0
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -43,6 +55,15 @@ def pytest_configure(config: pytest.Config) -> None:
     state = open_session(resolve_config(config), config.rootpath, report.live_log(config))
     config.stash[state_key] = state
     config.pluginmanager.register(state, "devbox-session")
+    if not state.selected:
+        return
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        state.broker_path = workerinput.get(WORKER_INPUT_KEY)
+    elif getattr(config.option, "dist", "no") != "no":
+        # pytest-xdist's controller: it owns the shared guests, its workers borrow them.
+        state.start_broker()
+        config.pluginmanager.register(XdistController(state), "devbox-xdist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -59,6 +80,34 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(state_key, None)
     if state is not None:
         state.close()
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: xdist sends it after this hook
+            workeroutput[WORKER_OUTPUT_KEY] = state.worker_stats()
+
+
+class XdistController:
+    """pytest-xdist's hooks on the controller, registered only under xdist (pytest would
+    reject hooks it has no spec for when xdist is not installed)."""
+
+    def __init__(self, state: DevboxSession) -> None:
+        self.state = state
+
+    def pytest_configure_node(self, node: Any) -> None:
+        assert self.state.broker is not None
+        node.workerinput[WORKER_INPUT_KEY] = str(self.state.broker.path)
+
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
+        # xdist makes the crashed test's report itself, without our distro: the summary
+        # counts it as its distro's failure all the same.
+        distro = distro_in_nodeid(crashitem, self.state.selected_names)
+        if distro is not None:
+            report.devbox_distro = distro  # type: ignore[attr-defined]
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        # A crashed worker sends nothing: its fresh guests died with it, uncounted.
+        stats = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY)
+        if stats:
+            self.state.add_worker_stats(stats)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -73,9 +122,37 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if state is None:
         return
     distros, _why = state.distros_for(metafunc.definition)
-    # Without a distro the test is not parametrized; _devbox_distro skips it with the reason.
+    # Session scope: `devbox` and a user's fixture of any scope built on it exist once per
+    # distro, and pytest runs each distro's tests together (it groups by session params).
+    # Without a distro the test is not parametrized; collection_modifyitems skips it.
     if distros:
-        metafunc.parametrize(DISTRO_PARAM, distros, indirect=True, ids=distros)
+        metafunc.parametrize(DISTRO_PARAM, distros, indirect=True, ids=distros, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash.get(state_key, None)
+    if state is None:
+        return
+    for item in items:
+        if DISTRO_PARAM in getattr(item, "fixturenames", ()) and _distro_of(item) is None:
+            # A skip marker, not a skip in the session-scoped fixture: pytest would cache
+            # that skip and give every later test the first test's reason.
+            _, why = state.distros_for(item)
+            item.add_marker(pytest.mark.skip(reason=why or f"no devbox distro: {HOW_TO_SELECT}"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash.get(state_key, None)
+    if state is None or not state.selected or session.config.option.collectonly:
+        return
+    state.plan(session.items, DISTRO_PARAM)
+    if state.settings.eager:
+        state.warm_up(eager=True)
+
+
+def _distro_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(DISTRO_PARAM) if callspec is not None else None
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -84,15 +161,30 @@ def pytest_runtest_makereport(
 ) -> Generator[None, Any, None]:
     outcome = yield
     test_report: pytest.TestReport = outcome.get_result()
-    callspec = getattr(item, "callspec", None)
-    distro = callspec.params.get(DISTRO_PARAM) if callspec is not None else None
+    distro = _distro_of(item)
     if distro is None:
         return
     # Travels with the report (also through xdist) so the summary can count per distro.
     test_report.devbox_distro = distro  # type: ignore[attr-defined]
+    state = item.config.stash.get(state_key, None)
+    uses_shared = "devbox" in getattr(item, "fixturenames", ())
+    if state is not None and call.when == "teardown" and uses_shared:
+        state.test_done(distro)
+    if call.when == "setup":  # a property of the test case in JUnit XML
+        item.user_properties.append(("devbox_distro", distro))
     if test_report.failed:
-        machines: list[Machine] = item.stash.get(_used_key, [])
+        machines: list[Machine] = []
+        shared = state.shared_machine(distro) if state is not None else None
+        # The shared guest is a session fixture: any test of its distro that asked for
+        # `devbox` (itself or through a fixture of its own) used it.
+        if shared is not None and uses_shared:
+            machines.append(shared)
+        fresh: list[Machine] = item.stash.get(_used_key, [])
+        machines += fresh
         report.add_guest_sections(test_report, machines)
+        root = state.settings.artifacts_dir if state is not None else None
+        if root is not None and machines:
+            report.add_artifacts(test_report, machines, root, item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -114,18 +206,29 @@ def _record(request: pytest.FixtureRequest, machine: Machine) -> None:
     request.node.stash.setdefault(_used_key, []).append(machine)
 
 
+def _ready(state: DevboxSession, distro: str) -> None:
+    """Before the first guest: the other distros' images build alongside; then fail
+    fast for a distro that failed to start or build earlier."""
+    state.warm_up(eager=False)
+    if distro in state.broken:
+        pytest.fail(
+            f"devbox: could not start {distro} (tried once this session, not again): "
+            f"{state.broken[distro]}",
+            pytrace=False,
+        )
+
+
 def _fail_setup(distro: str, error: str) -> NoReturn:
     # Called outside the except block so the report shows our message, not a chain.
     pytest.fail(f"devbox: could not start {distro}: {error}", pytrace=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def _devbox_distro(request: pytest.FixtureRequest) -> str:
     """The distro this test instance runs on (set by pytest_generate_tests)."""
     distro: str | None = getattr(request, "param", None)
-    if distro is None:
-        _, why = _state(request).distros_for(request.node)
-        pytest.skip(why or f"no devbox distro selected: {HOW_TO_SELECT}")
+    if distro is None:  # pragma: no cover - collection_modifyitems skipped the test
+        pytest.skip(f"no devbox distro selected: {HOW_TO_SELECT}")
     return distro
 
 
@@ -141,29 +244,28 @@ def devbox_pool(request: pytest.FixtureRequest) -> Pool:
     return state.pool
 
 
-@pytest.fixture
-def devbox(request: pytest.FixtureRequest, _devbox_distro: str) -> Machine:
+@pytest.fixture(scope="session")
+def devbox(request: pytest.FixtureRequest, _devbox_distro: str) -> Generator[Machine, None, None]:
     """The running guest of this test's distro, shared by every test of that distro.
 
-    Started on first use, stopped at the end of the session (unless --devbox-keep).
+    Session-scoped and parametrized by distro: a fixture of any scope may use it, and
+    exists once per distro. Started on first use, stopped after the distro's last test
+    (kept running with --devbox-keep).
     """
     state = _state(request)
-    if _devbox_distro in state.broken:
-        pytest.fail(
-            f"devbox: {_devbox_distro} failed to start earlier in this session "
-            f"(see that test's error): {state.broken[_devbox_distro]}",
-            pytrace=False,
-        )
+    _ready(state, _devbox_distro)
     error = ""
     try:
-        machine = state.pool.get(_devbox_distro)
+        machine = state.shared(_devbox_distro)
     except DevboxError as e:
         error = str(e)
     if error:
         state.broken[_devbox_distro] = error.splitlines()[0]
         _fail_setup(_devbox_distro, error)
-    _record(request, machine)
-    return machine
+    yield machine
+    # pytest tears a session-parametrized fixture down when the next distro's tests begin
+    # (or at the session's end): this distro's tests are all done.
+    state.release(_devbox_distro)
 
 
 @pytest.fixture
@@ -171,10 +273,12 @@ def devbox_fresh(
     request: pytest.FixtureRequest, _devbox_distro: str
 ) -> Generator[Machine, None, None]:
     """A new guest of this test's distro for this test alone, destroyed afterwards."""
+    state = _state(request)
+    _ready(state, _devbox_distro)
     with contextlib.ExitStack() as stack:
         error = ""
         try:
-            machine = stack.enter_context(_state(request).pool.fresh(_devbox_distro))
+            machine = stack.enter_context(state.pool.fresh(_devbox_distro))
         except DevboxError as e:
             error = str(e)
         if error:

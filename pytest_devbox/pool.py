@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +16,7 @@ from .host import resolve_accel
 from .images import ImageCache
 from .launch import new_run_id
 from .machine import Machine
+from .parallel import limit, run_bounded
 from .restore import unrestorable
 from .settings import Settings
 from .sweep import remove_run_dir, sweep_leftovers
@@ -53,6 +56,13 @@ class Pool:
         self._rebuilt: set[str] = set()
         self._swept = False
         self._boot_only: dict[str, str] = {}  # distro -> why it is not restored
+        # prepare() starts distros in threads: one lock a distro keeps a test's `get`
+        # from starting a second guest while a thread is starting the first.
+        self._locks = {name: threading.Lock() for name in self.profiles}
+        self._sweep_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._log = log
+        self.log = self._log_serialised
 
     @property
     def distros(self) -> list[str]:
@@ -76,13 +86,72 @@ class Pool:
             )
         return self._cache
 
+    def _log_serialised(self, message: str) -> None:
+        # The plugin's log suspends pytest's capture around each write: one at a time.
+        with self._log_lock:
+            self._log(message)
+
     def get(self, distro: str) -> Machine:
-        """The session's shared machine for `distro`, booted on first use."""
+        """The session's shared machine for `distro`, booted on first use (thread-safe)."""
+        with self._locks.get(distro, contextlib.nullcontext()):
+            machine = self._machines.get(distro)
+            if machine is None or machine.closed:
+                machine = self._start(distro)
+                self._machines[distro] = machine
+            return machine
+
+    def prepare(self, distros: Sequence[str], *, boot: bool) -> dict[str, str]:
+        """Build the missing images of `distros` at the same time, and with `boot` start
+        their shared guests too, at most as many at once as cores and memory allow.
+
+        Returns {distro: error} for those that failed; the others are ready (their
+        image cached, or their guest up for `get`).
+        """
+        names = [d for d in distros if d in self.profiles]
+        if not names:
+            return {}
+        job_mib = max(self.profiles[d].memory_mib for d in names)
+        at_once = limit(len(names), job_mib)
+        what = "starting" if boot else "preparing images of"
+        self.log(f"{what} {', '.join(names)} ({at_once} at a time)")
+        try:
+            self._sweep_once()  # the first libvirt call: an unreachable libvirt fails here
+        except DevboxError as e:
+            return {d: str(e) for d in names}
+        t0 = time.monotonic()
+        work = self.get if boot else self._image
+        results = run_bounded(names, work, at_once)
+        errors = {d: str(r) for d, r in zip(names, results) if isinstance(r, DevboxError)}
+        took = time.monotonic() - t0
+        self.log(f"{what} {', '.join(names)}: {len(names) - len(errors)} ready in {took:.1f} s")
+        return errors
+
+    def _image(self, distro: str) -> None:
+        """The cached image of `distro`, built now if missing (once per session with
+        --devbox-rebuild), recorded in its stats."""
+        with self._locks[distro]:
+            rebuild = self.settings.rebuild and distro not in self._rebuilt
+            info = self.cache.image_for(self.profiles[distro], rebuild=rebuild)
+            self._rebuilt.add(distro)
+            stats = self.stats[distro]
+            if stats.image_built is None or info.built:
+                stats.image_built = info.built
+                stats.build_seconds = info.build_seconds
+
+    def running(self, distro: str) -> Machine | None:
+        """The shared machine of `distro` if it is up; never starts one."""
         machine = self._machines.get(distro)
-        if machine is None or machine.closed:
-            machine = self._start(distro)
-            self._machines[distro] = machine
-        return machine
+        return None if machine is None or machine.closed else machine
+
+    def release(self, distro: str) -> None:
+        """Stop the shared machine of `distro` now that its tests are done. With keep it
+        stays up (close() says how to reach it); a later `get` would start a new one."""
+        machine = self._machines.get(distro)
+        if machine is None or machine.closed or self.settings.keep:
+            return
+        del self._machines[distro]
+        self.log(f"{distro}: stopping the shared guest {machine.name}: its tests are done")
+        machine.close()
 
     @contextlib.contextmanager
     def fresh(self, distro: str) -> Iterator[Machine]:
@@ -181,11 +250,12 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _sweep_once(self) -> None:
-        if self._swept:
-            return
-        self._swept = True
-        for line in sweep_leftovers(self.settings.uri, self.settings.cache_dir):
-            self.log(line)
+        with self._sweep_lock:
+            if self._swept:
+                return
+            self._swept = True
+            for line in sweep_leftovers(self.settings.uri, self.settings.cache_dir):
+                self.log(line)
 
     def close(self) -> list[str]:
         """Stop every machine. With keep, leave them running and say how to reach them."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
@@ -84,6 +85,19 @@ def add_guest_sections(report: pytest.TestReport, machines: Sequence[Machine]) -
             tail = f"(console log unavailable: {e})"
         report.sections.append((f"devbox {m.distro} console", _ANSI.sub("", tail)))
         report.sections.append((f"devbox {m.distro} commands", format_commands(m)))
+
+
+def add_artifacts(
+    report: pytest.TestReport, machines: Sequence[Machine], root: Path, nodeid: str
+) -> None:
+    """Save the guests' evidence under `root` (forensics.py) and name the files in the
+    failed test's report."""
+    from .forensics import artifacts_dir_for, collect
+
+    unique = list({id(m): m for m in machines}.values())
+    dest = artifacts_dir_for(root, nodeid)
+    files = collect(unique, dest)
+    report.sections.append(("devbox artifacts", "\n".join(str(f) for f in files)))
 
 
 # --- the terminal summary -------------------------------------------------------------

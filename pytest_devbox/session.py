@@ -6,7 +6,7 @@ fixture needs a guest, so a session that selects no distro never opens a connect
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -14,11 +14,14 @@ import pytest
 
 from .errors import DevboxError, ProfileError, UnknownDistro
 from .host import resolve_accel
-from .options import HOW_TO_SELECT, Resolved
+from .options import HOW_TO_SELECT
+from .resolution import Resolved
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .broker import Broker
     from .distros import Profile
+    from .machine import Machine
     from .pool import DistroStats, Pool
 
 
@@ -55,7 +58,16 @@ class DevboxSession:
         self.close_error = ""
         # A distro whose shared guest failed to start: later tests fail fast, not reboot.
         self.broken: dict[str, str] = {}
+        # distro -> whether a collected test uses its shared guest (else only fresh ones).
+        self.planned: dict[str, bool] = {}
+        # distro -> tests using its shared guest not yet done: at 0 the guest may stop.
+        self.remaining: dict[str, int] = {}
+        self._warmed = False
         self._pool: Pool | None = None
+        # pytest-xdist: the controller's broker, or a worker's way to it (broker.py).
+        self.broker: Broker | None = None
+        self.broker_path: str | None = None
+        self.attached: dict[str, Machine] = {}  # a worker's view of the shared guests
 
     @property
     def selected_names(self) -> list[str]:
@@ -71,8 +83,102 @@ class DevboxSession:
             self.stats = self._pool.stats
         return self._pool
 
+    def plan(self, items: list[pytest.Item], param: str) -> None:
+        """Note which distros the collected tests need, and which need the shared guest."""
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            distro = callspec.params.get(param) if callspec is not None else None
+            if distro is None:
+                continue
+            shared = "devbox" in getattr(item, "fixturenames", ())
+            self.remaining[distro] = self.remaining.get(distro, 0) + shared
+            if item.get_closest_marker("skip") is None:
+                self.planned[distro] = self.planned.get(distro, False) or shared
+
+    def test_done(self, distro: str) -> None:
+        """A test that used `distro`'s shared guest is done."""
+        if self.remaining.get(distro, 0) > 0:
+            self.remaining[distro] -= 1
+
+    def warm_up(self, *, eager: bool) -> None:
+        """Once a session: build the planned distros' missing images at the same time
+        (with `eager`, start their shared guests too). A distro that failed is broken:
+        its tests fail with the error instead of trying again."""
+        if self._warmed:
+            return
+        self._warmed = True
+        distros = [d for d in self.selected_names if d in self.planned]
+        if eager:
+            distros = [d for d in distros if self.planned[d]]
+        elif len(distros) < 2:
+            return  # one distro: its first test builds the image and boots, as before
+        if eager and self.broker_path is not None:
+            errors = self._borrow_all(distros)  # an xdist worker: the controller boots
+        else:
+            errors = self.pool.prepare(distros, boot=eager)
+        for distro, error in errors.items():
+            self.broken.setdefault(distro, error.splitlines()[0] if error else "failed")
+
+    def _borrow_all(self, distros: list[str]) -> dict[str, str]:
+        from .parallel import limit, run_bounded
+
+        at_once = limit(len(distros), max(self.profiles[d].memory_mib for d in distros))
+        results = run_bounded(distros, self.shared, at_once)
+        return {d: str(r) for d, r in zip(distros, results) if isinstance(r, DevboxError)}
+
+    def shared(self, distro: str) -> Machine:
+        """The shared guest of `distro`: the pool's, or under xdist the controller's."""
+        if self.broker_path is None:
+            return self.pool.get(distro)
+        from .broker import ask, attach
+
+        machine = self.attached.get(distro)
+        if machine is None or machine.closed:
+            info = ask(self.broker_path, distro)
+            machine = attach(self.profiles[distro], info, self.settings)
+            self.attached[distro] = machine
+        return machine
+
+    def start_broker(self) -> None:
+        """Under xdist, on the controller: serve the shared guests to the workers."""
+        from .broker import Broker, describe
+
+        pool = self.pool  # created here, in one thread, before any worker asks
+        self.broker = Broker(lambda distro: describe(pool.get(distro)))
+
+    def shared_machine(self, distro: str) -> Machine | None:
+        """The running shared guest of `distro`, or None (never starts one)."""
+        attached = self.attached.get(distro)
+        if attached is not None and not attached.closed:
+            return attached
+        return None if self._pool is None else self._pool.running(distro)
+
+    def release(self, distro: str) -> None:
+        """`distro`'s tests are done: stop its shared guest (kept with --devbox-keep).
+        A worker only lets go of it: the controller stops it at its own end."""
+        attached = self.attached.pop(distro, None)
+        if attached is not None:
+            attached.detach()
+            return
+        if self._pool is None or self.broker is not None:
+            return
+        if self.remaining.get(distro, 0) > 0:
+            # Tests were reordered (pytest-randomly, say): more of this distro's tests
+            # come later, so the guest stays up for them instead of booting again.
+            return
+        try:
+            self._pool.release(distro)
+        except DevboxError as e:
+            self.close_error = self.close_error or str(e)
+
     def close(self) -> None:
         """Stop every guest (idempotent); with keep, remember how to reach them."""
+        for machine in self.attached.values():
+            machine.detach()
+        self.attached.clear()
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -99,6 +205,27 @@ class DevboxSession:
             f"the devbox marker ({'; '.join(limits)}) excludes every selected distro "
             f"({', '.join(names)})"
         )
+
+    def worker_stats(self) -> dict[str, dict[str, Any]]:
+        """This xdist worker's per-distro stats (its fresh guests, its image builds)."""
+        return {name: asdict(st) for name, st in self.stats.items()}
+
+    def add_worker_stats(self, stats: dict[str, dict[str, Any]]) -> None:
+        """Count an xdist worker's boots and builds in the controller's summary."""
+        from .pool import DistroStats
+
+        for name, theirs in stats.items():
+            ours = self.stats.setdefault(name, DistroStats(name))
+            ours.boots += theirs["boots"]
+            ours.restores += theirs["restores"]
+            ours.retried += theirs["retried"]
+            for field in ("boot_seconds", "restore_seconds"):
+                if getattr(ours, field) is None:
+                    setattr(ours, field, theirs[field])
+            if theirs["image_built"] and not ours.image_built:
+                ours.image_built, ours.build_seconds = True, theirs["build_seconds"]
+            elif ours.image_built is None:
+                ours.image_built = theirs["image_built"]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         distro = getattr(report, "devbox_distro", None)
@@ -145,6 +272,29 @@ def open_session(
         except DevboxError as e:
             raise pytest.UsageError(f"devbox: {e}") from e
     return DevboxSession(resolved.settings, profiles, selected, accel=accel, log=log)
+
+
+def matrix(resolved: Resolved, project_dir: Path) -> list[str]:
+    """The distros a CI matrix runs: the selected ones, or every known profile."""
+    from .distros import load_profiles, select
+
+    try:
+        profiles = load_profiles(project_dir)
+        if resolved.distros:
+            return [p.name for p in select(resolved.distros, profiles)]
+    except (ProfileError, UnknownDistro) as e:
+        raise pytest.UsageError(f"devbox: {e}") from e
+    return sorted(profiles)
+
+
+def distro_in_nodeid(nodeid: str, names: list[str]) -> str | None:
+    """The distro in a test id's parameters (`test_x[debian-12-1]`), the longest name
+    that fits (debian-11-9p, not debian-11); None when there is none."""
+    if not nodeid.endswith("]") or "[" not in nodeid:
+        return None
+    params = "-" + nodeid[nodeid.index("[") + 1 : -1] + "-"
+    found = [n for n in names if f"-{n}-" in params]
+    return max(found, key=len) if found else None
 
 
 def marker_limits(node: Any, profiles: dict[str, Profile]) -> tuple[set[str] | None, set[str]]:

@@ -37,3 +37,5 @@ class Settings:
     boot_timeout: float | None = None
     boot_retries: int = 1
     restore: str = "auto"
+    eager: bool = False  # start every selected distro's shared guest at session start
+    artifacts_dir: Path | None = None  # where a failed test's guests leave their logs

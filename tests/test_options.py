@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import pytest_devbox
-from pytest_devbox.options import OPTIONS, Places, resolve
+from pytest_devbox.options import OPTIONS
+from pytest_devbox.resolution import Places, resolve
 from pytest_devbox.settings import DEFAULT_URI, Settings
 
 

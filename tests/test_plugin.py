@@ -63,17 +63,18 @@ def test_ids_are_the_distro_names(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(TESTS)
     result = pytester.runpytest("--collect-only", "-q", "--devbox=debian-11,debian-12")
     assert result.ret == 0
+    # Each distro's tests run together (the distro is a session-scoped parameter).
     assert collected(result) == [
         "test_ids_are_the_distro_names.py::test_shared[debian-11]",
-        "test_ids_are_the_distro_names.py::test_shared[debian-12]",
         "test_ids_are_the_distro_names.py::test_fresh[debian-11]",
-        "test_ids_are_the_distro_names.py::test_fresh[debian-12]",
         "test_ids_are_the_distro_names.py::test_param[debian-11-1]",
         "test_ids_are_the_distro_names.py::test_param[debian-11-2]",
+        "test_ids_are_the_distro_names.py::test_not_12[debian-11]",
+        "test_ids_are_the_distro_names.py::test_shared[debian-12]",
+        "test_ids_are_the_distro_names.py::test_fresh[debian-12]",
         "test_ids_are_the_distro_names.py::test_param[debian-12-1]",
         "test_ids_are_the_distro_names.py::test_param[debian-12-2]",
         "test_ids_are_the_distro_names.py::test_only_12[debian-12]",
-        "test_ids_are_the_distro_names.py::test_not_12[debian-11]",
         "test_ids_are_the_distro_names.py::test_plain",
     ]
 
@@ -346,10 +347,12 @@ def test_unreachable_libvirt_fails_the_tests_once(pytester: pytest.Pytester) -> 
     )
     result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12")
     result.assert_outcomes(errors=2, skipped=1)
+    # One attempt: pytest keeps the session fixture's error and gives it to every test.
+    assert result.stdout.str().count("devbox: could not start debian-12: libvirtd") == 2
     result.stdout.fnmatch_lines(
         [
             "*devbox: could not start debian-12: *",
-            "*devbox: debian-12 failed to start earlier in this session*",
+            "*devbox: could not start debian-12: *",
             "*= devbox =*",
             "distro * boots * boot * image * passed * failed * skipped",
             "debian-12 * 0 * - * - * 0 * 2 * 1",
@@ -401,3 +404,31 @@ def test_failed_test_reports_console_and_commands(pytester: pytest.Pytester) -> 
             "debian-12 * 1 * s * 1 * 1 * 0",
         ]
     )
+
+
+def test_fixtures_of_any_scope_may_use_devbox(pytester: pytest.Pytester) -> None:
+    """A user's session- or module-scoped fixture on `devbox` is no ScopeMismatch; with
+    libvirt unreachable each fails with the start error (the VM tier counts real runs)."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def built(devbox):
+            return devbox
+
+        @pytest.fixture(scope="module")
+        def prepared(devbox):
+            return devbox
+
+        def test_session(built):
+            pass
+
+        def test_module(prepared):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12")
+    result.assert_outcomes(errors=2)
+    assert "ScopeMismatch" not in result.stdout.str()
+    assert result.stdout.str().count("devbox: could not start debian-12: libvirtd") == 2

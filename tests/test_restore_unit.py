@@ -14,9 +14,9 @@ import pytest
 from pytest_devbox import domain as dom
 from pytest_devbox.distros import BUILTIN_PROFILES
 from pytest_devbox.errors import DomainError
-from pytest_devbox.options import Places, resolve
 from pytest_devbox.pool import Pool
 from pytest_devbox.report import summary_rows
+from pytest_devbox.resolution import Places, resolve
 from pytest_devbox.restore import _RESEED_PY, freshen_command, restore_xml, unrestorable
 from pytest_devbox.session import DevboxSession
 from pytest_devbox.settings import Settings

@@ -1,0 +1,74 @@
+"""Two distros from a cold image cache at once vs each alone, printed (never asserted).
+
+Each case gets its own empty cache directory, with the host's local templates as the
+only repository, and starts its distros' shared guests the way `--devbox-eager` does
+(`Pool.prepare(..., boot=True)`: image builds and boots, as many at once as cores and
+memory allow). Prints each case's wall-clock time and the ratio of both-at-once to
+the slower alone, in one run so the ratio holds however loaded the host is.
+
+    .venv/bin/python benchmarks/bench_parallel.py [DISTRO_A DISTRO_B]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.parallel import available_mib, limit
+from pytest_devbox.pool import Pool
+from pytest_devbox.settings import Settings
+
+TEMPLATES = "file:///var/cache/pytest-devbox/templates/index"
+
+
+def run_case(distros: list[str], scratch: Path) -> tuple[float, dict[str, float | None]]:
+    """Seconds to have every distro's guest up from an empty cache; build seconds each."""
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=scratch))
+    settings = Settings(
+        cache_dir=cache,
+        code_dir=scratch,
+        offline=True,
+        repos=(TEMPLATES,),
+        restore="off",  # a boot, the same work in every case
+    )
+    pool = Pool([BUILTIN_PROFILES[d] for d in distros], settings, log=lambda _: None)
+    t0 = time.perf_counter()
+    try:
+        errors = pool.prepare(distros, boot=True)
+        seconds = time.perf_counter() - t0
+    finally:
+        pool.close()
+    if errors:
+        raise SystemExit(f"{distros}: {errors}")
+    return seconds, {d: pool.stats[d].build_seconds for d in distros}
+
+
+def main() -> None:
+    a, b = sys.argv[1:3] if len(sys.argv) > 2 else ("debian-11", "debian-12")
+    job_mib = max(BUILTIN_PROFILES[a].memory_mib, BUILTIN_PROFILES[b].memory_mib)
+    print(
+        f"host: {os.cpu_count()} cores, {available_mib()} MiB available, "
+        f"load {os.getloadavg()[0]:.1f}; at once: {limit(2, job_mib)}"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-parallel-", dir="/var/tmp") as tmp:
+        scratch = Path(tmp)
+        cases = [[a], [b], [a, b]]
+        times: dict[str, float] = {}
+        for distros in cases:
+            seconds, builds = run_case(distros, scratch)
+            label = " + ".join(distros)
+            times[label] = seconds
+            each = ", ".join(f"{d} image {s:.0f} s" for d, s in builds.items() if s)
+            print(f"{label:<24} {seconds:7.1f} s  ({each}; load {os.getloadavg()[0]:.1f})")
+    slower = max(times[a], times[b])
+    both = times[f"{a} + {b}"]
+    print(f"both at once / slower alone: {both / slower:.2f}x")
+    print(f"both at once / one after the other: {both / (times[a] + times[b]):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
