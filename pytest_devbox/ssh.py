@@ -225,6 +225,10 @@ class Connection:
             finally:
                 channel.close()
 
+    def open_session(self) -> paramiko.Channel:
+        """A session channel outside the slots, for one long-lived user (an executor)."""
+        return self._open_channel(self.channel_wait)
+
     def _open_channel(self, wait: float) -> paramiko.Channel:
         """Open a session channel: retry refusals, reconnect once if the transport died."""
         give_up = time.monotonic() + wait
