@@ -163,7 +163,9 @@ class Executor:
             if not call.done.wait(timeout):
                 timed_out = True
                 self._send(call_id, wire.STOP)
-                call.done.wait(STOP_WAIT)
+                if not call.done.wait(STOP_WAIT):  # something holds its output open
+                    with self._lock:
+                        self._calls.pop(call_id, None)
         except KeyboardInterrupt:
             self._send(call_id, wire.STOP)
             raise

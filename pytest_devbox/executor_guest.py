@@ -62,6 +62,13 @@ class Executor:
 
     def serve(self) -> None:
         self.sel.register(0, selectors.EVENT_READ, None)
+        # A child's exit wakes the select loop: no polling for exit statuses.
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.sel.register(wake_r, selectors.EVENT_READ, "exits")
         version = "{}.{}".format(*sys.version_info[:2])
         send(0, STARTED, HELLO + f"{os.getpid()} {version}".encode())
         try:
@@ -75,12 +82,15 @@ class Executor:
         """One pass: wait for input or a deadline, handle it; False when stdin ended."""
         reaping = any(c.open_pipes == 0 for c in self.commands.values())
         kills = [c.kill_at for c in self.commands.values() if c.kill_at is not None]
-        timeout = 0.02 if reaping else None
+        timeout = 0.5 if reaping else None  # in case a wake-up was missed
         if kills:
             wait = max(0.0, min(kills) - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
         for key, events in self.sel.select(timeout):
-            if key.fd == 0:
+            if key.data == "exits":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(key.fd, CHUNK)
+            elif key.fd == 0:
                 data = os.read(0, CHUNK)
                 if not data:
                     return False
