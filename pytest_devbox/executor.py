@@ -63,7 +63,6 @@ class _Call:
     def __init__(self) -> None:
         self.out = bytearray()
         self.err = bytearray()
-        self.pid: int | None = None
         self.status: int | None = None
         self.lost = False
         self.done = threading.Event()
@@ -231,8 +230,6 @@ class Executor:
                 call.out += payload
             elif kind == wire.ERR:
                 call.err += payload
-            elif kind == wire.STARTED:
-                call.pid = int(payload)
             elif kind == wire.EXIT:
                 call.status = json.loads(payload)["status"]
                 with self._lock:

@@ -1,8 +1,8 @@
 # devbox-executor: runs in the guest, started once per login over one SSH channel.
 """The resident executor's guest side: a small stdlib-only Python 3.6+ program.
 
-It is not imported on the host: executor.py sends this file's text as ``python3 -c``'s
-argument. It reads frames on stdin and writes frames on stdout; each frame is a 9-byte
+The host imports it for its constants only: executor.py sends this file's text as
+``python3 -c``'s argument. It reads frames on stdin and writes frames on stdout; each frame is a 9-byte
 header (call id, kind, payload length: ``>IBI``) and its payload. It forks each command
 in its own session (so its own process group) and streams the command's stdout, stderr
 and exit status back, several commands at once, from one select loop. When its stdin
@@ -29,7 +29,7 @@ HEADER = struct.Struct(">IBI")
 # host -> guest
 START, STDIN, STOP = 1, 2, 3
 # guest -> host
-STARTED, OUT, ERR, EXIT = 11, 12, 13, 14
+READY, OUT, ERR, EXIT = 11, 12, 13, 14  # READY: the hello, once
 HELLO = b"devbox-executor 1 "
 CHUNK = 65536
 GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a stopped process group
@@ -70,7 +70,7 @@ class Executor:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         self.sel.register(wake_r, selectors.EVENT_READ, "exits")
         version = "{}.{}".format(*sys.version_info[:2])
-        send(0, STARTED, HELLO + f"{os.getpid()} {version}".encode())
+        send(0, READY, HELLO + f"{os.getpid()} {version}".encode())
         try:
             while self.loop_once():
                 pass
@@ -140,7 +140,6 @@ class Executor:
             return
         command = Command(call, proc)
         self.commands[call] = command
-        send(call, STARTED, str(proc.pid).encode())
         for stream, kind in ((proc.stdout, OUT), (proc.stderr, ERR)):
             assert stream is not None
             self.sel.register(stream, selectors.EVENT_READ, (command, kind))

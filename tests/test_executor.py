@@ -258,7 +258,7 @@ def test_guest_program_stops_on_sigterm_free_of_leftovers() -> None:
     assert proc.stdin is not None and proc.stdout is not None
     hello = proc.stdout.read(executor_guest.HEADER.size)
     _, kind, size = executor_guest.HEADER.unpack(hello)
-    assert kind == executor_guest.STARTED
+    assert kind == executor_guest.READY
     assert proc.stdout.read(size).startswith(executor_guest.HELLO)
     spec = b'{"argv": ["sh", "-c", "sleep 100.5252"], "stdin": false}'
     proc.stdin.write(executor_guest.HEADER.pack(1, executor_guest.START, len(spec)) + spec)
