@@ -2,12 +2,12 @@
 """The resident executor's guest side: a small stdlib-only Python 3.6+ program.
 
 The host imports it for its constants only: executor.py sends this file's text as
-``python3 -c``'s argument. It reads frames on stdin and writes frames on stdout; each frame is a 9-byte
-header (call id, kind, payload length: ``>IBI``) and its payload. It forks each command
-in its own session (so its own process group) and streams the command's stdout, stderr
-and exit status back, several commands at once, from one select loop. When its stdin
-ends (the host closed the channel or the connection dropped) it stops every command
-it started and exits.
+``python3 -c``'s argument. It reads frames on stdin and writes frames on stdout; each
+frame is a 9-byte header (call id, kind, payload length: ``>IBI``) and its payload. It
+forks each command in its own session (so its own process group) and streams the
+command's stdout, stderr and exit status back, several commands at once, from one
+select loop. When its stdin ends (the host closed the channel or the connection
+dropped) it stops every command it started and exits.
 
 Written for Python 3.6 (CentOS 8's platform-python): no walrus, no ``X | Y`` or
 ``list[int]`` at run time, no ``capture_output``.

@@ -381,8 +381,6 @@ class Connection:
             finally:
                 sftp.close()
 
-    # -- for people --
-
     def ssh_command(self) -> list[str]:
         """An OpenSSH command line that reaches the same guest, for a person to paste."""
         argv = ["ssh", "-i", str(self.key_path), "-p", str(self.port)]
