@@ -109,6 +109,21 @@ def test_threads_share_one_executor(login: Login) -> None:
 
 
 @needs_sshd
+def test_a_warm_shell_runs_a_command_like_sh_c(login: Login) -> None:
+    login.run("true", cwd=None)
+    time.sleep(1)  # the executor starts the next shell ahead meanwhile
+    r = login.run("tr '\\0' ' ' < /proc/$$/cmdline", cwd=None)
+    assert "read -r __n" in r.stdout  # this one ran in a warm shell
+    time.sleep(1)
+    script = "printf '[%s]' 'a\\b' '  x  ' \"$1\"\n\necho \"$0 ${__s-u}${__n-u}${__l-u}\"; cat"
+    r = login.run(script, cwd=None, stdin="line 1\nline 2", env={"V": "1"})
+    assert r.stdout == "[a\\b][  x  ][]sh uuu\nline 1\nline 2"
+    time.sleep(1)
+    r = login.run("if true", cwd=None, check=False)
+    assert r.exit_status == 2 and "Syntax error" in r.stderr
+
+
+@needs_sshd
 def test_commands_run_at_once(login: Login) -> None:
     start = time.monotonic()
     threads = [
