@@ -9,8 +9,8 @@ way, in one run so the ratios hold however noisy the host is:
 - ssh_process_ms: an OpenSSH client process per command (the line `ssh_command()` gives);
 
 plus the same for `user="root"` and for another user (`nobody`: sudo over SSH, the
-root executor's own switch otherwise). Prints medians, and the three headline figures
-as one JSON line.
+root executor's own switch otherwise), and executor commands back to back. Prints
+medians, and the three headline figures as one JSON line.
 
     .venv/bin/python benchmarks/bench_guest.py [DISTRO] [N]
 """
@@ -33,30 +33,39 @@ from pytest_devbox.images import ImageCache
 from pytest_devbox.machine import Machine
 
 
-def median_ms(n: int, f: Callable[[], object]) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
 def measure(m: Machine, n: int) -> dict[str, float]:
+    """Median milliseconds of `true` each way; rounds interleave the ways, so a guest
+    still settling after its boot (or a busy host) weighs on each way alike."""
     logins = m._logins
     user, root = logins.login_for(None)[0], logins.root
     for login in (user, root):  # start both executors outside the timings
         login.run("true", cwd=None)
     argv = [*m.ssh_argv(), "-o", "BatchMode=yes", "true"]
-    return {
-        "exec_ms": median_ms(n, lambda: m.run("true", cwd=None)),
-        "ssh_reused_ms": median_ms(n, lambda: user.conn.run("true", cwd=None)),
-        "ssh_process_ms": median_ms(n, lambda: subprocess.run(argv, check=True)),
-        "exec_root_ms": median_ms(n, lambda: m.run("true", user="root", cwd=None)),
-        "ssh_reused_root_ms": median_ms(n, lambda: root.conn.run("true", cwd=None)),
-        "exec_other_user_ms": median_ms(n, lambda: m.run("true", user="nobody", cwd=None)),
-        "ssh_reused_sudo_ms": median_ms(n, lambda: root.conn.run("true", user="nobody", cwd=None)),
+    ways: dict[str, Callable[[], object]] = {
+        "exec_ms": lambda: m.run("true", cwd=None),
+        "ssh_reused_ms": lambda: user.conn.run("true", cwd=None),
+        "ssh_process_ms": lambda: subprocess.run(argv, check=True),
+        "exec_root_ms": lambda: m.run("true", user="root", cwd=None),
+        "ssh_reused_root_ms": lambda: root.conn.run("true", cwd=None),
+        "exec_other_user_ms": lambda: m.run("true", user="nobody", cwd=None),
+        "ssh_reused_sudo_ms": lambda: root.conn.run("true", user="nobody", cwd=None),
     }
+    times: dict[str, list[float]] = {key: [] for key in ways}
+    for _ in range(n):
+        for key, way in ways.items():
+            t = time.perf_counter()
+            way()
+            times[key].append(time.perf_counter() - t)
+    figures = {key: statistics.median(xs) * 1000 for key, xs in times.items()}
+    # And commands back to back, as a test that only runs commands would: the warm
+    # shell started after one command may not be ready for the next.
+    back_to_back = []
+    for _ in range(n):
+        t = time.perf_counter()
+        m.run("true", cwd=None)
+        back_to_back.append(time.perf_counter() - t)
+    figures["exec_back_to_back_ms"] = statistics.median(back_to_back) * 1000
+    return figures
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ while [ "$__i" -lt "$__n" ]; do IFS= read -r __l; __s="$__s$__l
 unset __n __i __l; eval "unset __s; ${__s%?}"
 """
 WARM_MAX = 8192  # longer scripts get a fresh sh -c: a byte a read is slow
+WARM_WAIT = 0.25  # seconds a command waits for the warm shell still starting
 
 
 def send(call: int, kind: int, payload: bytes = b"") -> None:
@@ -76,35 +77,40 @@ def spawn(argv: "list[str]", stdin: int, **kw: typing.Any) -> "subprocess.Popen[
 
 
 class WarmShells:
-    """One shell started ahead by a thread of its own, so the loop never waits for it."""
+    """One shell started ahead by a thread of its own. A command that finds it still
+    starting waits for it (a little) rather than start a second shell beside it."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.ready: subprocess.Popen[bytes] | None = None
-        self.wanted = threading.Event()
-        self.wanted.set()
+        self.spawning = True
         threading.Thread(target=self.keep_one, daemon=True).start()
 
     def keep_one(self) -> None:
         while True:
-            self.wanted.wait()
-            self.wanted.clear()
             try:
                 proc = spawn(["sh", "-c", WARM], subprocess.PIPE)
-            except OSError:
-                return  # no warm shells: every command gets its own sh -c
-            with self.lock:
-                self.ready = proc
+            except OSError:  # no warm shells: every command gets its own sh -c
+                proc = None
+            with self.cond:
+                self.ready, self.spawning = proc, False
+                self.cond.notify_all()
+                if proc is None:
+                    return
+                self.cond.wait_for(lambda: self.ready is None)
+                self.spawning = True
 
     def take(self) -> "subprocess.Popen[bytes] | None":
-        with self.lock:
+        with self.cond:
+            self.cond.wait_for(lambda: self.ready is not None or not self.spawning, WARM_WAIT)
             proc, self.ready = self.ready, None
-        if proc is not None:
-            self.wanted.set()
+            if proc is not None:
+                self.spawning = True  # the thread starts the next one now
+                self.cond.notify_all()
         return proc
 
     def stop(self) -> None:
-        with self.lock:
+        with self.cond:
             if self.ready is not None:
                 signal_group(self.ready.pid, signal.SIGKILL)
 
