@@ -198,7 +198,8 @@ class Executor:
         except (OSError, KeyError, subprocess.SubprocessError) as e:
             # Like sudo or a shell that cannot run it: a message and status 1.
             why = "unknown user" if isinstance(e, KeyError) else str(e)
-            send(call, ERR, f"devbox executor: cannot run it as {user}: {why}\n".encode())
+            who = f" as {user}" if user else ""
+            send(call, ERR, f"devbox executor: cannot run it{who}: {why}\n".encode())
             send(call, EXIT, b'{"status": 1}')
             return
         command = Command(call, proc)
