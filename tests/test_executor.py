@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guest_session import pytest_on_debian12
 from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
 
 from pytest_devbox import executor_guest
@@ -283,3 +284,26 @@ def test_guest_program_stops_on_sigterm_free_of_leftovers() -> None:
     assert proc.wait(10) == 0
     time.sleep(0.3)
     assert subprocess.run(["pgrep", "-f", "sleep 100[.]5252"], check=False).returncode == 1
+
+
+MODES = """
+def test_mode(devbox):
+    login, _ = devbox._logins.login_for(None)
+    assert devbox.run("echo hi").stdout == "hi\\n"
+    print(f"MODE {login.mode} executor={login.executor() is not None}")
+"""
+
+
+@pytest.mark.vm
+def test_devbox_exec_ssh_reaches_the_logins(tmp_path: Path) -> None:
+    (tmp_path / "test_modes.py").write_text(MODES)
+    r = subprocess.run(
+        pytest_on_debian12("-s", "-q", "--devbox-exec=ssh", "test_modes.py"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MODE ssh executor=False" in r.stdout
