@@ -19,7 +19,7 @@ from . import cli_commands as c
 from .cli_context import USAGE_ERRORS, Context, load_context
 from .cli_run import cmd_run
 from .errors import DevboxError
-from .options import OPTIONS, flag_help, spell_for_command
+from .options import OPTIONS, argument_attrs, flag_help, spell_for_command
 
 Command = Callable[[argparse.Namespace, Context], int]
 
@@ -37,17 +37,11 @@ def _table_flags(p: argparse.ArgumentParser, keys: Sequence[str]) -> None:
     for opt in OPTIONS:
         if opt.key not in keys or not opt.cli:
             continue
-        attrs: dict[str, object] = {"dest": opt.key, "default": None}
-        attrs["help"] = spell_for_command(flag_help(opt)).replace("%", "%%")
-        if opt.kind == "bool":
-            attrs["action"] = "store_true"
-        else:
-            attrs["metavar"] = opt.metavar
-            if opt.kind == "list":
-                attrs["action"] = "append"
-            if opt.kind == "choice":
-                attrs["choices"] = opt.choices
-        p.add_argument(opt.cli, **attrs)  # type: ignore[arg-type]
+        help_text = spell_for_command(flag_help(opt)).replace("%", "%%")
+        attrs = argument_attrs(opt, opt.key, help_text)
+        if opt.kind == "choice":  # argparse checks them; pytest's values go through resolve
+            attrs["choices"] = opt.choices
+        p.add_argument(opt.cli, **attrs)
     p.add_argument(
         "--project",
         type=Path,
@@ -97,6 +91,11 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
              "devbox build debian-12 centos-7", c.cmd_build,
              ("cache_dir", "accel", "rebuild", "offline", "repos"))  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the virt-builder command and commands file; build nothing, no network",
+    )
 
     p = _sub(sub, "up", "boot guests that stay up until `devbox destroy`",
              "devbox up debian-11,debian-12", c.cmd_up, BOOT)  # fmt: skip

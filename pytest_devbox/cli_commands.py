@@ -57,6 +57,10 @@ def cmd_template_build(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
     profiles = ctx.selected("build")
     cache = ctx.pool(profiles).cache
+    if args.dry_run:
+        from .dryrun import print_plans
+
+        return print_plans(cache, profiles)
     for profile in profiles:
         t0 = time.monotonic()
         info = cache.image_for(profile, rebuild=ctx.settings.rebuild)

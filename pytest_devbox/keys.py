@@ -50,8 +50,8 @@ def ensure_keypair(key_dir: Path) -> Path:
     """Return the cache's Ed25519 private key, creating the pair if it is missing.
 
     The pair is ``key_dir/id_ed25519`` (mode 0600) and ``id_ed25519.pub`` in a 0700
-    directory. Refuses, with :class:`SSHError`, a private key that group or others can
-    read and a directory that group or others can write (OpenSSH would refuse them too).
+    directory. Refuses, with :class:`SSHError`, a private key or a directory that group or
+    others can access at all (the README's promise: 0600 in a 0700 directory).
     Safe when several processes race to create the pair: exactly one key wins.
     """
     key_dir = Path(key_dir)
@@ -104,10 +104,12 @@ def _check_key_dir(key_dir: Path) -> None:
     st = key_dir.stat()
     if not stat.S_ISDIR(st.st_mode):
         raise SSHError(f"SSH key directory {key_dir} is not a directory; remove it and retry")
-    if st.st_mode & 0o022:
+    # 0700 as the README promises: a directory others can list or enter (0755) gives
+    # away which keys exist and lets a later chmod slip open the key itself.
+    if st.st_mode & 0o077:
         raise SSHError(
-            f"SSH key directory {key_dir} is writable by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}), so its key cannot be trusted; "
+            f"SSH key directory {key_dir} is accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}), so its key is not private; "
             f"fix it with: chmod 700 {shlex.quote(str(key_dir))}"
         )
 

@@ -71,6 +71,10 @@ class Plan:
             profile, cache, image, code_dir, chosen, run_id, claim_run_dir(cache.root, run_id)
         )
 
+    @property
+    def memory_lock(self) -> Path:
+        return CacheLayout(self.cache.root).memory_lock
+
     def new_name(self) -> str:
         # Unique per machine, kept or not: a session may start several of one distro.
         return f"{dom.NAME_PREFIX}{self.profile.name}-{self.run_id}-{uuid.uuid4().hex[:4]}"

@@ -24,6 +24,7 @@ from .distros import Profile
 from .images import ImageCache, ImageInfo
 from .launch import Log, Plan, qemu_for, tail_file
 from .logins import Logins
+from .memory import admitted
 from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
 from .settings import DEFAULT_ACCEL, DEFAULT_EXEC, DEFAULT_QEMU_USER, DEFAULT_URI
@@ -107,7 +108,10 @@ class Machine:
         try:
             qemu = qemu_for(virconn, uri, qemu_user, [overlay, plan.code_dir])
             spec = plan.spec(name, overlay, console, qemu, keep=keep)
-            domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
+            with admitted(
+                virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
+            ):
+                domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
             deadline = Deadline(plan.deadline_seconds(boot_timeout))
             boot = Boot(domain, profile.name, console, deadline, tail_file)
             ssh = wait_ready(boot, connection=plan.connection, share=profile.share)
@@ -173,7 +177,10 @@ class Machine:
                 tail=tail_file,
                 log=log,
             )
-            restored = restore_guest(job)
+            with admitted(
+                virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
+            ):
+                restored = restore_guest(job)
         except BaseException:
             _close_quietly(virconn)
             raise

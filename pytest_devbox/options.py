@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,6 +51,7 @@ class Option:
     default_help: str = ""  # how --help names the default when Settings' value won't do
     choices: tuple[str, ...] = ()
     must_exist: bool = False  # a "dir" that must already be a directory
+    writable: bool = False  # a "dir" we write into: made if missing, checked by a write
     cli: str = ""  # the devbox command's flag; "" where the command has none
 
 
@@ -83,6 +85,7 @@ OPTIONS: tuple[Option, ...] = (
         default_help="/var/cache/pytest-devbox as root, else $XDG_CACHE_HOME/pytest-devbox; "
         "$PYTEST_DEVBOX_CACHE overrides",
         cli="--cache",
+        writable=True,
     ),
     Option(
         "code_dir",
@@ -209,19 +212,24 @@ def flag_help(opt: Option) -> str:
     return f"{text} Overrides the '{opt.ini}' ini option."
 
 
+def argument_attrs(opt: Option, dest: str, help: str) -> dict[str, Any]:
+    """argparse's keywords for ``opt``'s flag, in either face. default=None everywhere:
+    "not given" must be told apart, so the environment and the ini file can decide."""
+    attrs: dict[str, Any] = {"dest": dest, "default": None, "help": help}
+    if opt.kind == "bool":
+        attrs["action"] = "store_true"
+        return attrs
+    attrs["metavar"] = opt.metavar
+    if opt.kind == "list":
+        attrs["action"] = "append"
+    return attrs
+
+
 def add_options(parser: pytest.Parser) -> None:
     """Register every option of the table as a flag and an ini option."""
     group = parser.getgroup("devbox", "run tests in disposable libvirt VMs (pytest-devbox)")
     for opt in OPTIONS:
-        # default=None everywhere: "not given" must be told apart to fall back to env/ini.
-        attrs: dict[str, Any] = {"dest": opt.ini, "default": None, "help": flag_help(opt)}
-        if opt.kind == "bool":
-            attrs["action"] = "store_true"
-        else:
-            attrs["metavar"] = opt.metavar
-        if opt.kind == "list":
-            attrs["action"] = "append"
-        group.addoption(opt.flag, **attrs)
+        group.addoption(opt.flag, **argument_attrs(opt, opt.ini, flag_help(opt)))
         if opt.kind == "bool":
             parser.addini(opt.ini, opt.help, type="bool", default=False)
         elif opt.kind == "list":
@@ -324,6 +332,15 @@ def _to_dir(opt: Option, value: Any, source: Source, places: Places, flag: str) 
         )
     if path.exists() and not path.is_dir():
         raise _usage(source, value, f"{path} is not a directory")
+    if opt.writable:
+        try:  # a real write: access() says yes to root even where writes fail
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise pytest.UsageError(
+                f"devbox: cannot use {path} as the {opt.key.replace('_', ' ')} ({e.strerror}); "
+                f"point {flag} (or the {opt.ini} ini option) at a writable directory"
+            ) from None
     return path
 
 

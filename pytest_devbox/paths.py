@@ -65,6 +65,11 @@ class CacheLayout:
         return self.runs / run_id
 
     @property
+    def memory_lock(self) -> Path:
+        """Held while counting guests' memory and creating one (memory.py)."""
+        return self.runs / "memory.lock"
+
+    @property
     def kept(self) -> Path:
         return self.root / "kept"
 

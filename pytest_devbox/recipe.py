@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .distros import Profile
+from .selinux import RELABEL_COMMAND
 
 # Bump when the recipe changes in a way the hashed inputs below do not show.
 IMAGE_FORMAT_VERSION = 1
 GUEST_USER = "devbox"
+SSHD_SETTINGS = ("MaxSessions 64", "MaxStartups 64:30:128")
 # (name, uid, gid) of the unprivileged guest user.
 GuestUser = tuple[str, int, int]
 
@@ -48,7 +50,7 @@ def code_mount_type(line: str) -> str | None:
 def _customize_with_mount(profile: Profile) -> list[str]:
     """The profile's customize lines, with /code mounted the way its share says.
 
-    A profile may carry its own /code fstab line (centos-7's original recipe does);
+    A profile may carry its own /code fstab line (centos-7 keeps the design recipe's);
     it stands when it mounts the profile's share. A line for another share kind was
     inherited through ``extends`` from a profile with another share, and would
     mount the wrong thing: it is dropped, and the share's own line added.
@@ -70,6 +72,8 @@ def _customize_with_mount(profile: Profile) -> list[str]:
 def commands(profile: Profile, guest_user: GuestUser, public_key: Path) -> list[str]:
     """The virt-builder commands-file lines for ``profile``, in order."""
     user, uid, gid = guest_user
+    # Last: every file the build wrote (keys, users, packages) gets its SELinux label.
+    relabel = [RELABEL_COMMAND] if profile.relabels else []
     return [
         *_customize_with_mount(profile),
         # -o: the host's uid/gid may already exist in the guest; the point is the number.
@@ -80,9 +84,15 @@ def commands(profile: Profile, guest_user: GuestUser, public_key: Path) -> list[
         f"append-line /etc/sudoers.d/{user}:{user} ALL=(ALL) NOPASSWD:ALL",
         f"chmod 0440:/etc/sudoers.d/{user}",
         f"ssh-inject {user}:file:{public_key}",
+        # Threads share one connection per login, and under software emulation a session
+        # outlives its channel a while: sshd's default of 10 sessions per connection is
+        # too few. MaxStartups: many logins at once (xdist workers, pasted ssh lines).
+        # Appended: no stock sshd_config of ours ends in a Match block that would scope it.
+        *(f"append-line /etc/ssh/sshd_config:{line}" for line in SSHD_SETTINGS),
         # Host keys made now belong to the image, so every guest booted from it
         # presents the same key and the pin per image holds.
         "run-command ssh-keygen -A",
+        *relabel,
     ]
 
 

@@ -1,10 +1,9 @@
 """Local virt-builder template repositories built from Debian's package mirror.
 
-A template is a bootable qcow2 disk made in four steps: ``mmdebstrap`` writes a
-minbase root file system as a tarball, ``guestfish`` lays it on a partitioned disk
-(ext4 + extlinux), ``qemu-img`` converts it to qcow2 and ``xz`` compresses it. The
-repository directory then holds a virt-builder ``index`` and a repos.d ``.conf``
-pointing at it, so ``virt-builder debian-12`` works with no network but the mirror.
+The repository directory holds the templates, a virt-builder ``index`` and a repos.d
+``.conf`` pointing at it, so ``virt-builder debian-12`` works with no network but the
+mirror. What a template is made of lives in template_recipes.py, the tool runs that
+make it in template_build.py; this module decides when to build and publishes.
 
 Every template records a *recipe* hash (suite, mirror, packages, scripts, disk size,
 build-script version) in a sidecar JSON file; a template whose recipe is unchanged is
@@ -18,135 +17,45 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import filelock
 
-from .errors import CacheLockTimeout, TemplateBuildError, UnknownDistro
+from .errors import CacheLockTimeout
 from .fileio import atomic_write
 from .paths import CacheLayout
-from .vbindex import format_index, sections_by_name
-
-DEBIAN_SUITES: dict[str, str] = {
-    "debian-11": "bullseye",
-    "debian-12": "bookworm",
-    "debian-13": "trixie",
-}
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-
-# Bump whenever the scripts below change in a way the rendered text does not show.
-BUILD_SCRIPT_VERSION = 1
-REPO_ID = "pytest-devbox-local"
-DISK_SIZE = 4 * 1024**3
-ROOT_PARTITION = "/dev/sda1"
-
-_OSINFO = {"debian-11": "debian11", "debian-12": "debian12", "debian-13": "debian13"}
-
-# linux-image-amd64, not the cloud kernel: the cloud kernel lacks 9p.
-PACKAGES: tuple[str, ...] = (
-    "linux-image-amd64",
-    "systemd-sysv",
-    "udev",
-    "openssh-server",
-    "extlinux",
-    "python3",
-    "sudo",
-    "iproute2",
-    "dbus",
+from .template_build import Steps, build_disk
+from .template_recipes import (
+    DEBIAN_SUITES,
+    DEFAULT_MIRROR,
+    DISK_SIZE,
+    ROOT_PARTITION,
+    TemplateRecipe,
+    packages_for,
+    recipe_hash,
+    template_recipe,
 )
-# From bookworm on, systemd-resolved is its own package (bullseye ships it in systemd).
-_SUITE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "bookworm": ("systemd-resolved",),
-    "trixie": ("systemd-resolved",),
-}
+from .vbindex import format_index, sections_by_name
+from .virt_builder import libguestfs_env
 
-_STEP_TIMEOUT = 3600.0
+# Re-exported: callers and tests name them through this module.
+__all__ = [
+    "DEBIAN_SUITES",
+    "DEFAULT_MIRROR",
+    "REPO_ID",
+    "BuildOutcome",
+    "TemplateRepo",
+    "default_repo_dir",
+    "next_revision",
+    "packages_for",
+    "recipe_hash",
+]
 
-# Run by mmdebstrap on the host with the root directory as $1 (a --customize-hook).
-_CUSTOMIZE_SCRIPT = r"""#!/bin/sh
-set -eu
-root="$1"
-
-echo devbox > "$root/etc/hostname"
-printf '127.0.0.1\tlocalhost\n127.0.1.1\tdevbox\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
-    > "$root/etc/hosts"
-echo 'UUID=@ROOT_UUID@ / ext4 errors=remount-ro 0 1' > "$root/etc/fstab"
-
-# Networking without ifupdown: systemd-networkd DHCP on every wired interface.
-mkdir -p "$root/etc/systemd/network"
-cat > "$root/etc/systemd/network/80-devbox-dhcp.network" <<'EOF'
-[Match]
-Name=en* eth*
-
-[Network]
-DHCP=yes
-EOF
-ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
-
-# Host keys are made by each guest at first boot, never shared through the template:
-# Debian's ssh.service does not create missing keys, and its `sshd -t` fails without.
-rm -f "$root"/etc/ssh/ssh_host_*
-cat > "$root/etc/systemd/system/devbox-ssh-keygen.service" <<'EOF'
-[Unit]
-Description=Generate missing SSH host keys
-Before=ssh.service ssh.socket
-ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-RemainAfterExit=yes
-
-[Install]
-WantedBy=multi-user.target ssh.service
-EOF
-mkdir -p "$root/etc/ssh/sshd_config.d"
-printf 'PasswordAuthentication no\nKbdInteractiveAuthentication no\n' \
-    > "$root/etc/ssh/sshd_config.d/50-devbox.conf"
-chroot "$root" systemctl enable systemd-networkd.service systemd-resolved.service \
-    ssh.service devbox-ssh-keygen.service
-
-# No password login: root stays locked (virt-builder sets its own root password).
-chroot "$root" passwd --lock root
-
-# Boot loader config; kernel messages and a getty on the serial console.
-kver=$(cd "$root/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//' | sort -V | tail -n 1)
-mkdir -p "$root/boot/extlinux"
-cat > "$root/boot/extlinux/extlinux.conf" <<EOF
-DEFAULT linux
-PROMPT 0
-TIMEOUT 0
-LABEL linux
-  LINUX /boot/vmlinuz-$kver
-  INITRD /boot/initrd.img-$kver
-  APPEND root=UUID=@ROOT_UUID@ ro console=tty0 console=ttyS0,115200n8
-EOF
-
-# An empty machine-id makes systemd generate a fresh one at first boot.
-: > "$root/etc/machine-id"
-rm -f "$root/var/lib/dbus/machine-id"
-"""
-
-# guestfish script; 64bit is off because extlinux cannot boot every 64bit ext4.
-_GUESTFISH_SCRIPT = """add @DISK@ format:raw
-run
-part-init /dev/sda mbr
-part-add /dev/sda p 2048 -1
-part-set-bootable /dev/sda 1 true
-mkfs ext4 /dev/sda1 features:^64bit label:root
-set-uuid /dev/sda1 @ROOT_UUID@
-mount /dev/sda1 /
-tar-in @ROOTFS@ / xattrs:true acls:true
-extlinux /boot/extlinux
-copy-file-to-device /usr/lib/EXTLINUX/mbr.bin /dev/sda size:440
-umount-all
-"""
+REPO_ID = "pytest-devbox-local"
 
 
 def default_repo_dir(cache_dir: Path) -> Path:
@@ -165,27 +74,6 @@ class BuildOutcome:
     path: Path
 
 
-def packages_for(suite: str) -> tuple[str, ...]:
-    """The packages installed on top of minbase for a Debian suite."""
-    return PACKAGES + _SUITE_PACKAGES.get(suite, ())
-
-
-def recipe_hash(distro: str, mirror: str) -> str:
-    """Hash of everything that shapes a template; a change means a rebuild."""
-    suite = _suite(distro)
-    recipe = {
-        "distro": distro,
-        "suite": suite,
-        "mirror": mirror,
-        "packages": packages_for(suite),
-        "customize": _CUSTOMIZE_SCRIPT,
-        "guestfish": _GUESTFISH_SCRIPT,
-        "disk_size": DISK_SIZE,
-        "version": BUILD_SCRIPT_VERSION,
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-
-
 def next_revision(previous: int | None, now: float | None = None) -> int:
     """A revision greater than ``previous``, and never one used before on this host.
 
@@ -196,38 +84,12 @@ def next_revision(previous: int | None, now: float | None = None) -> int:
     return max(floor, (previous or 0) + 1)
 
 
-def _suite(distro: str) -> str:
-    try:
-        return DEBIAN_SUITES[distro]
-    except KeyError:
-        known = ", ".join(sorted(DEBIAN_SUITES))
-        raise UnknownDistro(
-            f"no local template recipe for {distro!r}; known: {known}. "
-            "Other distros come from the public virt-builder repository."
-        ) from None
-
-
 def _sha512(path: Path) -> str:
     digest = hashlib.sha512()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _guestfs_env(base: Mapping[str, str]) -> dict[str, str]:
-    env = dict(base)
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in env:
-        from .host import resolve_accel
-
-        # libguestfs would try KVM and hang or abort where it does not really work.
-        if resolve_accel() == "tcg":
-            env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
-    return env
 
 
 class TemplateRepo:
@@ -283,10 +145,10 @@ class TemplateRepo:
         """Build (or keep) the template for ``distro`` and list it in the index.
 
         Returns at once with ``built=False`` when the template is up to date, unless
-        ``force``. Raises UnknownDistro for names not in DEBIAN_SUITES and
+        ``force``. Raises UnknownDistro for names without a template recipe and
         TemplateBuildError, with the failing tool's output, when a step fails.
         """
-        suite = _suite(distro)
+        recipe = template_recipe(distro)
         start = time.monotonic()
         self.write_conf()
         # Index, state and template are replaced atomically, so an up-to-date template
@@ -309,7 +171,7 @@ class TemplateRepo:
             work = self.root / f".build-{distro}-{os.getpid()}"
             work.mkdir()
             try:
-                revision, path = self._build(distro, suite, work)
+                revision, path = self._build(recipe, work)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             seconds = time.monotonic() - start
@@ -320,67 +182,19 @@ class TemplateRepo:
 
     # -- internals -----------------------------------------------------------------
 
-    def _build(self, distro: str, suite: str, work: Path) -> tuple[int, Path]:
-        env = _guestfs_env(os.environ if self._env is None else self._env)
-        root_uuid = str(uuid.uuid4())
-        packages = packages_for(suite)
+    def _build(self, recipe: TemplateRecipe, work: Path) -> tuple[int, Path]:
+        from .host import resolve_accel
 
-        hook = work / "customize.sh"
-        hook.write_text(_CUSTOMIZE_SCRIPT.replace("@ROOT_UUID@", root_uuid))
-        hook.chmod(0o755)
-        rootfs = work / "rootfs.tar"
-        self._step(
-            distro,
-            f"mmdebstrap {suite} (minbase + {len(packages)} packages)",
-            [
-                "mmdebstrap",
-                "--variant=minbase",
-                "--include=" + ",".join(packages),
-                f"--customize-hook={hook}",
-                '--aptopt=Acquire::Retries "3"',
-                suite,
-                str(rootfs),
-                self.mirror,
-            ],
-            env,
-        )
+        base = dict(os.environ if self._env is None else self._env)
+        # An explicit LIBGUESTFS_BACKEND_SETTINGS in the caller's environment wins.
+        env = {**libguestfs_env(resolve_accel() == "tcg"), **base}
+        steps = Steps(recipe.distro, self.mirror, env, self.log)
+        compressed = build_disk(recipe, steps, work)
+        return self._publish(recipe, compressed)
 
-        disk = work / "disk.raw"
-        with open(disk, "wb") as f:
-            f.truncate(DISK_SIZE)
-        script = work / "disk.guestfish"
-        script.write_text(
-            _GUESTFISH_SCRIPT.replace("@DISK@", str(disk))
-            .replace("@ROOTFS@", str(rootfs))
-            .replace("@ROOT_UUID@", root_uuid)
-        )
-        self._step(
-            distro,
-            "guestfish: partition, ext4, extlinux",
-            ["guestfish", "-x", "-f", str(script)],
-            env,
-        )
-        rootfs.unlink()
-
-        qcow2 = work / "disk.qcow2"
-        self._step(
-            distro,
-            "qemu-img convert to qcow2",
-            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)],
-            env,
-        )
-        disk.unlink()
-        # 16 MiB blocks let virt-builder decompress in parallel; -T0 uses every core.
-        self._step(
-            distro,
-            "xz compress",
-            # -1: the repository is local, so speed beats ratio; the default -6 spent
-            # over half of each build compressing (185-265 s of 340-480 s measured).
-            ["xz", "-1", "--block-size=16777216", "-T0", "-f", str(qcow2)],
-            env,
-        )
-        compressed = work / "disk.qcow2.xz"
-
+    def _publish(self, recipe: TemplateRecipe, compressed: Path) -> tuple[int, Path]:
+        """Install ``compressed`` as the next revision of ``recipe`` and list it."""
+        distro = recipe.distro
         t0 = time.monotonic()
         old = self.entries().get(distro, {})
         try:
@@ -390,8 +204,8 @@ class TemplateRepo:
         revision = next_revision(previous)
         final = self.root / f"{distro}-r{revision}.qcow2.xz"
         entry = {
-            "name": f"Debian {distro.split('-')[1]} ({suite}), pytest-devbox local build",
-            "osinfo": _OSINFO[distro],
+            "name": recipe.title,
+            "osinfo": recipe.osinfo,
             "arch": "x86_64",
             "file": final.name,
             "format": "qcow2",
@@ -400,11 +214,7 @@ class TemplateRepo:
             "checksum[sha512]": _sha512(compressed),
             "revision": str(revision),
             "expand": ROOT_PARTITION,
-            "notes": (
-                f"Debian {suite} minbase from {self.mirror}, built by pytest-devbox.\n"
-                "systemd-networkd DHCP, sshd with host keys made at first boot,\n"
-                "serial console on ttyS0, root locked."
-            ),
+            "notes": recipe.notes.format(mirror=self.mirror),
         }
         # Template first, then the state that vouches for it, then the index that
         # publishes it: an interruption at any point leaves the old entry usable.
@@ -431,40 +241,6 @@ class TemplateRepo:
             int(entry["revision"]),
             self.root / entry["file"],
         )
-
-    def _step(self, distro: str, title: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        self.log(f"{distro}: {title} ...")
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(
-                list(argv),
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=_STEP_TIMEOUT,
-            )
-        except FileNotFoundError:
-            raise TemplateBuildError(
-                f"{argv[0]} is not installed; install the host packages listed by "
-                "`devbox doctor` (mmdebstrap, guestfs-tools, qemu-utils, xz-utils)"
-            ) from None
-        except subprocess.TimeoutExpired as exc:
-            raise TemplateBuildError(
-                f"{distro}: {title} did not finish in {_STEP_TIMEOUT:g} s; "
-                f"check the mirror {self.mirror} and the host load, then retry"
-            ) from exc
-        seconds = time.monotonic() - t0
-        if proc.returncode != 0:
-            output = _tail(proc.stdout + "\n" + proc.stderr)
-            raise TemplateBuildError(
-                f"{distro}: {title} failed (exit {proc.returncode}) after {seconds:.0f} s: "
-                f"{' '.join(argv)}\n{output}\n"
-                "Fix the cause above and run `devbox template build` again; "
-                "the repository was left unchanged."
-            )
-        self.log(f"{distro}: {title} done in {seconds:.1f} s")
 
     def _state_path(self, distro: str) -> Path:
         return self.root / f"{distro}.json"

@@ -26,10 +26,13 @@ from .errors import HostNotReady, ImageBuildError
 from .fileio import atomic_write
 from .paths import CacheLayout
 from .recipe import hostname
+from .selinux import builder_flags
 from .vbindex import Section, parse_sections
 
-# The index libguestfs ships in /etc/virt-builder/repos.d/libguestfs.conf.
-PUBLIC_INDEX = "http://builder.libguestfs.org/index.asc"
+# The index libguestfs ships in /etc/virt-builder/repos.d/libguestfs.conf, over https as
+# upstream has it since guestfs-tools commit 5a2458f3 (v1.55.1, RHEL-94873); Debian 12's
+# 1.48.2 still ships http:// (builder/libguestfs.conf.in). The gpgkey= check stays.
+PUBLIC_INDEX = "https://builder.libguestfs.org/index.asc"
 PUBLIC_INDEX_GPGKEY = Path("/etc/virt-builder/repos.d/libguestfs.gpg")
 INDEX_TIMEOUT = 30.0
 
@@ -45,6 +48,12 @@ def redact(line: str) -> str:
 def as_uri(repo: str) -> str:
     """A repository given as a URI or a path, as a URI."""
     return repo if "://" in repo else Path(repo).resolve().as_uri()
+
+
+def libguestfs_env(tcg: bool) -> dict[str, str]:
+    """Environment additions for any libguestfs tool (virt-builder, guestfish)."""
+    # libguestfs would try KVM and hang or abort where it does not really work.
+    return {"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"} if tcg else {}
 
 
 def executable() -> str:
@@ -104,6 +113,8 @@ class VirtBuilder:
         self.tcg = tcg
         self._indexes: dict[str, IndexRead] = {}
         self._version: str | None = None
+        # False: only file:// indexes are read (a dry run uses no network).
+        self.read_remote = True
 
     @property
     def local_index(self) -> Path:
@@ -147,15 +158,13 @@ class VirtBuilder:
     def env(self, profile: Profile | None = None) -> dict[str, str]:
         """Environment additions for every virt-builder run (merge into os.environ)."""
         cfg = str(self.config_dir(profile))
-        env = {"VIRT_BUILDER_DIRS": cfg, "XDG_CONFIG_HOME": cfg}
-        if self.tcg:
-            # libguestfs would try KVM and hang or abort where it does not really work.
-            env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
-        return env
+        return {"VIRT_BUILDER_DIRS": cfg, "XDG_CONFIG_HOME": cfg, **libguestfs_env(self.tcg)}
 
     def index(self, uri: str) -> IndexRead:
         """The index at ``uri``, read on first use and remembered."""
         if uri not in self._indexes:
+            if not self.read_remote and not uri.startswith("file://"):
+                return IndexRead(uri, None, "was not read (no network in a dry run)")
             self._indexes[uri] = read_index(uri)
         return self._indexes[uri]
 
@@ -192,6 +201,9 @@ class VirtBuilder:
             "--commands-from-file",
             str(commands),
         ]
+        if profile.relabels:
+            # Our own relabel step is the commands file's last line (recipe.py).
+            argv += builder_flags(self.version())
         if not profile.needs_network:
             argv.append("--no-network")
         if profile.disk_size:

@@ -3,7 +3,9 @@ real sockets: every expiry is a BootTimeout naming its phase, a dead guest fails
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,8 +13,17 @@ from pathlib import Path
 
 import pytest
 
+# The real local sshd of test_ssh.py stands in for a guest (fixtures shared by import).
+from test_ssh import (  # noqa: F401
+    authorized_keys,
+    client_key,
+    keydir,
+    session_conn,
+    sshd,
+)
+
 from pytest_devbox import domain as dom
-from pytest_devbox.boot import Boot, Deadline, authenticate, wait_banner
+from pytest_devbox.boot import SHARE_PROBE, Boot, Deadline, authenticate, mount_code, wait_banner
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
 from pytest_devbox.keys import ensure_keypair
 from pytest_devbox.launch import tail_file
@@ -108,3 +119,32 @@ def test_a_changed_host_key_is_final_not_retried(test_domain: dom.Domain, tmp_pa
     with pytest.raises(HostKeyMismatch):
         boot.poll("auth", attempt, interval=0.1, transient=(SSHError,), final=(HostKeyMismatch,))
     assert calls == [1]
+
+
+def _host_offers(fs: str, module: str) -> bool:
+    probe = SHARE_PROBE.format(fs=fs, module=module)
+    return subprocess.run(["sh", "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.path.exists("/code"), reason="this host has a /code of its own")
+@pytest.mark.skipif(os.geteuid() != 0, reason="logs in as root, as the guest connection does")
+@pytest.mark.parametrize(("share", "module"), [("9p", "9pnet_virtio"), ("virtiofs", "virtiofs")])
+def test_code_not_mounted_names_the_share_the_kernel_offer_and_the_field(
+    test_domain: dom.Domain,
+    tmp_path: Path,
+    session_conn: Connection,  # noqa: F811 (the fixture imported above)
+    share: str,
+    module: str,
+) -> None:
+    # The local sshd plays a guest whose /code never mounts (there is no /code here);
+    # its kernel is this host's, so what it offers is what the probe finds here.
+    with pytest.raises(BootTimeout) as info:
+        mount_code(_boot(test_domain, tmp_path, 3.0), session_conn, share)
+    message = str(info.value)
+    assert info.value.phase == "/code mounted"
+    assert "debian-12: /code is not mounted in the guest" in message
+    assert f"The profile shares /code with {share}" in message
+    offers = "offers" if _host_offers(share, module) else "does not offer"
+    assert f"the guest kernel {offers} {share} (/proc/filesystems or its module)" in message
+    assert "Change the profile's `share` field" in message
+    assert "last console line" in message

@@ -9,6 +9,7 @@ import pytest
 from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles, select
 from pytest_devbox.errors import ProfileError, UnknownDistro
 
+# DESIGN.md's six lines for CentOS 7, as the design wrote them.
 CENTOS7_DESIGN_LINES = (
     "run-command yum-config-manager --enable centosplus",
     'run-command sed -ie "s/DEFAULTKERNEL=kernel/DEFAULTKERNEL=kernel-plus/" /etc/sysconfig/kernel',
@@ -18,25 +19,78 @@ CENTOS7_DESIGN_LINES = (
     "install kernel-plus",
     "append-line /etc/fstab:/code /code 9p trans=virtio 0 0",
 )
+# The same six, fixed on paper against their sources (issue 9), plus yum-utils first.
+CENTOS7_LINES = (
+    "install yum-utils",
+    "run-command yum-config-manager --enable centosplus",
+    "run-command sed -i -e 's/^DEFAULTKERNEL=kernel$/DEFAULTKERNEL=kernel-plus/'"
+    " /etc/sysconfig/kernel",
+    "append-line /etc/dracut.conf.d/virtio.conf:"
+    'add_drivers+=" virtio_blk virtio_scsi virtio_pci virtio_console "',
+    "append-line /etc/modules-load.d/9pnet_virtio.conf:9pnet_virtio",
+    "install kernel-plus",
+    "append-line /etc/fstab:/code /code 9p trans=virtio,version=9p2000.L,msize=262144,nofail 0 0",
+)
 
 
-def test_centos7_points_yum_at_the_vault_then_runs_the_design_recipe() -> None:
+def test_centos7_points_yum_at_its_own_vault_release_then_runs_the_fixed_design_recipe() -> None:
     p = BUILTIN_PROFILES["centos-7"]
     assert (p.template, p.share) == ("centos-7.8", "9p")
-    assert p.customize[-len(CENTOS7_DESIGN_LINES) :] == CENTOS7_DESIGN_LINES
+    assert p.customize[-len(CENTOS7_LINES) :] == CENTOS7_LINES
+
+    # Each design line is still there, in order, by its operation and target.
+    def shape(line: str) -> tuple[str, str]:
+        op, arg = line.split()[:2]
+        return op, arg.split(":")[0]
+
+    assert [shape(c) for c in p.customize[-6:]] == [shape(c) for c in CENTOS7_DESIGN_LINES]
+    assert not any("sed -ie" in c for c in p.customize)  # -ie = backup suffix "e"
     vault = p.customize[0]
-    assert "#mirrorlist=" in vault and "baseurl=http://vault.centos.org/7.9.2009/" in vault
-    assert p.needs_network
+    assert "#mirrorlist=" in vault and "baseurl=http://vault.centos.org/7.8.2003/" in vault
+    assert vault.startswith("run-command sed -i -e ")
+    assert p.needs_network and p.relabels
 
 
-def test_centos8_uses_the_vault_and_virtiofs_without_network() -> None:
+def test_centos8_uses_its_own_vault_release_and_virtiofs_without_network() -> None:
     p = BUILTIN_PROFILES["centos-8"]
     assert (p.template, p.share) == ("centos-8.2", "virtiofs")
-    assert "baseurl=http://vault.centos.org/8.5.2111/" in p.customize[0]
+    assert "baseurl=http://vault.centos.org/8.2.2004/" in p.customize[0]
     assert "#mirrorlist=" in p.customize[0]
     # No /code line of its own: the recipe derives it from the share (issue 8, defect 5).
     assert not any("/etc/fstab" in c for c in p.customize)
+    assert not p.needs_network and p.relabels
+
+
+def test_selinux_templates_relabel_and_the_field_overrides_the_family(tmp_path: Path) -> None:
+    relabel = {n for n, p in BUILTIN_PROFILES.items() if p.relabels}
+    assert relabel == {
+        "centos-7",
+        "centos-8",
+        "centosstream-8",
+        "centosstream-9",
+        "fedora-40",
+        "fedora-41",
+        "fedora-42",
+        "debian-12-selinux",
+    }
+    assert Profile("r", "rocky-9").relabels and not Profile("u", "ubuntu-22.04").relabels
+    write(
+        tmp_path / "devbox.toml",
+        '[distros.mine]\ntemplate = "my-debian"\nselinux = true\n'
+        '[distros.f]\nextends = "fedora-42"\nselinux = false\n',
+    )
+    profiles = load_profiles(tmp_path)
+    assert profiles["mine"].relabels and not profiles["f"].relabels
+    write(tmp_path / "devbox.toml", '[distros.bad]\ntemplate = "x"\nselinux = "yes"\n')
+    with pytest.raises(ProfileError, match="'selinux' must be true or false"):
+        load_profiles(tmp_path)
+
+
+def test_debian12_selinux_is_the_local_enforcing_variant() -> None:
+    p = BUILTIN_PROFILES["debian-12-selinux"]
+    assert (p.template, p.share, p.selinux) == ("debian-12-selinux", "virtiofs", True)
     assert not p.needs_network
+    assert p.customize == ()  # the template teaches its policy virtiofs: the plain line
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ the fallback where no Python 3 exists, and the guest program's Python 3.6 syntax
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +58,21 @@ def login(sshd: Sshd, client: tuple[Path, Path], tmp_path: Path) -> Iterator[Log
     made = Login(conn, "auto")
     yield made
     made.close()
+
+
+def _marker() -> str:
+    """A sleep no other process on this host runs (other test sessions share it)."""
+    return f"sleep 100.{uuid.uuid4().int % 10**9:09d}"
+
+
+def _gone(marker: str, timeout: float = 30.0) -> bool:
+    """True once no process runs ``marker`` (a busy host may take seconds to reap)."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True, check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _hammer(login: Login | Machine, threads: int, commands: int) -> list[str]:
@@ -142,8 +159,9 @@ def test_commands_run_at_once(login: Login) -> None:
 def test_a_killed_executor_is_reported_and_replaced(login: Login) -> None:
     first = login.executor()
     assert first is not None
+    marker = _marker()
     with pytest.raises(ExecutorLost) as info:
-        login.run("echo before; kill -KILL $PPID; sleep 100.4848", cwd=None)
+        login.run(f"echo before; kill -KILL $PPID; {marker}", cwd=None)
     message = str(info.value)
     assert f"executor of {username()}@127.0.0.1" in message
     assert f"(guest pid {first.pid}) ended while running `echo before;" in message
@@ -152,7 +170,7 @@ def test_a_killed_executor_is_reported_and_replaced(login: Login) -> None:
     assert login.run("echo again", cwd=None).stdout == "again\n"
     second = login.executor()
     assert second is not None and second.pid != first.pid
-    subprocess.run(["pkill", "-f", "sleep 100[.]4848"], check=False)
+    subprocess.run(["pkill", "-f", marker], check=False)
 
 
 @needs_sshd
@@ -161,21 +179,22 @@ def test_a_dropped_connection_ends_the_executor_clearly(login: Login) -> None:
     transport = login.conn._transport
     assert transport is not None
     threading.Timer(0.5, transport.close).start()
-    with pytest.raises(ExecutorLost, match=r"ended while running `sleep 100\.4747`"):
-        login.run("sleep 100.4747", cwd=None, timeout=20)
+    marker = _marker()
+    with pytest.raises(ExecutorLost, match=f"ended while running `{re.escape(marker)}`"):
+        login.run(marker, cwd=None, timeout=120)
     # A new transport and a new executor; the old one stopped its command on its way out.
     assert login.run("echo ok", cwd=None).stdout == "ok\n"
-    time.sleep(0.5)
-    assert subprocess.run(["pgrep", "-f", "sleep 100[.]4747"], check=False).returncode == 1
+    assert _gone(marker)
 
 
 @needs_sshd
 def test_closing_the_login_stops_its_commands(login: Login) -> None:
     seen: list[BaseException] = []
+    marker = _marker()
 
     def sleeper() -> None:
         try:
-            login.run("sleep 100.5050", cwd=None)
+            login.run(marker, cwd=None)
         except SSHError as e:
             seen.append(e)
 
@@ -185,9 +204,8 @@ def test_closing_the_login_stops_its_commands(login: Login) -> None:
     login.close()
     done.join(10)
     assert len(seen) == 1
-    assert "ended while running `sleep 100.5050`: the login was closed" in str(seen[0])
-    time.sleep(0.5)
-    assert subprocess.run(["pgrep", "-f", "sleep 100[.]5050"], check=False).returncode == 1
+    assert f"ended while running `{marker}`: the login was closed" in str(seen[0])
+    assert _gone(marker)
 
 
 @needs_sshd
@@ -276,14 +294,14 @@ def test_guest_program_stops_on_sigterm_free_of_leftovers() -> None:
     _, kind, size = executor_guest.HEADER.unpack(hello)
     assert kind == executor_guest.READY
     assert proc.stdout.read(size).startswith(executor_guest.HELLO)
-    spec = b'{"argv": ["sh", "-c", "sleep 100.5252"], "stdin": false}'
+    marker = _marker()
+    spec = f'{{"argv": ["sh", "-c", "{marker}"], "stdin": false}}'.encode()
     proc.stdin.write(executor_guest.HEADER.pack(1, executor_guest.START, len(spec)) + spec)
     proc.stdin.flush()
     time.sleep(1)
     proc.stdin.close()  # what a closed channel looks like to it
-    assert proc.wait(10) == 0
-    time.sleep(0.3)
-    assert subprocess.run(["pgrep", "-f", "sleep 100[.]5252"], check=False).returncode == 1
+    assert proc.wait(30) == 0
+    assert _gone(marker)
 
 
 MODES = """

@@ -22,6 +22,7 @@ from pytest_devbox import qemu_img
 from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles
 from pytest_devbox.errors import CacheLockTimeout, ImageBuildError
 from pytest_devbox.images import ImageCache
+from pytest_devbox.selinux import RELABEL_COMMAND, builder_flags
 
 VB = "/usr/bin/virt-builder"
 
@@ -78,6 +79,9 @@ def user_lines(c: ImageCache) -> list[str]:
         "append-line /etc/sudoers.d/devbox:devbox ALL=(ALL) NOPASSWD:ALL",
         "chmod 0440:/etc/sudoers.d/devbox",
         f"ssh-inject devbox:file:{c.root}/ssh/id_ed25519.pub",
+        # Many threads on one connection per login (issue 16): sshd's limits raised.
+        "append-line /etc/ssh/sshd_config:MaxSessions 64",
+        "append-line /etc/ssh/sshd_config:MaxStartups 64:30:128",
         "run-command ssh-keygen -A",
     ]
 
@@ -90,22 +94,29 @@ def test_centos7_argv_and_commands_file(root: Path, tmp_path: Path) -> None:
     c, p = cache(root), BUILTIN_PROFILES["centos-7"]
     out = tmp_path / "out.qcow2"
     argv = c.builder_command(p, out)
-    # kernel-plus comes from the network: no --no-network.
-    assert argv == expected_argv(c, p, out)
-    # The DESIGN recipe already mounts /code over 9p: no second fstab line.
-    assert commands_file(argv) == [*p.customize, "mkdir /code", *user_lines(c)]
+    # kernel-plus comes from the network: no --no-network. 1.48 takes no relabel flag.
+    assert argv == expected_argv(c, p, out, *builder_flags(c.builder.version()))
+    # The DESIGN recipe already mounts /code over 9p: no second fstab line. The SELinux
+    # relabel is the very last step.
+    assert commands_file(argv) == [
+        *p.customize,
+        "mkdir /code",
+        *user_lines(c),
+        RELABEL_COMMAND,
+    ]
 
 
 def test_centos8_argv_and_commands_file(root: Path, tmp_path: Path) -> None:
     c, p = cache(root), BUILTIN_PROFILES["centos-8"]
     out = tmp_path / "out.qcow2"
     argv = c.builder_command(p, out)
-    assert argv == expected_argv(c, p, out, "--no-network")
+    assert argv == expected_argv(c, p, out, *builder_flags(c.builder.version()), "--no-network")
     assert commands_file(argv) == [
         *p.customize,
         "mkdir /code",
         "append-line /etc/fstab:/code /code virtiofs defaults,nofail 0 0",
         *user_lines(c),
+        RELABEL_COMMAND,
     ]
 
 
@@ -254,6 +265,7 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from pytest_devbox.images import ImageCache
+from pytest_devbox.selinux import RELABEL_COMMAND, builder_flags
 final = Path(sys.argv[1])
 def build(tmp):
     Path(sys.argv[2]).write_text("started")

@@ -49,11 +49,15 @@ def test_world_readable_key_is_refused(tmp_path: Path) -> None:
         ensure_keypair(tmp_path / "k")
 
 
-def test_writable_key_dir_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o777, 0o755, 0o750, 0o711], ids=oct)
+def test_key_dir_not_0700_is_refused(tmp_path: Path, mode: int) -> None:
+    # The README promises 0600 keys in a 0700 directory: 0755 used to be accepted.
     ensure_keypair(tmp_path / "k")
-    (tmp_path / "k").chmod(0o777)
-    with pytest.raises(SSHError, match="chmod 700"):
+    (tmp_path / "k").chmod(mode)
+    with pytest.raises(SSHError, match=f"mode {mode:04o}.*chmod 700"):
         ensure_keypair(tmp_path / "k")
+    (tmp_path / "k").chmod(0o700)
+    assert ensure_keypair(tmp_path / "k") == tmp_path / "k" / "id_ed25519"
 
 
 def test_concurrent_keypair_creation_agrees(tmp_path: Path) -> None:
@@ -131,6 +135,7 @@ import paramiko
 from pytest_devbox.keys import check_host_key
 known_hosts, key_file, go, worker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 key = paramiko.Ed25519Key(filename=key_file)
+Path(f"{go}.ready-{worker}").touch()
 while not go.exists():
     time.sleep(0.005)
 for i in range(8):
@@ -148,7 +153,13 @@ def test_concurrent_pins_from_processes_keep_every_alias(tmp_path: Path) -> None
         )
         for w in range(6)
     ]
-    time.sleep(1.5)  # let every worker import paramiko and wait for the start signal
+    # Start them together once each has imported paramiko (a fixed sleep is too short on
+    # a busy machine: the workers would then run one after the other and prove nothing).
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready-*"))) < len(workers):
+        assert time.monotonic() < deadline, "the workers never got ready"
+        assert all(w.poll() is None for w in workers), "a worker died before the start"
+        time.sleep(0.05)
     go.touch()
     assert [w.wait(60) for w in workers] == [0] * 6
     pinned = {line.split()[0] for line in known_hosts.read_text().splitlines()}

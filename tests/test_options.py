@@ -145,3 +145,20 @@ def test_the_default_uri_is_written_once() -> None:
     where = {p.name: p.read_text().count(DEFAULT_URI) for p in package.glob("*.py")}
     assert sum(where.values()) == 1, {k: v for k, v in where.items() if v}
     assert where["settings.py"] == 1
+
+
+def test_an_unwritable_cache_is_a_usage_error_before_any_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    r = pytester.runpytest_subprocess("--devbox-cache=/proc/nope", "-p", "no:cacheprovider")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in r.errlines if "devbox" in line]
+    assert len(errors) == 1, r.errlines
+    assert "/proc/nope" in errors[0] and "--devbox-cache" in errors[0]
+    assert "devbox_cache" in errors[0]
+    assert "test_x" not in r.stdout.str()  # nothing ran
+
+
+def test_a_writable_cache_is_made_when_missing(places: Places, tmp_path: Path) -> None:
+    cache = tmp_path / "new" / "cache"
+    settings = resolve({"cache_dir": str(cache)}, lambda name: None, places, env={}).settings
+    assert settings.cache_dir == cache and cache.is_dir()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host import default_cache_dir, resolve_accel
+from pytest_devbox.host import default_cache_dir
+from pytest_devbox.plugin import state_key
 
 BAD_URI = "qemu:///system?socket=/nonexistent"
 # Read before any test changes the environment: the VM tier uses the real image cache.
@@ -90,12 +93,24 @@ def test_header_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
     ]
 
 
+def _kvm_really_works() -> bool:
+    """The README's rule for `auto`, read off this host's facts (not host.py's code): an
+    x86_64 host with a usable /dev/kvm from kvm_intel or kvm_amd, not PVM."""
+    sysfs = Path("/sys/module")
+    return (
+        platform.machine() == "x86_64"
+        and os.access("/dev/kvm", os.R_OK | os.W_OK)
+        and ((sysfs / "kvm_intel").exists() or (sysfs / "kvm_amd").exists())
+        and not (sysfs / "kvm_pvm").exists()
+    )
+
+
 def test_header_defaults_and_auto_accel(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile("def test_plain(): pass")
     result = pytester.runpytest("--devbox=debian-12")
+    accel = "kvm" if _kvm_really_works() else "tcg"
     assert header(result) == [
-        f"devbox: uri=qemu:///system accel={resolve_accel('auto')} distros=debian-12 "
-        f"cache={tmp_path / 'cache'}"
+        f"devbox: uri=qemu:///system accel={accel} distros=debian-12 cache={tmp_path / 'cache'}"
     ]
 
 
@@ -156,6 +171,9 @@ def test_ini_booleans_and_code_dir_are_checked(pytester: pytest.Pytester) -> Non
     result.stderr.fnmatch_lines([f"*code dir {pytester.path / 'src'} does not exist*"])
     (pytester.path / "src").mkdir()
     pytester.runpytest().assert_outcomes(passed=1)
+    settings = pytester.parseconfigure().stash[state_key].settings
+    assert (settings.keep, settings.code_dir) == (True, pytester.path / "src")
+    # (That keep reaches the guest: test_option_wiring.py.)
 
 
 # --- usage errors: exit code 4 before anything boots --------------------------------------

@@ -50,15 +50,20 @@ def test_the_share_decides_the_fstab_line() -> None:
 
 
 def test_a_profile_line_for_its_own_share_stands_one_for_another_is_dropped() -> None:
-    centos7 = BUILTIN_PROFILES["centos-7"]
     own = "append-line /etc/fstab:/code /code 9p trans=virtio 0 0"
-    assert own in centos7.customize
-    lines = recipe.commands(centos7, USER, PUB)
-    assert own in lines and NINEP not in lines  # the design recipe's line, alone
+    p = Profile("p", "debian-11", share="9p", customize=(own,))
+    lines = recipe.commands(p, USER, PUB)
+    assert own in lines and NINEP not in lines  # the profile's own line, alone
     # Extended with the other share, the inherited 9p line would mount the wrong thing.
-    other = recipe.commands(replace(centos7, name="c7v", share="virtiofs"), USER, PUB)
+    other = recipe.commands(replace(p, name="pv", share="virtiofs"), USER, PUB)
     assert own not in other and VIRTIOFS in other
     assert [c for c in other if recipe.code_mount_type(c)] == [VIRTIOFS]
+
+
+def test_centos7_mounts_code_once_with_the_full_9p_options() -> None:
+    lines = recipe.commands(BUILTIN_PROFILES["centos-7"], USER, PUB)
+    assert [c for c in lines if recipe.code_mount_type(c)] == [NINEP]
+    assert "append-line /etc/fstab:" + recipe.FSTAB_LINES["9p"] == NINEP
 
 
 def test_commands_text_is_the_lines_one_per_line() -> None:

@@ -15,6 +15,8 @@ import pytest
 
 from pytest_devbox.errors import CacheLockTimeout, UnknownDistro
 from pytest_devbox.host import default_cache_dir
+from pytest_devbox.selinux import RELABEL_SHELL, guestfish_quote
+from pytest_devbox.template_recipes import TEMPLATE_RECIPES
 from pytest_devbox.templates import (
     DEBIAN_SUITES,
     DEFAULT_MIRROR,
@@ -58,6 +60,37 @@ def test_recipe_hash_changes_with_what_shapes_the_template() -> None:
     assert base == recipe_hash("debian-12", DEFAULT_MIRROR)
     assert base != recipe_hash("debian-11", DEFAULT_MIRROR)
     assert base != recipe_hash("debian-12", "http://mirror.example/debian")
+
+
+def test_plain_recipe_hashes_are_pinned_so_built_templates_and_ci_caches_survive() -> None:
+    # The hashes the debian-11/12 templates in the shared cache (and CI's) were built
+    # with, before the SELinux variant existed: adding a variant must not rebuild them.
+    assert recipe_hash("debian-11", DEFAULT_MIRROR) == (
+        "b01793c5cf24125a310cfb985a9f200ca3f029697303ce9096a79fe4e57d4e33"
+    )
+    assert recipe_hash("debian-12", DEFAULT_MIRROR) == (
+        "f1a0301cf9e0252173bd282162dd1463abb092f9e8d1e61464a687287ea69aed"
+    )
+
+
+def test_the_selinux_variant_is_debian_12_enforcing_and_labelled_at_build() -> None:
+    plain, se = TEMPLATE_RECIPES["debian-12"], TEMPLATE_RECIPES["debian-12-selinux"]
+    assert recipe_hash("debian-12-selinux", DEFAULT_MIRROR) != recipe_hash(
+        "debian-12", DEFAULT_MIRROR
+    )
+    assert (se.suite, se.osinfo) == ("bookworm", "debian12")
+    assert se.packages == (*plain.packages, "selinux-basics", "selinux-policy-default", "auditd")
+    assert se.customize.startswith(plain.customize)
+    assert "SELINUX=enforcing" in se.customize and "SELINUXTYPE=default" in se.customize
+    assert "security=selinux selinux=1" in se.customize  # on the extlinux APPEND line
+    assert "(genfscon virtiofs" in se.customize  # the policy labels the share
+    # Labelled by the same step an image build ends with, after extlinux, before unmount.
+    lines = se.guestfish.splitlines()
+    relabel = lines.index(f"sh {guestfish_quote(RELABEL_SHELL)}")
+    assert lines.index("extlinux /boot/extlinux") < relabel < lines.index("umount-all")
+    assert [line for line in lines if line != lines[relabel] and "e2attrs" not in line] == (
+        plain.guestfish.splitlines()
+    )
 
 
 def test_packages_use_the_full_kernel_and_resolved_where_separate() -> None:

@@ -45,7 +45,7 @@ def test_config_dir_holds_only_the_wanted_repos(root: Path, tmp_path: Path) -> N
     online = confs(builder(root, public_index=True))
     assert online[0].endswith(local)
     assert online[1].startswith(f"[libguestfs.org]\nuri={PUBLIC_INDEX}\n")
-    assert PUBLIC_INDEX == "http://builder.libguestfs.org/index.asc"
+    assert PUBLIC_INDEX == "https://builder.libguestfs.org/index.asc"
     extra = tmp_path / "repo" / "index"
     p = replace(BUILTIN_PROFILES["debian-12"], repos=("https://example.org/index.asc",))
     three = confs(builder(root, repos=[str(extra)]), p)
@@ -112,7 +112,27 @@ def test_unreadable_message_names_the_index_and_the_way_out(root: Path) -> None:
     assert "--devbox-offline" in msg and "--devbox-repo" in msg
 
 
-def test_redact_hides_the_root_password() -> None:
-    line = "[  12.0] Setting random password of root to Xy9aB3kLmN"
-    assert redact(line) == "[  12.0] Setting random password of root to <hidden>"
+# virt-builder 1.48's real output of a build (Debian 12), password line included.
+OUTPUT = Path(__file__).parent / "data" / "virt-builder-output.txt"
+PASSWORD = "0FbqAmh1qqTy5eCT"
+
+
+@pytest.mark.parametrize("exit_status", [0, 1], ids=["success", "failure"])
+def test_the_root_password_never_reaches_the_log_or_the_error(root: Path, exit_status: int) -> None:
+    # The real run loop over virt-builder's real output: the line must come through (so
+    # the check cannot pass by the line being absent), with the password hidden.
+    assert PASSWORD in OUTPUT.read_text()
+    b = builder(root)
+    logs: list[str] = []
+    argv = ["sh", "-c", f'cat "$0"; exit {exit_status}', str(OUTPUT)]
+    if exit_status:
+        with pytest.raises(ImageBuildError) as e:
+            b.run(BUILTIN_PROFILES["debian-12"], argv, logs.append)
+        assert PASSWORD not in str(e.value)
+        assert "random password of root to <hidden>" in str(e.value)
+    else:
+        b.run(BUILTIN_PROFILES["debian-12"], argv, logs.append)
+    assert "[debian-12] virt-builder: Setting random password of root to <hidden>" in logs
+    assert not [line for line in logs if PASSWORD in line]
+    assert len(logs) == len(OUTPUT.read_text().splitlines())
     assert redact("nothing to hide") == "nothing to hide"
