@@ -159,4 +159,5 @@ def attach(profile: Profile, info: Info, settings: Settings) -> Machine:
         overlay=Path(info["overlay"]),
         console_log=Path(info["console_log"]),
         boot_seconds=float(info["boot_seconds"]),
+        exec_mode=settings.exec_mode,
     )

@@ -112,7 +112,7 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = _sub(sub, "run", "run shell code in /code on guests (those not up boot for it)",
              "devbox run debian-12 -- 'ls | head -3; uname -r'\n"
              "devbox run debian-11,debian-12 -- make test\n"
-             "devbox run --all-up -- git status --short", cmd_run, (*BOOT, "keep"),
+             "devbox run --all-up -- git status --short", cmd_run, (*BOOT, "keep", "exec_mode"),
              usage=RUN_USAGE)  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
     p.add_argument("--all-up", action="store_true", help="on every guest that is up")

@@ -19,7 +19,7 @@ import paramiko
 
 from .result import Result
 
-__all__ = ["execute", "stop_script", "wire_command"]
+__all__ = ["execute", "shell_argv", "stop_script", "wire_command"]
 
 _CHUNK = 65536
 _PID_MARKER = b"devbox-pid:"
@@ -136,6 +136,18 @@ def wire_command(
     user: str | None,
 ) -> str:
     """The string sshd hands to the login shell for ``command``."""
+    argv = shell_argv(command, cwd, env, user)
+    return f"echo {_PID_MARKER.decode()}$$; exec {shlex.join(argv)}"
+
+
+def shell_argv(
+    command: str,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    user: str | None,
+) -> list[str]:
+    """``sh -c`` (through ``sudo -n`` for ``user``) running ``command`` in ``cwd`` with
+    ``env`` exported: the same argv over SSH and through the executor."""
     lines = []
     for name, value in (env or {}).items():
         if not _ENV_NAME.match(name):
@@ -147,7 +159,7 @@ def wire_command(
     argv = ["sh", "-c", "\n".join(lines)]
     if user is not None:
         argv = ["sudo", "-n", "-u", user, "-H", "--", *argv]
-    return f"echo {_PID_MARKER.decode()}$$; exec {shlex.join(argv)}"
+    return argv
 
 
 def strip_pid_header(out: bytearray) -> tuple[bool, int | None]:

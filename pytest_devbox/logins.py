@@ -1,4 +1,4 @@
-"""The SSH logins of one guest, and which one runs a command.
+"""The SSH logins of one guest, which one runs a command, and how it runs there.
 
 Commands run as the guest user `devbox` unless told otherwise: it has the host user's
 uid and gid, so what a test writes into /code belongs to the person who ran pytest,
@@ -6,15 +6,23 @@ on virtiofs and 9p alike, and they can delete their build products. Root is one
 argument away (``user="root"``); any other guest user is reached through sudo from
 root's login. Each login is its own SSH connection (the devbox one opened on first
 use), so no command pays for a sudo.
+
+Each login runs its commands through its own resident executor (executor.py) when the
+exec mode is ``auto`` and the guest has a Python 3, else one SSH exec channel per
+command (mode ``ssh``, or a guest without Python 3: said once in the log).
 """
 
 from __future__ import annotations
 
+import shlex
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from .command import shell_argv
+from .errors import CommandFailed, CommandTimeout
+from .executor import PYTHONS, Executor
 from .result import Result
 from .ssh import Connection
 
@@ -22,14 +30,102 @@ GUEST_USER = "devbox"
 ROOT = "root"
 # How long the first command as the devbox user may wait for its login.
 LOGIN_TIMEOUT = 60.0
+EXEC_MODES = ("auto", "ssh")
+
+
+class Login:
+    """One SSH login's commands: through its executor (mode ``auto``) or plain SSH."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        mode: str = "auto",
+        log: Callable[[str], None] = print,
+        pythons: Sequence[str] = PYTHONS,
+    ) -> None:
+        if mode not in EXEC_MODES:
+            raise ValueError(f"unknown exec mode {mode!r}: use auto or ssh")
+        self.conn = conn
+        self.mode = mode
+        self.fallback: str | None = None
+        """Why this login runs commands over plain SSH in mode auto (None: it does not)."""
+        self._log = log
+        self._pythons = pythons
+        self._executor: Executor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def history(self) -> deque[Result]:
+        return self.conn.history
+
+    def executor(self) -> Executor | None:
+        """The running executor, started (or replaced, if it died) now; None: use SSH."""
+        if self.mode == "ssh":
+            return None
+        with self._lock:
+            if self.fallback is not None:
+                return None
+            if self._executor is None or self._executor.dead is not None:
+                started = Executor.start(self.conn, self._pythons)
+                if isinstance(started, str):
+                    self.fallback = started
+                    self._log(
+                        f"devbox: {self.conn.username}@{self.conn.host}:{self.conn.port}: no "
+                        f"executor ({started}); commands run over plain SSH"
+                    )
+                    return None
+                self._executor = started
+            return self._executor
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = None,
+        cwd: str | None = "/code",
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        stdin: str | bytes | None = None,
+    ) -> Result:
+        """Like :meth:`Connection.run`, through the executor when there is one."""
+        executor = self.executor()
+        if executor is None:
+            return self.conn.run(
+                cmd, check=check, timeout=timeout, cwd=cwd, env=env, user=user, stdin=stdin
+            )
+        command = cmd if isinstance(cmd, str) else shlex.join(cmd)
+        # root's executor becomes another user itself: a sudo costs 0.4 s under emulation.
+        switch = user if self.conn.username == ROOT else None
+        argv = shell_argv(command, cwd, env, None if switch else user)
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+        result, timed_out = executor.run(command, argv, data, timeout, switch)
+        self.history.append(result)
+        if timed_out:
+            assert timeout is not None
+            raise CommandTimeout(result, timeout)
+        if check and result.failed:
+            raise CommandFailed(result)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.close()
+                self._executor = None
+        self.conn.close()
 
 
 class Logins:
-    """root's connection (made during boot) and the devbox user's (made when needed)."""
+    """root's login (connected during boot) and the devbox user's (made when needed)."""
 
-    def __init__(self, root: Connection) -> None:
-        self.root = root
-        self._user: Connection | None = None
+    def __init__(
+        self, root: Connection, mode: str = "auto", log: Callable[[str], None] = print
+    ) -> None:
+        self.root = Login(root, mode, log)
+        self._mode = mode
+        self._log = log
+        self._user: Login | None = None
         self._lock = threading.Lock()
 
     @property
@@ -37,10 +133,10 @@ class Logins:
         """Every login's recent commands, oldest first (one shared deque)."""
         return self.root.history
 
-    def _user_login(self) -> Connection:
+    def _user_login(self) -> Login:
         with self._lock:
             if self._user is None:
-                r = self.root
+                r = self.root.conn
                 user = Connection(
                     r.host,
                     r.port,
@@ -51,11 +147,11 @@ class Logins:
                 )
                 user.history = r.history
                 user.connect(timeout=LOGIN_TIMEOUT)
-                self._user = user
+                self._user = Login(user, self._mode, self._log)
             return self._user
 
-    def login_for(self, user: str | None) -> tuple[Connection, str | None]:
-        """The connection that runs as ``user`` (None: devbox), and the user to sudo to."""
+    def login_for(self, user: str | None) -> tuple[Login, str | None]:
+        """The login that runs as ``user`` (None: devbox), and the user to sudo to."""
         if user in (None, GUEST_USER):
             return self._user_login(), None
         if user == ROOT:
@@ -88,7 +184,7 @@ class Logins:
         login, sudo_to = self.login_for(user)
         if sudo_to is not None:
             raise ValueError(f"files can be copied as {GUEST_USER} or {ROOT}, not as {user!r}")
-        return login
+        return login.conn
 
     def close(self) -> None:
         self.root.close()

@@ -27,7 +27,7 @@ from .logins import Logins
 from .memory import admitted
 from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
-from .settings import DEFAULT_ACCEL, DEFAULT_QEMU_USER, DEFAULT_URI
+from .settings import DEFAULT_ACCEL, DEFAULT_EXEC, DEFAULT_QEMU_USER, DEFAULT_URI
 from .ssh import Connection
 
 
@@ -46,12 +46,14 @@ class Machine:
         console_log: Path,
         boot_seconds: float,
         restored: Restored | None = None,
+        exec_mode: str = DEFAULT_EXEC,
+        log: Log = print,
     ) -> None:
         self.profile = profile
         self.image = image
         self._virconn = virconn
         self.domain = domain
-        self._logins = Logins(ssh)
+        self._logins = Logins(ssh, exec_mode, log)
         self.overlay = overlay
         self.console_log = console_log
         self.boot_seconds = boot_seconds
@@ -92,6 +94,7 @@ class Machine:
         rebuild: bool = False,
         keep: bool = False,
         boot_timeout: float | None = None,
+        exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable."""
@@ -130,6 +133,8 @@ class Machine:
             overlay=overlay,
             console_log=console,
             boot_seconds=seconds,
+            exec_mode=exec_mode,
+            log=log,
         )
 
     @classmethod
@@ -145,6 +150,7 @@ class Machine:
         run_id: str | None = None,
         rebuild: bool = False,
         boot_timeout: float | None = None,
+        exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
@@ -190,6 +196,8 @@ class Machine:
             console_log=restored.console,
             boot_seconds=seconds,
             restored=restored,
+            exec_mode=exec_mode,
+            log=log,
         )
 
     # ---- using ----------------------------------------------------------------------------
@@ -225,7 +233,7 @@ class Machine:
 
     def ssh_argv(self) -> list[str]:
         """`ssh_command()` as an argument list."""
-        return self._logins.root.ssh_command()
+        return self._logins.root.conn.ssh_command()
 
     def ssh_command(self) -> str:
         """An OpenSSH command line a person can paste to log in to this guest (as root)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 
 import pytest
 
-from .settings import ACCEL_CHOICES, QEMU_USER_CHOICES, RESTORE_CHOICES, Settings
+from .settings import ACCEL_CHOICES, EXEC_CHOICES, QEMU_USER_CHOICES, RESTORE_CHOICES, Settings
 
 Kind = Literal["distros", "text", "choice", "dir", "bool", "list"]
 # Reads one ini option by its ini name; None, "" or [] when the project does not set it.
@@ -122,6 +122,18 @@ OPTIONS: tuple[Option, ...] = (
         metavar="|".join(RESTORE_CHOICES),
         choices=RESTORE_CHOICES,
         cli="--restore",
+    ),
+    Option(
+        "exec_mode",
+        "--devbox-exec",
+        "devbox_exec",
+        "choice",
+        "how commands run in a guest: auto (a resident executor, tens of milliseconds a "
+        "command, where the guest has a Python 3; plain SSH elsewhere) or ssh (an SSH exec "
+        "channel per command)",
+        metavar="|".join(EXEC_CHOICES),
+        choices=EXEC_CHOICES,
+        cli="--exec",
     ),
     Option(
         "rebuild",

@@ -214,6 +214,7 @@ class Pool:
                     run_id=self.run_id,
                     rebuild=rebuild,
                     boot_timeout=s.boot_timeout,
+                    exec_mode=s.exec_mode,
                     log=self.log,
                 )
             except RestoreUnavailable as e:
@@ -239,6 +240,7 @@ class Pool:
                     rebuild=rebuild,
                     keep=s.keep,
                     boot_timeout=s.boot_timeout,
+                    exec_mode=s.exec_mode,
                     log=self.log,
                 )
             except BootTimeout as e:

@@ -19,6 +19,10 @@ QEMU_USER_CHOICES = ("caller", "libvirt")
 DEFAULT_QEMU_USER = "caller"
 # auto: restore guests of 9p profiles from a saved booted guest, boot the rest.
 RESTORE_CHOICES = ("auto", "off")
+# auto: commands run through a resident executor in the guest where it has a Python 3;
+# ssh: one SSH exec channel per command.
+EXEC_CHOICES = ("auto", "ssh")
+DEFAULT_EXEC = "auto"
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,4 @@ class Settings:
     restore: str = "auto"
     eager: bool = False  # start every selected distro's shared guest at session start
     artifacts_dir: Path | None = None  # where a failed test's guests leave their logs
+    exec_mode: str = DEFAULT_EXEC

@@ -225,6 +225,10 @@ class Connection:
             finally:
                 channel.close()
 
+    def open_session(self) -> paramiko.Channel:
+        """A session channel outside the slots, for one long-lived user (an executor)."""
+        return self._open_channel(self.channel_wait)
+
     def _open_channel(self, wait: float) -> paramiko.Channel:
         """Open a session channel: retry refusals, reconnect once if the transport died."""
         give_up = time.monotonic() + wait
@@ -376,8 +380,6 @@ class Connection:
                 yield sftp
             finally:
                 sftp.close()
-
-    # -- for people --
 
     def ssh_command(self) -> list[str]:
         """An OpenSSH command line that reaches the same guest, for a person to paste."""

@@ -50,23 +50,25 @@ def test_the_image_build_ends_with_the_relabel_step(enforcing: Machine, cache: I
 
 
 def test_the_guest_enforces_selinux(enforcing: Machine) -> None:
-    assert enforcing.run("getenforce").stdout.strip() == "Enforcing"
+    assert enforcing.run("getenforce").stdout.strip() == "Enforcing"  # as devbox, by default
     cmdline = enforcing.run("cat /proc/cmdline").stdout
     assert "security=selinux" in cmdline and "selinux=1" in cmdline
     assert "SELINUX=enforcing" in enforcing.run("cat /etc/selinux/config").stdout
     # sshd moved our session into the login context: it runs confined, not unlabeled.
-    assert enforcing.run("id -Z").stdout.strip().startswith("unconfined_u:unconfined_r:")
+    for user in ("root", "devbox"):
+        context = enforcing.run("id -Z", user=user).stdout.strip()
+        assert context.startswith("unconfined_u:unconfined_r:"), (user, context)
 
 
 def test_files_the_build_wrote_are_labelled(enforcing: Machine) -> None:
     for path, label in LABELS.items():
-        context = enforcing.run(["stat", "-c", "%C", path]).stdout.strip()
+        context = enforcing.run(["stat", "-c", "%C", path], user="root").stdout.strip()
         assert f":{label}:" in context, f"{path}: {context}"
 
 
 def test_ssh_as_root_and_as_the_devbox_user(enforcing: Machine) -> None:
-    assert enforcing.run("id -un").stdout.strip() == "root"
-    assert enforcing.run("id -un", user="devbox").stdout.strip() == "devbox"
+    assert enforcing.run("id -un", user="root").stdout.strip() == "root"
+    assert enforcing.run("id -un").stdout.strip() == "devbox"  # the default login
     # A login of its own as devbox: sshd reads ~devbox/.ssh/authorized_keys itself.
     argv = [a.replace("root@", "devbox@") for a in enforcing.ssh_argv()]
     login = subprocess.run(
@@ -83,7 +85,7 @@ def test_code_is_mounted_and_writable_by_the_devbox_user(
     # Labelled by the template's genfscon, not unlabeled_t.
     assert ":fusefs_t:" in enforcing.run("stat -c %C /code").stdout
     assert enforcing.run("cat /code/from-host.txt").stdout == "written on the host\n"
-    enforcing.run("echo enforcing > /code/by-devbox-selinux", user="devbox")
+    enforcing.run("echo enforcing > /code/by-devbox-selinux")  # as devbox, by default
     written = code_dir / "by-devbox-selinux"
     assert written.read_text() == "enforcing\n"
     assert (written.stat().st_uid, written.stat().st_gid) == (GUEST_UID, GUEST_GID)
@@ -94,6 +96,7 @@ def test_no_avc_denial_for_sshd_the_keys_the_user_or_the_share(enforcing: Machin
     audit = enforcing.run(
         "grep -h 'avc: *denied' /var/log/audit/audit.log; dmesg | grep 'avc: *denied'",
         check=False,
+        user="root",
     ).stdout.splitlines()
     print(f"{len(audit)} AVC denial lines in the audit log and dmesg:", *audit, sep="\n")
     assert enforcing.run("systemctl is-active auditd").stdout.strip() == "active"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, run_sshd, username
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
 from pytest_devbox.keys import ensure_keypair, public_key_line
+from pytest_devbox.logins import Login
 from pytest_devbox.result import Result
 from pytest_devbox.ssh import Connection, probe_banner
 
@@ -78,6 +80,23 @@ def conn(session_conn: Connection) -> Connection:
     return session_conn
 
 
+@pytest.fixture(scope="session")
+def logins(session_conn: Connection) -> Iterator[dict[str, Login]]:
+    """One Login per exec mode on the session's connection: their executors live on."""
+    made = {"ssh": Login(session_conn, "ssh"), "executor": Login(session_conn, "auto")}
+    yield made
+    made["executor"].close()
+
+
+@pytest.fixture(params=["ssh", "executor"])
+def runner(request: pytest.FixtureRequest, conn: Connection, logins: dict[str, Login]) -> Login:
+    """Where a command-semantics test runs its commands: both paths, the same tests."""
+    login = logins[request.param]
+    if request.param == "executor":
+        assert login.executor() is not None, login.fallback
+    return login
+
+
 def _remote_processes(pattern: str) -> str:
     # The "remote" side is this very host, so pgrep here sees the guest's processes.
     return subprocess.run(
@@ -107,58 +126,58 @@ def _gone(marker: str) -> bool:
 # --- commands ----------------------------------------------------------------------------
 
 
-def test_echo_and_result_fields(conn: Connection) -> None:
-    r = conn.run("echo hello; echo oops >&2", cwd=None)
+def test_echo_and_result_fields(runner: Login) -> None:
+    r = runner.run("echo hello; echo oops >&2", cwd=None)
     assert r == Result("echo hello; echo oops >&2", 0, "hello\n", "oops\n", r.duration)
     assert r.ok and not r.failed
     assert 0 < r.duration < 60  # measured, not a benchmark: a busy host is slow
-    assert conn.history[-1] is r
+    assert runner.history[-1] is r
 
 
-def test_exit_codes_without_check(conn: Connection) -> None:
+def test_exit_codes_without_check(runner: Login) -> None:
     for status in (0, 1, 3, 255):
-        r = conn.run(f"exit {status}", check=False, cwd=None)
+        r = runner.run(f"exit {status}", check=False, cwd=None)
         assert r.exit_status == status
         assert r.ok is (status == 0)
 
 
-def test_command_failed_shows_command_status_and_tails(conn: Connection) -> None:
+def test_command_failed_shows_command_status_and_tails(runner: Login) -> None:
     cmd = "for i in $(seq 1 50); do echo line$i; done; echo 'it broke' >&2; exit 7"
     with pytest.raises(CommandFailed) as info:
-        conn.run(cmd, cwd=None)
+        runner.run(cmd, cwd=None)
     message = str(info.value)
     assert f"command `{cmd}` exited with status 7" in message
     assert "line50" in message and "line20\n" not in message  # only the tail
     assert "--- stderr ---\nit broke" in message
     assert info.value.result.exit_status == 7
-    assert conn.history[-1] is info.value.result
+    assert runner.history[-1] is info.value.result
 
 
-def test_ten_megabytes_of_output_do_not_deadlock(conn: Connection) -> None:
+def test_ten_megabytes_of_output_do_not_deadlock(runner: Login) -> None:
     size = 10 * 1024 * 1024
     cmd = (
         f"head -c {size} /dev/zero | tr '\\0' x; head -c 300000 /dev/zero | tr '\\0' e >&2; exit 3"
     )
-    r = conn.run(cmd, check=False, cwd=None, timeout=60)
+    r = runner.run(cmd, check=False, cwd=None, timeout=60)
     assert r.exit_status == 3
     assert len(r.stdout) == size and set(r.stdout) == {"x"}
     assert len(r.stderr) == 300000 and set(r.stderr) == {"e"}
     with pytest.raises(CommandFailed) as info:
-        conn.run(cmd, cwd=None, timeout=60)
+        runner.run(cmd, cwd=None, timeout=60)
     assert info.value.result.exit_status == 3
     assert "exited with status 3" in str(info.value)
 
 
-def test_invalid_utf8_is_replaced(conn: Connection) -> None:
-    r = conn.run(r"printf 'a\377b'", cwd=None)
+def test_invalid_utf8_is_replaced(runner: Login) -> None:
+    r = runner.run(r"printf 'a\377b'", cwd=None)
     assert r.stdout == "a\ufffdb"
 
 
-def test_timeout_kills_the_remote_command(conn: Connection) -> None:
+def test_timeout_kills_the_remote_command(runner: Login) -> None:
     marker = _marker()
     start = time.monotonic()
     with pytest.raises(CommandTimeout) as info:
-        conn.run(f"echo started; {marker}; echo never", timeout=2, cwd=None)
+        runner.run(f"echo started; {marker}; echo never", timeout=2, cwd=None)
     elapsed = time.monotonic() - start
     assert 1.9 < elapsed < 60  # the timeout, not the 100 s the command wanted
     assert info.value.result.exit_status is None
@@ -166,71 +185,76 @@ def test_timeout_kills_the_remote_command(conn: Connection) -> None:
     assert "timed out after 2 s" in str(info.value)
     assert marker in str(info.value)
     assert _gone(marker), _remote_processes(marker)
-    assert conn.run("echo still here", cwd=None).stdout == "still here\n"
+    assert runner.run("echo still here", cwd=None).stdout == "still here\n"
 
 
-def test_timeout_kills_background_children_too(conn: Connection) -> None:
+def test_timeout_kills_background_children_too(runner: Login) -> None:
     marker = _marker()
     with pytest.raises(CommandTimeout):
-        conn.run(f"{marker} & {marker} & wait", timeout=1, cwd=None)
+        runner.run(f"{marker} & {marker} & wait", timeout=1, cwd=None)
     assert _gone(marker), _remote_processes(marker)
 
 
-def test_timeout_not_hit(conn: Connection) -> None:
-    r = conn.run("sleep 0.2; echo done", timeout=5, cwd=None)
+def test_timeout_not_hit(runner: Login) -> None:
+    r = runner.run("sleep 0.2; echo done", timeout=5, cwd=None)
     assert r.stdout == "done\n"
 
 
-def test_list_commands_are_quoted(conn: Connection) -> None:
+def test_list_commands_are_quoted(runner: Login) -> None:
     args = ["a b", "it's", '"double"', "$HOME", "`id`", "semi;colon", "", "*"]
-    r = conn.run(["printf", "[%s]\\n", *args], cwd=None)
+    r = runner.run(["printf", "[%s]\\n", *args], cwd=None)
     assert r.stdout.splitlines() == [f"[{a}]" for a in args]
     assert r.command.startswith("printf '[%s]\\n' 'a b' ")
 
 
-def test_cwd(conn: Connection, tmp_path: Path) -> None:
+def test_cwd(runner: Login, tmp_path: Path) -> None:
     odd = tmp_path / "dir with 'quote'"
     odd.mkdir()
-    assert conn.run("pwd", cwd=str(odd)).stdout == f"{odd}\n"
-    r = conn.run("pwd", cwd=str(tmp_path / "missing"), check=False)
+    assert runner.run("pwd", cwd=str(odd)).stdout == f"{odd}\n"
+    r = runner.run("pwd", cwd=str(tmp_path / "missing"), check=False)
     assert r.exit_status != 0 and "missing" in r.stderr
     # The default is /code, the share: a command fails clearly where it is absent.
     if not os.path.isdir("/code"):
         with pytest.raises(CommandFailed, match="/code"):
-            conn.run("pwd")
+            runner.run("pwd")
 
 
-def test_env(conn: Connection) -> None:
+def test_env(runner: Login) -> None:
     env = {"GREETING": "hello world", "TRICKY": "$HOME 'q' \"d\"", "EMPTY": ""}
-    r = conn.run('printf "%s|%s|%s" "$GREETING" "$TRICKY" "${EMPTY-unset}"', env=env, cwd=None)
+    r = runner.run('printf "%s|%s|%s" "$GREETING" "$TRICKY" "${EMPTY-unset}"', env=env, cwd=None)
     assert r.stdout == "hello world|$HOME 'q' \"d\"|"
     with pytest.raises(ValueError, match="invalid environment variable name"):
-        conn.run("true", env={"A B": "x"}, cwd=None)
+        runner.run("true", env={"A B": "x"}, cwd=None)
 
 
-def test_stdin(conn: Connection) -> None:
-    assert conn.run("tr a-z A-Z", stdin="hello\n", cwd=None).stdout == "HELLO\n"
+def test_stdin(runner: Login) -> None:
+    assert runner.run("tr a-z A-Z", stdin="hello\n", cwd=None).stdout == "HELLO\n"
     blob = bytes(range(256)) * 8192  # 2 MiB, more than a channel window
-    r = conn.run("wc -c", stdin=blob, cwd=None, timeout=30)
+    r = runner.run("wc -c", stdin=blob, cwd=None, timeout=30)
     assert r.stdout.strip() == str(len(blob))
     # Without stdin a command reads end-of-file instead of hanging.
-    assert conn.run("cat", cwd=None, timeout=5).stdout == ""
+    assert runner.run("cat", cwd=None, timeout=5).stdout == ""
 
 
 @pytest.mark.skipif(shutil.which("sudo") is None, reason="needs sudo on this host")
-def test_user_runs_through_sudo(conn: Connection) -> None:
-    r = conn.run("id -un; pwd; echo $FOO", user="nobody", env={"FOO": "bar"}, cwd="/tmp")
+def test_user_runs_through_sudo(runner: Login) -> None:
+    r = runner.run("id -un; pwd; echo $FOO", user="nobody", env={"FOO": "bar"}, cwd="/tmp")
     assert r.stdout == "nobody\n/tmp\nbar\n"
-    r = conn.run("echo out; echo err >&2; exit 4", user="nobody", cwd=None, check=False)
+    r = runner.run("echo out; echo err >&2; exit 4", user="nobody", cwd=None, check=False)
     assert (r.stdout, r.stderr, r.exit_status) == ("out\n", "err\n", 4)
-    assert conn.run("cat", user="nobody", stdin="piped", cwd=None).stdout == "piped"
+    assert runner.run("cat", user="nobody", stdin="piped", cwd=None).stdout == "piped"
+    # sudo -H's environment: the user's own home and names, not the caller's.
+    r = runner.run('echo "$HOME $USER $LOGNAME"', user="nobody", cwd=None)
+    assert r.stdout == f"{pwd.getpwnam('nobody').pw_dir} nobody nobody\n"
+    r = runner.run("true", user="no-such-user-4242", cwd=None, check=False)
+    assert r.exit_status == 1 and "no-such-user-4242" in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("sudo") is None, reason="needs sudo on this host")
-def test_timeout_stops_a_command_run_through_sudo(conn: Connection) -> None:
+def test_timeout_stops_a_command_run_through_sudo(runner: Login) -> None:
     marker = _marker()
     with pytest.raises(CommandTimeout):
-        conn.run(f"{marker}; true", user="nobody", timeout=1, cwd=None)
+        runner.run(f"{marker}; true", user="nobody", timeout=1, cwd=None)
     assert _gone(marker), _remote_processes(marker)
 
 
@@ -252,11 +276,11 @@ def test_put_get_round_trip(conn: Connection, tmp_path: Path) -> None:
         conn.get("/no/such/file", tmp_path / "x")
 
 
-def test_history_is_short(conn: Connection) -> None:
+def test_history_is_short(runner: Login) -> None:
     for i in range(22):
-        conn.run(f"echo {i}", cwd=None)
-    assert len(conn.history) == 20
-    assert conn.history[-1].stdout == "21\n"
+        runner.run(f"echo {i}", cwd=None)
+    assert len(runner.history) == 20
+    assert runner.history[-1].stdout == "21\n"
 
 
 # --- connection --------------------------------------------------------------------------

@@ -1,0 +1,327 @@
+"""The resident executor (issue 11): against a real local sshd, and on a debian-12 guest.
+
+tests/test_ssh.py runs every command-semantics test through both paths; here are what
+only the executor has: one process serving many threads, its death and replacement,
+the fallback where no Python 3 exists, and the guest program's Python 3.6 syntax.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guest_session import pytest_on_debian12
+from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
+
+from pytest_devbox import executor_guest
+from pytest_devbox.errors import CommandTimeout, SSHError
+from pytest_devbox.executor import ExecutorLost
+from pytest_devbox.logins import Login
+from pytest_devbox.machine import Machine
+from pytest_devbox.resolution import Places, resolve
+from pytest_devbox.ssh import Connection
+
+needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="needs OpenSSH server and ssh-keygen")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return client_files(tmp_path_factory.mktemp("client"))
+
+
+@pytest.fixture(scope="module")
+def sshd(client: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    work = tmp_path_factory.mktemp("sshd")
+    # OpenSSH's default MaxSessions: the executor's channel must fit beside the others.
+    with run_sshd(work, client[1], host_key(work / "hk"), max_sessions=10) as server:
+        yield server
+
+
+@pytest.fixture
+def login(sshd: Sshd, client: tuple[Path, Path], tmp_path: Path) -> Iterator[Login]:
+    conn = Connection(
+        "127.0.0.1",
+        sshd.port,
+        username=username(),
+        key_path=client[0],
+        known_hosts=tmp_path / "known_hosts",
+        host_key_alias="exec",
+    )
+    conn.connect(timeout=10)
+    made = Login(conn, "auto")
+    yield made
+    made.close()
+
+
+def _marker() -> str:
+    """A sleep no other process on this host runs (other test sessions share it)."""
+    return f"sleep 100.{uuid.uuid4().int % 10**9:09d}"
+
+
+def _gone(marker: str, timeout: float = 30.0) -> bool:
+    """True once no process runs ``marker`` (a busy host may take seconds to reap)."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True, check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _hammer(login: Login | Machine, threads: int, commands: int) -> list[str]:
+    """``commands`` echoes from each of ``threads`` threads; what went wrong, if anything."""
+    problems: list[str] = []
+    barrier = threading.Barrier(threads)
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        for i in range(commands):
+            token = f"t{t}-c{i}"
+            try:
+                r = login.run(
+                    f"echo {token}; echo {token}-err >&2; exit {i % 3}", check=False, cwd=None
+                )
+                if (r.stdout, r.stderr, r.exit_status) != (f"{token}\n", f"{token}-err\n", i % 3):
+                    problems.append(f"{token}: {r!r}")
+            except Exception as e:
+                problems.append(f"{token}: {e!r}")
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return problems
+
+
+def test_guest_program_is_python_3_6() -> None:
+    # CentOS 8's platform-python is 3.6: the syntax must parse there.
+    source = Path(executor_guest.__file__).read_text()
+    ast.parse(source, feature_version=(3, 6))
+    assert source.startswith("# devbox-executor")  # how `pgrep -f` finds it in a guest
+
+
+def test_exec_option_reaches_settings(tmp_path: Path) -> None:
+    places = Places(tmp_path, tmp_path, tmp_path)
+    assert resolve({}, lambda _: "", places, env={}).settings.exec_mode == "auto"
+    ini = {"devbox_exec": "ssh"}
+    assert resolve({}, lambda n: ini.get(n, ""), places, env={}).settings.exec_mode == "ssh"
+    with pytest.raises(pytest.UsageError, match="use auto or ssh"):
+        resolve({"exec_mode": "rsh"}, lambda _: "", places, env={})
+
+
+@needs_sshd
+def test_threads_share_one_executor(login: Login) -> None:
+    first = login.executor()
+    assert first is not None
+    assert _hammer(login, 8, 25) == []
+    assert login.executor() is first  # one process served all 200
+    assert len(login.history) == 20
+
+
+@needs_sshd
+def test_a_warm_shell_runs_a_command_like_sh_c(login: Login) -> None:
+    login.run("true", cwd=None)
+    time.sleep(1)  # the executor starts the next shell ahead meanwhile
+    r = login.run("tr '\\0' ' ' < /proc/$$/cmdline", cwd=None)
+    assert "read -r __n" in r.stdout  # this one ran in a warm shell
+    time.sleep(1)
+    script = "printf '[%s]' 'a\\b' '  x  ' \"$1\"\n\necho \"$0 ${__s-u}${__n-u}${__l-u}\"; cat"
+    r = login.run(script, cwd=None, stdin="line 1\nline 2", env={"V": "1"})
+    assert r.stdout == "[a\\b][  x  ][]sh uuu\nline 1\nline 2"
+    time.sleep(1)
+    r = login.run("if true", cwd=None, check=False)
+    assert r.exit_status == 2 and "Syntax error" in r.stderr
+
+
+@needs_sshd
+def test_commands_run_at_once(login: Login) -> None:
+    start = time.monotonic()
+    threads = [
+        threading.Thread(target=login.run, args=("sleep 1",), kwargs={"cwd": None})
+        for _ in range(6)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert time.monotonic() - start < 3.5  # 6 s if they ran one after another
+
+
+@needs_sshd
+def test_a_killed_executor_is_reported_and_replaced(login: Login) -> None:
+    first = login.executor()
+    assert first is not None
+    marker = _marker()
+    with pytest.raises(ExecutorLost) as info:
+        login.run(f"echo before; kill -KILL $PPID; {marker}", cwd=None)
+    message = str(info.value)
+    assert f"executor of {username()}@127.0.0.1" in message
+    assert f"(guest pid {first.pid}) ended while running `echo before;" in message
+    assert "killed by a signal" in message and "starts a new executor" in message
+    assert isinstance(info.value, SSHError)
+    assert login.run("echo again", cwd=None).stdout == "again\n"
+    second = login.executor()
+    assert second is not None and second.pid != first.pid
+    subprocess.run(["pkill", "-f", marker], check=False)
+
+
+@needs_sshd
+def test_a_dropped_connection_ends_the_executor_clearly(login: Login) -> None:
+    assert login.executor() is not None
+    transport = login.conn._transport
+    assert transport is not None
+    threading.Timer(0.5, transport.close).start()
+    marker = _marker()
+    with pytest.raises(ExecutorLost, match=f"ended while running `{re.escape(marker)}`"):
+        login.run(marker, cwd=None, timeout=120)
+    # A new transport and a new executor; the old one stopped its command on its way out.
+    assert login.run("echo ok", cwd=None).stdout == "ok\n"
+    assert _gone(marker)
+
+
+@needs_sshd
+def test_closing_the_login_stops_its_commands(login: Login) -> None:
+    seen: list[BaseException] = []
+    marker = _marker()
+
+    def sleeper() -> None:
+        try:
+            login.run(marker, cwd=None)
+        except SSHError as e:
+            seen.append(e)
+
+    done = threading.Thread(target=sleeper)
+    done.start()
+    time.sleep(1)
+    login.close()
+    done.join(10)
+    assert len(seen) == 1
+    assert f"ended while running `{marker}`: the login was closed" in str(seen[0])
+    assert _gone(marker)
+
+
+@needs_sshd
+def test_no_python_falls_back_to_ssh_with_one_log_line(
+    sshd: Sshd, client: tuple[Path, Path], tmp_path: Path
+) -> None:
+    conn = Connection(
+        "127.0.0.1",
+        sshd.port,
+        username=username(),
+        key_path=client[0],
+        known_hosts=tmp_path / "known_hosts",
+        host_key_alias="nopy",
+    )
+    lines: list[str] = []
+    # Like CentOS 7: neither interpreter the executor needs exists there.
+    no_python = Login(conn, "auto", lines.append, pythons=("/nonexistent/python3",))
+    for _ in range(3):
+        assert no_python.run("echo plain", cwd=None).stdout == "plain\n"
+    assert no_python.executor() is None
+    assert no_python.fallback == "no python3 or platform-python"
+    assert lines == [
+        f"devbox: {username()}@127.0.0.1:{sshd.port}: no executor (no python3 or "
+        "platform-python); commands run over plain SSH"
+    ]
+    no_python.close()
+
+
+@needs_sshd
+def test_mode_ssh_starts_no_executor(login: Login) -> None:
+    plain = Login(login.conn, "ssh")
+    assert plain.run("echo $PPID", cwd=None).stdout.strip().isdigit()
+    assert plain.executor() is None and plain.fallback is None
+
+
+# --- on a real guest ----------------------------------------------------------------------
+
+
+@pytest.mark.vm
+def test_debian12_runs_commands_through_executors(debian12: Machine) -> None:
+    logins = debian12._logins
+    for user in (None, "root"):
+        login, _ = logins.login_for(user)
+        executor = login.executor()
+        assert executor is not None, login.fallback
+        assert executor.python == "3.11"
+    assert debian12.run("id -un", cwd=None).stdout == "devbox\n"
+    assert debian12.run("id -un", user="root", cwd=None).stdout == "root\n"
+    assert debian12.run("id -un", user="nobody", cwd=None).stdout == "nobody\n"
+
+
+@pytest.mark.vm
+def test_debian12_200_commands_from_8_threads(debian12: Machine) -> None:
+    start = time.monotonic()
+    assert _hammer(debian12, 8, 25) == []
+    print(f"200 commands from 8 threads in {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.vm
+def test_debian12_killed_executor_is_replaced_and_timeouts_stop_groups(
+    debian12: Machine,
+) -> None:
+    login, _ = debian12._logins.login_for(None)
+    first = login.executor()
+    assert first is not None
+    with pytest.raises(ExecutorLost, match="killed by a signal"):
+        debian12.run("kill -KILL $PPID", cwd=None)
+    assert debian12.run("echo again", cwd=None).stdout == "again\n"
+    second = login.executor()
+    assert second is not None and second.pid != first.pid
+    with pytest.raises(CommandTimeout, match="timed out after 2 s"):
+        debian12.run("sleep 100.5151 & sleep 100.5151; wait", cwd=None, timeout=2)
+    left = debian12.run("pgrep -f 'sleep 100[.]5151'", cwd=None, check=False)
+    assert left.exit_status == 1, left.stdout
+
+
+def test_guest_program_stops_on_sigterm_free_of_leftovers() -> None:
+    # The guest side run here, fed a frame by hand: a real process, no SSH in between.
+    proc = subprocess.Popen(
+        ["python3", "-I", "-S", "-c", Path(executor_guest.__file__).read_text()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    hello = proc.stdout.read(executor_guest.HEADER.size)
+    _, kind, size = executor_guest.HEADER.unpack(hello)
+    assert kind == executor_guest.READY
+    assert proc.stdout.read(size).startswith(executor_guest.HELLO)
+    marker = _marker()
+    spec = f'{{"argv": ["sh", "-c", "{marker}"], "stdin": false}}'.encode()
+    proc.stdin.write(executor_guest.HEADER.pack(1, executor_guest.START, len(spec)) + spec)
+    proc.stdin.flush()
+    time.sleep(1)
+    proc.stdin.close()  # what a closed channel looks like to it
+    assert proc.wait(30) == 0
+    assert _gone(marker)
+
+
+MODES = """
+def test_mode(devbox):
+    login, _ = devbox._logins.login_for(None)
+    assert devbox.run("echo hi").stdout == "hi\\n"
+    print(f"MODE {login.mode} executor={login.executor() is not None}")
+"""
+
+
+@pytest.mark.vm
+def test_devbox_exec_ssh_reaches_the_logins(tmp_path: Path) -> None:
+    (tmp_path / "test_modes.py").write_text(MODES)
+    r = subprocess.run(
+        pytest_on_debian12("-s", "-q", "--devbox-exec=ssh", "test_modes.py"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MODE ssh executor=False" in r.stdout
