@@ -17,7 +17,7 @@ import pytest
 from . import report
 from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .errors import DevboxError
-from .options import HOW_TO_SELECT, add_options
+from .options import DISTROS, HOW_TO_SELECT, add_options
 from .resolution import resolve_config
 from .session import DevboxSession, distro_in_nodeid, matrix, open_session
 
@@ -112,6 +112,9 @@ class XdistController:
 
 def pytest_report_header(config: pytest.Config) -> str | None:
     state = config.stash.get(state_key, None)
+    if state is not None and not state.selected and config.getoption(DISTROS.ini) == "":
+        # An explicit empty selection is legal (it overrides env and ini), but say so.
+        return f"devbox: no distro selected ({DISTROS.flag}= is empty): devbox tests are skipped"
     return None if state is None else report.header_line(state)
 
 

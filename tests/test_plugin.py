@@ -432,3 +432,10 @@ def test_fixtures_of_any_scope_may_use_devbox(pytester: pytest.Pytester) -> None
     result.assert_outcomes(errors=2)
     assert "ScopeMismatch" not in result.stdout.str()
     assert result.stdout.str().count("devbox: could not start debian-12: libvirtd") == 2
+
+
+def test_an_empty_devbox_flag_says_so_in_the_header(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(devbox): pass")
+    r = pytester.runpytest("--devbox=", "-p", "no:cacheprovider")
+    r.stdout.fnmatch_lines(["devbox: no distro selected (--devbox= is empty)*skipped"])
+    r.assert_outcomes(skipped=1)
