@@ -23,6 +23,8 @@ T = TypeVar("T")
 # What a phase may meet while the guest is still coming up; anything else is final.
 TRANSIENT_SSH: tuple[type[BaseException], ...] = (OSError, EOFError, SSHError)
 CONSOLE_LINES = 40
+# fstab has /code with nofail, so a boot that did not mount it still comes up: mount it.
+MOUNT_CODE = "mountpoint -q /code || mount /code"
 SHARE_PROBE = "grep -qw {fs} /proc/filesystems || modprobe -n {module} 2>/dev/null"
 _SHARE_MODULES = {"virtiofs": "virtiofs", "9p": "9pnet_virtio"}
 
@@ -143,7 +145,7 @@ def mount_code(boot: Boot, ssh: Connection, share: str) -> None:
 
     def mounted() -> bool | None:
         r = ssh.run(
-            "mountpoint -q /code || mount /code",
+            MOUNT_CODE,
             check=False,
             cwd=None,
             timeout=boot.deadline.cap(30.0),

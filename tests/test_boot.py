@@ -22,6 +22,7 @@ from test_ssh import (  # noqa: F401
     sshd,
 )
 
+from pytest_devbox import boot
 from pytest_devbox import domain as dom
 from pytest_devbox.boot import SHARE_PROBE, Boot, Deadline, authenticate, mount_code, wait_banner
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
@@ -148,3 +149,19 @@ def test_code_not_mounted_names_the_share_the_kernel_offer_and_the_field(
     assert f"the guest kernel {offers} {share} (/proc/filesystems or its module)" in message
     assert "Change the profile's `share` field" in message
     assert "last console line" in message
+
+
+def test_a_hanging_mount_probe_ends_at_the_boot_deadline(
+    test_domain: dom.Domain,
+    tmp_path: Path,
+    session_conn: Connection,  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Defect: the probe had its own 30 s timeout, past the boot's deadline, and its
+    # CommandTimeout escaped unretried. A guest whose mount hangs: the real sshd runs it.
+    monkeypatch.setattr(boot, "MOUNT_CODE", "sleep 120")
+    t0 = time.monotonic()
+    with pytest.raises(BootTimeout) as info:
+        mount_code(_boot(test_domain, tmp_path, 3.0), session_conn, "virtiofs")
+    assert info.value.phase == "/code mounted"
+    assert time.monotonic() - t0 < 25  # the deadline (3 s), not the probe's own 30 s
