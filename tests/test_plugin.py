@@ -345,7 +345,8 @@ def test_unreachable_libvirt_fails_the_tests_once(pytester: pytest.Pytester) -> 
             pass
         """
     )
-    result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12")
+    # -rN: no short summary, whose lines are cut to the terminal's width except in CI.
+    result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12", "-rN")
     result.assert_outcomes(errors=2, skipped=1)
     # One attempt: pytest keeps the session fixture's error and gives it to every test.
     assert result.stdout.str().count("devbox: could not start debian-12: libvirtd") == 2
@@ -428,7 +429,8 @@ def test_fixtures_of_any_scope_may_use_devbox(pytester: pytest.Pytester) -> None
             pass
         """
     )
-    result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12")
+    # -rN: no short summary, whose lines are cut to the terminal's width except in CI.
+    result = pytester.runpytest_subprocess(f"--devbox-uri={BAD_URI}", "--devbox=debian-12", "-rN")
     result.assert_outcomes(errors=2)
     assert "ScopeMismatch" not in result.stdout.str()
     assert result.stdout.str().count("devbox: could not start debian-12: libvirtd") == 2

@@ -67,8 +67,9 @@ def test_workers_get_the_controllers_error_once(pytester: pytest.Pytester) -> No
             pass
         """
     )
+    # -rN: no short summary, whose lines are cut to the terminal's width except in CI.
     result = pytester.runpytest_subprocess(
-        "-n", "2", f"--devbox-uri={BAD_URI}", "--devbox=debian-12"
+        "-n", "2", f"--devbox-uri={BAD_URI}", "--devbox=debian-12", "-rN"
     )
     result.assert_outcomes(errors=4)
     out = result.stdout.str()
