@@ -46,13 +46,7 @@ def log(line: str) -> None:
 
 def running(uri: str) -> list[str]:
     """Names of the devbox domains at `uri`."""
-    from . import domain as dom
-
-    conn = dom.connect(uri)
-    try:
-        return [name for name, _meta in dom.list_devbox_domains(conn)]
-    finally:
-        conn.close()
+    return kept.running_names(uri)
 
 
 @dataclass(frozen=True)

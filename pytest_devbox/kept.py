@@ -35,6 +35,17 @@ class KeptGuest:
         return argv[argv.index("-p") + 1] if "-p" in argv[:-1] else ""
 
 
+def running_names(uri: str) -> list[str]:
+    """Names of the devbox domains at `uri` (what `load` checks records against)."""
+    from . import domain as dom
+
+    conn = dom.connect(uri)
+    try:
+        return [name for name, _meta in dom.list_devbox_domains(conn)]
+    finally:
+        conn.close()
+
+
 def save(cache_dir: Path, guest: KeptGuest) -> None:
     path = CacheLayout(cache_dir).kept / f"{guest.name}.json"
     atomic_write(path, json.dumps(asdict(guest), indent=2))

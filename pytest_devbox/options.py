@@ -152,6 +152,14 @@ OPTIONS: tuple[Option, ...] = (
         cli="--keep",
     ),
     Option(
+        "reuse",
+        "--devbox-reuse",
+        "devbox_reuse",
+        "bool",
+        "use the running guests `devbox up` started for the same profile and code dir "
+        "instead of booting, and leave them running (they are not pristine)",
+    ),
+    Option(
         "offline",
         "--devbox-offline",
         "devbox_offline",

@@ -36,6 +36,7 @@ class DistroStats:
     retried: int = 0
     restores: int = 0
     restore_seconds: float | None = None
+    reused: int = 0  # guests of `devbox up` used by --devbox-reuse
 
 
 class Pool:
@@ -52,6 +53,7 @@ class Pool:
         self.stats = {name: DistroStats(name) for name in self.profiles}
         self._machines: dict[str, Machine] = {}
         self._fresh: list[Machine] = []
+        self._reused: set[str] = set()  # names of `devbox up` guests this session uses
         self._cache: ImageCache | None = None
         self._rebuilt: set[str] = set()
         self._swept = False
@@ -96,9 +98,26 @@ class Pool:
         with self._locks.get(distro, contextlib.nullcontext()):
             machine = self._machines.get(distro)
             if machine is None or machine.closed:
-                machine = self._start(distro)
+                machine = self._reuse(distro) or self._start(distro)
                 self._machines[distro] = machine
             return machine
+
+    def _reuse(self, distro: str) -> Machine | None:
+        """With --devbox-reuse, the running guest `devbox up` started for `distro`."""
+        if not self.settings.reuse or distro not in self.profiles:
+            return None
+        from . import reuse
+
+        profile = self.profiles[distro]
+        guest = reuse.find(self.settings, profile, self.log)
+        if guest is None:
+            self.log(f"{distro}: no guest of `devbox up` shares this code dir: starting one")
+            return None
+        machine = reuse.attach(guest, profile, self.cache, self.settings)
+        self._reused.add(machine.name)
+        self.stats[distro].reused += 1
+        self.log(f"{distro}: reusing {guest.name} of `devbox up` (not pristine; left running)")
+        return machine
 
     def prepare(self, distros: Sequence[str], *, boot: bool) -> dict[str, str]:
         """Build the missing images of `distros` at the same time, and with `boot` start
@@ -148,6 +167,10 @@ class Pool:
         stays up (close() says how to reach it); a later `get` would start a new one."""
         machine = self._machines.get(distro)
         if machine is None or machine.closed or self.settings.keep:
+            return
+        if machine.name in self._reused:
+            del self._machines[distro]
+            machine.detach()  # it belongs to `devbox up`
             return
         del self._machines[distro]
         self.log(f"{distro}: stopping the shared guest {machine.name}: its tests are done")
@@ -268,6 +291,9 @@ class Pool:
         errors: list[DevboxError] = []
         for m in machines:
             if m.closed:
+                continue
+            if m.name in self._reused:
+                m.detach()  # it belongs to `devbox up`: left running, not reported as kept
                 continue
             if self.settings.keep:
                 m.detach()

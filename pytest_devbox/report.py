@@ -131,6 +131,8 @@ def summary_rows(state: DevboxSession) -> list[tuple[str, ...]]:
         restored = "-"
         if st and st.restores and st.restore_seconds is not None:
             restored = f"{st.restores} in {st.restore_seconds:.1f} s"
+        if st and st.reused:
+            restored = "reused"  # a guest of `devbox up`, not pristine
         image = _image_cell(state, name)
         outcomes = (str(counts.passed), str(counts.failed), str(counts.skipped))
         rows.append((name, boots, boot, restored, image, *outcomes))
