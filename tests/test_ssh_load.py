@@ -222,7 +222,7 @@ def test_threads(devbox, threads):
 
     def worker(t):
         start.wait()
-        for i in range(10):
+        for i in range(25):
             token = f"t{t}-c{i}"
             try:
                 outputs[token] = devbox.run(f"echo {token}").stdout
@@ -234,9 +234,9 @@ def test_threads(devbox, threads):
         th.start()
     for th in pool:
         th.join()
-    print(f"LOAD threads={threads} ok")
+    print(f"LOAD threads={threads} x 25 commands: {len(outputs)} results")
     assert errors == []
-    assert outputs == {f"t{t}-c{i}": f"t{t}-c{i}\\n" for t in range(threads) for i in range(10)}
+    assert outputs == {f"t{t}-c{i}": f"t{t}-c{i}\\n" for t in range(threads) for i in range(25)}
     assert devbox.run("echo still here").stdout == "still here\\n"
 """
 
