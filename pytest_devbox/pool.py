@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .distros import Profile
 from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
@@ -227,24 +227,28 @@ class Pool:
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
-                return Machine.restore(
-                    profile,
-                    cache=self.cache,
-                    code_dir=s.code_dir,
-                    uri=s.uri,
-                    accel=s.accel,
-                    qemu_user=s.qemu_user,
-                    run_id=self.run_id,
-                    rebuild=rebuild,
-                    boot_timeout=s.boot_timeout,
-                    exec_mode=s.exec_mode,
-                    log=self.log,
-                )
+                return Machine.restore(profile, **self._launch_args(rebuild))
             except RestoreUnavailable as e:
                 why = str(e)
         self._boot_only[profile.name] = why
         self.log(f"{profile.name}: booting instead of restoring: {why}")
         return None
+
+    def _launch_args(self, rebuild: bool) -> dict[str, Any]:
+        """What a boot and a restore of this session's guests are both told."""
+        s = self.settings
+        return {
+            "cache": self.cache,
+            "code_dir": s.code_dir,
+            "uri": s.uri,
+            "accel": s.accel,
+            "qemu_user": s.qemu_user,
+            "run_id": self.run_id,
+            "rebuild": rebuild,
+            "boot_timeout": s.boot_timeout,
+            "exec_mode": s.exec_mode,
+            "log": self.log,
+        }
 
     def _boot(self, profile: Profile, rebuild: bool) -> Machine:
         s = self.settings
@@ -252,20 +256,7 @@ class Pool:
         attempts = 1 + max(0, s.boot_retries)
         for attempt in range(attempts):
             try:
-                return Machine.start(
-                    profile,
-                    cache=self.cache,
-                    code_dir=s.code_dir,
-                    uri=s.uri,
-                    accel=s.accel,
-                    qemu_user=s.qemu_user,
-                    run_id=self.run_id,
-                    rebuild=rebuild,
-                    keep=s.keep,
-                    boot_timeout=s.boot_timeout,
-                    exec_mode=s.exec_mode,
-                    log=self.log,
-                )
+                return Machine.start(profile, keep=s.keep, **self._launch_args(rebuild))
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
                     raise
