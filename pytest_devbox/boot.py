@@ -105,11 +105,18 @@ class Boot:
             time.sleep(min(interval, self.deadline.remaining()))
 
 
-def wait_ready(boot: Boot, *, connection: Callable[[int], Connection], share: str) -> Connection:
-    """Run every phase; return the connected SSH connection with /code mounted."""
+def wait_ready(
+    boot: Boot,
+    *,
+    connection: Callable[[int], Connection],
+    share: str,
+    probe: Callable[[str, int, float], bool] = probe_banner,
+) -> Connection:
+    """Run every phase; return the connected SSH connection with /code mounted.
+    ``probe`` looks for the banner (a remote site's goes through its tunnel)."""
     boot.check_alive("running")
     port = boot.domain.forward_port(22)
-    wait_banner(boot, port)
+    wait_banner(boot, port, probe)
     ssh = connection(port)
     try:
         authenticate(boot, ssh)
@@ -120,11 +127,13 @@ def wait_ready(boot: Boot, *, connection: Callable[[int], Connection], share: st
     return ssh
 
 
-def wait_banner(boot: Boot, port: int) -> None:
+def wait_banner(
+    boot: Boot, port: int, probe: Callable[[str, int, float], bool] = probe_banner
+) -> None:
     """sshd answers on the forwarded port (QEMU accepts before the guest listens)."""
 
     def banner() -> bool | None:
-        return probe_banner("127.0.0.1", port, timeout=boot.deadline.cap(2.0)) or None
+        return probe("127.0.0.1", port, boot.deadline.cap(2.0)) or None
 
     boot.poll("ssh banner", banner, interval=0.25)
 

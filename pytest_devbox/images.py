@@ -45,6 +45,11 @@ class ImageInfo:
     metadata: dict[str, object]
 
 
+def image_lock(image: Path) -> Path:
+    """The lock file of a cached image: held while it is built, or uploaded (volumes.py)."""
+    return image.with_name(image.name + ".lock")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -273,7 +278,7 @@ class ImageCache:
         ``os.replace``d to ``final``. Returns True when this call built the image.
         """
         final.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(final) + ".lock")
+        lock = FileLock(str(image_lock(final)))
         owner = final.with_name(final.name + ".owner")
         try:
             lock.acquire(timeout=0)

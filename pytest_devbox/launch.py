@@ -12,9 +12,10 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -113,8 +114,11 @@ class Plan:
             "keep": "1" if keep else "0",
         }
 
-    def connection(self, port: int) -> Connection:
-        """root's SSH connection to this guest on a forwarded port (not yet connected)."""
+    def connection(
+        self, port: int, *, opener: Opener | None = None, via: Sequence[str] = ()
+    ) -> Connection:
+        """root's SSH connection to this guest on a forwarded port (not yet connected);
+        `opener` and `via` reach a port on another host's loopback (sites.RemoteSite)."""
         layout = CacheLayout(self.cache.root)
         return Connection(
             "127.0.0.1",
@@ -122,6 +126,8 @@ class Plan:
             key_path=ensure_keypair(layout.ssh),
             known_hosts=layout.known_hosts,
             host_key_alias=host_key_alias(self.image),
+            opener=opener,
+            via=via,
         )
 
 
@@ -147,12 +153,18 @@ def tail_file(path: Path, lines: int) -> str:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
+            data = f.read()
     except OSError:
         return ""
+    return tail_text(data, lines)
+
+
+def tail_text(data: bytes, lines: int) -> str:
+    """The last ``lines`` of console output, readable (no CRs)."""
     # Serial consoles emit CR LF and escape sequences; keep it readable.
-    text = data.replace("\r", "")
+    text = data.decode("utf-8", "replace").replace("\r", "")
     return "\n".join(text.splitlines()[-lines:])
 
 
 Log = Callable[[str], None]
+Opener = Callable[[float], Any]  # a timeout -> a connected socket-like object

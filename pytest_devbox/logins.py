@@ -137,14 +137,7 @@ class Logins:
         with self._lock:
             if self._user is None:
                 r = self.root.conn
-                user = Connection(
-                    r.host,
-                    r.port,
-                    username=GUEST_USER,
-                    key_path=r.key_path,
-                    known_hosts=r.known_hosts,
-                    host_key_alias=r.host_key_alias,
-                )
+                user = r.twin(GUEST_USER)
                 user.history = r.history
                 user.connect(timeout=LOGIN_TIMEOUT)
                 self._user = Login(user, self._mode, self._log)

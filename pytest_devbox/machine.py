@@ -9,6 +9,7 @@ The handle tests and the `devbox` command get. Usable without pytest:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import time
 from collections import deque
@@ -27,7 +28,14 @@ from .logins import Logins
 from .memory import admitted
 from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
-from .settings import DEFAULT_ACCEL, DEFAULT_EXEC, DEFAULT_QEMU_USER, DEFAULT_URI
+from .settings import (
+    DEFAULT_ACCEL,
+    DEFAULT_EXEC,
+    DEFAULT_QEMU_USER,
+    DEFAULT_REMOTE_POOL,
+    DEFAULT_URI,
+)
+from .sites import GuestFiles, LocalFiles, Site, site_for
 from .ssh import Connection
 
 
@@ -48,6 +56,8 @@ class Machine:
         restored: Restored | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        files: GuestFiles | None = None,
+        site: Site | None = None,
     ) -> None:
         self.profile = profile
         self.image = image
@@ -58,6 +68,8 @@ class Machine:
         self.console_log = console_log
         self.boot_seconds = boot_seconds
         self._restored = restored
+        self._files = files or LocalFiles(overlay, console_log)
+        self._site = site
         self.closed = False
 
     @property
@@ -96,31 +108,44 @@ class Machine:
         boot_timeout: float | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        remote_pool: str = DEFAULT_REMOTE_POOL,
     ) -> Machine:
-        """Boot `profile` on a fresh overlay of its cached image and wait until it is usable."""
+        """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
+        On a remote `uri` its disk and console are volumes in our pool at `remote_pool`."""
         plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
         name = plan.new_name()
-        overlay = cache.overlay(plan.image.path, plan.workdir / f"{name}.qcow2")
-        console = plan.workdir / f"{name}.console.log"
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         domain: dom.Domain | None = None
+        site: Site | None = None
+        files: GuestFiles | None = None
         try:
-            qemu = qemu_for(virconn, uri, qemu_user, [overlay, plan.code_dir])
-            spec = plan.spec(name, overlay, console, qemu, keep=keep)
+            # This host, or a remote one (its pool, its loopback through a tunnel).
+            site = site_for(plan, uri, virconn, remote_pool, log)
+            plan = dataclasses.replace(plan, profile=site.profile(profile, log))
+            profile = plan.profile
+            files = site.files(name)
+            qemu = qemu_for(virconn, uri, qemu_user, [files.overlay, plan.code_dir])
+            spec = plan.spec(name, files.overlay, files.console, qemu, keep=keep)
             with admitted(
                 virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
             ):
                 domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
             deadline = Deadline(plan.deadline_seconds(boot_timeout))
-            boot = Boot(domain, profile.name, console, deadline, tail_file)
-            ssh = wait_ready(boot, connection=plan.connection, share=profile.share)
+            tail = files.tail
+            boot = Boot(domain, profile.name, files.console, deadline, lambda _p, n: tail(n))
+            ssh = wait_ready(
+                boot, connection=site.connection, share=profile.share, probe=site.probe
+            )
         except BaseException:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).
             if domain is not None:
                 domain.destroy()
+            if files is not None:
+                files.remove()
+            if site is not None:
+                site.close()
             _close_quietly(virconn)
-            overlay.unlink(missing_ok=True)
             raise
         seconds = time.monotonic() - t0
         log(f"{profile.name}: ready in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
@@ -130,11 +155,13 @@ class Machine:
             virconn=virconn,
             domain=domain,
             ssh=ssh,
-            overlay=overlay,
-            console_log=console,
+            overlay=files.overlay,
+            console_log=files.console,
             boot_seconds=seconds,
             exec_mode=exec_mode,
             log=log,
+            files=files,
+            site=site,
         )
 
     @classmethod
@@ -240,7 +267,7 @@ class Machine:
         return shlex.join(self.ssh_argv())
 
     def console_tail(self, lines: int = 40) -> str:
-        return tail_file(self.console_log, lines)
+        return self._files.tail(lines)
 
     # ---- stopping -------------------------------------------------------------------------
 
@@ -253,13 +280,17 @@ class Machine:
         self.domain.destroy()
         if self._restored is not None:
             self._restored.release()
+        self._files.remove()
+        if self._site is not None:
+            self._site.close()
         _close_quietly(self._virconn)
-        self.overlay.unlink(missing_ok=True)
 
     def detach(self) -> None:
         """Leave the guest running (--devbox-keep): close only our side."""
         self.closed = True
         self._logins.close()
+        if self._site is not None:
+            self._site.close()
         _close_quietly(self._virconn)
 
     def __enter__(self) -> Machine:

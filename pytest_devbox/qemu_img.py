@@ -56,6 +56,13 @@ def header_problem(image: Path) -> str:
     return ""
 
 
+def virtual_size(image: Path) -> int:
+    """The disk size a qcow2 image shows its guest, from its header."""
+    with open(image, "rb") as f:
+        size: int = _HEADER.unpack(f.read(_HEADER.size))[5]
+    return size
+
+
 def check(image: Path, timeout: float = CHECK_TIMEOUT) -> str:
     """'' when ``qemu-img check`` finds the image whole, else its complaint.
 

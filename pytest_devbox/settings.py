@@ -23,6 +23,9 @@ RESTORE_CHOICES = ("auto", "off")
 # ssh: one SSH exec channel per command.
 EXEC_CHOICES = ("auto", "ssh")
 DEFAULT_EXEC = "auto"
+# Our storage pool's directory on a remote libvirt host (volumes.py): images uploaded
+# there once, guests' overlays and consoles. Never the local cache dir.
+DEFAULT_REMOTE_POOL = "/var/lib/pytest-devbox/pool"
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,4 @@ class Settings:
     eager: bool = False  # start every selected distro's shared guest at session start
     artifacts_dir: Path | None = None  # where a failed test's guests leave their logs
     exec_mode: str = DEFAULT_EXEC
+    remote_pool: str = DEFAULT_REMOTE_POOL  # our pool's directory on a remote libvirt host

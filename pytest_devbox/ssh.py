@@ -14,11 +14,13 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
+from .banner import probe_banner
 from .channels import MAX_CHANNELS, ChannelSlots
 from .command import execute, stop_script, wire_command
 from .errors import CommandFailed, CommandTimeout, SSHError
@@ -33,30 +35,6 @@ CHANNEL_WAIT = 60.0
 
 # What paramiko raises when a channel or its transport fails under us.
 _TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
-
-
-def probe_banner(host: str, port: int, timeout: float) -> bool:
-    """True if an SSH server greets on ``host:port`` ("SSH-...") within ``timeout`` seconds.
-
-    A forwarded port accepts connections before the guest's sshd runs (QEMU's user
-    network answers for it), so an open port alone proves nothing; the banner does.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            data = b""
-            while len(data) < 4:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                sock.settimeout(remaining)
-                chunk = sock.recv(256)
-                if not chunk:
-                    return False
-                data += chunk
-            return data.startswith(b"SSH-")
-    except OSError:
-        return False
 
 
 class Connection:
@@ -82,6 +60,8 @@ class Connection:
         host_key_alias: str,
         max_channels: int = MAX_CHANNELS,
         channel_wait: float = CHANNEL_WAIT,
+        opener: Callable[[float], Any] | None = None,
+        via: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -91,13 +71,29 @@ class Connection:
         self.known_hosts = Path(known_hosts)
         self.host_key_alias = host_key_alias
         self.channel_wait = channel_wait
-        self.history: deque[Result] = deque(maxlen=HISTORY_LENGTH)
-        """The most recent results, oldest first (shown in failure reports)."""
+        # A host:port not on this machine: remote.Tunnel.open (called again on every
+        # reconnect), and the OpenSSH options that reach it alike (ssh_command).
+        self._opener = opener
+        self._via = list(via)
+        self.history: deque[Result] = deque(maxlen=HISTORY_LENGTH)  # shown in failure reports
         self._transport: paramiko.Transport | None = None
         self._connect_timeout = 30.0
         self._slots = ChannelSlots(max_channels)
         # Guards _transport: one thread (re)connects while the others wait for it.
         self._lock = threading.RLock()
+
+    def twin(self, username: str) -> Connection:
+        """A new connection to the same guest, reached the same way, as ``username``."""
+        return Connection(
+            self.host,
+            self.port,
+            username=username,
+            key_path=self.key_path,
+            known_hosts=self.known_hosts,
+            host_key_alias=self.host_key_alias,
+            opener=self._opener,
+            via=self._via,
+        )
 
     def __repr__(self) -> str:
         return f"<Connection {self.username}@{self.host}:{self.port} ({self.host_key_alias})>"
@@ -138,7 +134,11 @@ class Connection:
             self._connect_timeout = timeout
             pkey = load_private_key(self.key_path)
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=timeout)
+                sock = (
+                    self._opener(timeout)
+                    if self._opener is not None
+                    else socket.create_connection((self.host, self.port), timeout=timeout)
+                )
             except OSError as e:
                 raise SSHError(
                     f"cannot reach SSH at {self._where}: {e}; "
@@ -383,7 +383,7 @@ class Connection:
 
     def ssh_command(self) -> list[str]:
         """An OpenSSH command line that reaches the same guest, for a person to paste."""
-        argv = ["ssh", "-i", str(self.key_path), "-p", str(self.port)]
+        argv = ["ssh", *self._via, "-i", str(self.key_path), "-p", str(self.port)]
         for option in (
             "IdentitiesOnly=yes",
             f"UserKnownHostsFile={self.known_hosts}",
