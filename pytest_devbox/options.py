@@ -69,6 +69,16 @@ OPTIONS: tuple[Option, ...] = (
         cli="--uri",
     ),
     Option(
+        "remote_pool",
+        "--devbox-remote-pool",
+        "devbox_remote_pool",
+        "text",
+        "directory of our libvirt storage pool on a remote --devbox-uri host (uploaded "
+        "images, guests' overlays and consoles)",
+        metavar="PATH",
+        cli="--remote-pool",
+    ),
+    Option(
         "cache_dir",
         "--devbox-cache",
         "devbox_cache",

@@ -17,6 +17,7 @@ from .images import ImageCache
 from .launch import new_run_id
 from .machine import Machine
 from .parallel import limit, run_bounded
+from .qemu_user import is_local
 from .restore import unrestorable
 from .settings import Settings
 from .sweep import remove_run_dir, sweep_leftovers
@@ -221,7 +222,11 @@ class Pool:
         if s.restore == "off" or profile.name in self._boot_only:
             return None
         why = unrestorable(profile)
-        if s.keep:
+        if not is_local(s.uri):
+            # Restore slots are save files in the local cache, which a remote libvirtd
+            # cannot read or write.
+            why = "remote guests are booted (restore slots are local save files)"
+        elif s.keep:
             # A restored guest holds its restore slot: it cannot outlive the session.
             why = "--devbox-keep guests are booted (a restored guest ends with its session)"
         elif why is None:
@@ -256,7 +261,9 @@ class Pool:
         attempts = 1 + max(0, s.boot_retries)
         for attempt in range(attempts):
             try:
-                return Machine.start(profile, keep=s.keep, **self._launch_args(rebuild))
+                return Machine.start(
+                    profile, keep=s.keep, remote_pool=s.remote_pool, **self._launch_args(rebuild)
+                )
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
                     raise
@@ -270,7 +277,8 @@ class Pool:
             if self._swept:
                 return
             self._swept = True
-            for line in sweep_leftovers(self.settings.uri, self.settings.cache_dir):
+            s = self.settings
+            for line in sweep_leftovers(s.uri, s.cache_dir, remote_pool=s.remote_pool):
                 self.log(line)
 
     def close(self) -> list[str]:

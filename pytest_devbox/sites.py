@@ -15,8 +15,9 @@ from typing import Protocol
 
 import libvirt
 
-from . import volumes
+from . import qemu_img, volumes
 from .distros import Profile
+from .images import image_lock
 from .launch import Log, Plan, tail_file, tail_text
 from .remote import RemoteHost, Tunnel, jump_options, parse_uri
 from .ssh import Connection, probe_banner
@@ -99,7 +100,14 @@ class RemoteSite(Site):
         self.remote = remote
         self.virconn = virconn
         self.pool = volumes.ensure_pool(virconn, pool_dir)
-        self.base = volumes.upload_image(virconn, self.pool, plan.image, log)
+        image = plan.image.path
+        upload = volumes.Upload(
+            path=image,
+            name=volumes.image_volume(image, str(plan.image.metadata.get("built_at", ""))),
+            capacity=qemu_img.virtual_size(image),
+            lock=image_lock(image),
+        )
+        self.base = volumes.upload_image(virconn, self.pool, upload, log)
         self.tunnel = Tunnel(remote)
 
     def profile(self, profile: Profile, log: Log) -> Profile:

@@ -18,7 +18,10 @@ from pathlib import Path
 import libvirt
 
 from . import domain as dom
+from . import volumes
 from .paths import CacheLayout
+from .qemu_user import is_local
+from .settings import DEFAULT_REMOTE_POOL
 
 # A claim in progress: a hidden directory that only gets its real name with its owner
 # file inside, so a concurrent sweep never sees a run dir without an owner.
@@ -85,13 +88,18 @@ def _stale(path: Path) -> bool:
         return False
 
 
-def sweep_leftovers(uri: str, cache_dir: Path) -> list[str]:
-    """Destroy devbox domains and delete run dirs whose owner is dead. Returns what it did."""
+def sweep_leftovers(
+    uri: str, cache_dir: Path, *, remote_pool: str = DEFAULT_REMOTE_POOL
+) -> list[str]:
+    """Destroy devbox domains and delete run dirs whose owner is dead; on a remote `uri`,
+    their volumes in our pool there too. Returns what it did."""
     done: list[str] = []
     kept_overlays: set[str] = set()
+    local = is_local(uri)
     conn = dom.connect(uri)
     try:
-        for name, meta in dom.list_devbox_domains(conn):
+        domains = dom.list_devbox_domains(conn)
+        for name, meta in domains:
             if meta.get("keep") == "1":
                 kept_overlays.add(meta.get("overlay", ""))
                 continue
@@ -101,11 +109,14 @@ def sweep_leftovers(uri: str, cache_dir: Path) -> list[str]:
                 except libvirt.libvirtError:
                     continue  # gone meanwhile
                 overlay = meta.get("overlay")
-                if overlay:
+                if overlay and local:  # a remote overlay is a volume: swept below
                     Path(overlay).unlink(missing_ok=True)
                 done.append(
                     f"swept leftover guest {name} (owner pid {meta.get('owner_pid')} is gone)"
                 )
+        if not local:
+            live = {n for n, _ in dom.list_devbox_domains(conn)}
+            done += volumes.sweep(volumes.ensure_pool(conn, remote_pool), live, pid_alive)
     finally:
         conn.close()
     runs = CacheLayout(cache_dir).runs

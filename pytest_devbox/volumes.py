@@ -24,14 +24,13 @@ import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 from filelock import FileLock
 
-from . import qemu_img
 from .errors import DomainError
-from .images import ImageInfo, image_lock
 
 Log = Callable[[str], None]
 MARKER = ".complete"
@@ -46,6 +45,16 @@ def _err(e: libvirt.libvirtError) -> str:
     return e.get_error_message() or str(e)
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A cached image to upload: its file, volume name, virtual size and cache lock."""
+
+    path: Path
+    name: str
+    capacity: int
+    lock: Path
+
+
 # --- names ------------------------------------------------------------------------------
 
 
@@ -54,9 +63,10 @@ def pool_name(path: str) -> str:
     return "devbox-" + hashlib.sha256(path.encode()).hexdigest()[:10]
 
 
-def image_volume(image: ImageInfo) -> str:
-    built = re.sub(r"[^0-9]", "", str(image.metadata.get("built_at", "")))[:14] or "unknown"
-    return f"{image.path.stem}-{built}.qcow2"
+def image_volume(image: Path, built_at: str) -> str:
+    """The volume of a cached image: its name in the cache, and when it was built."""
+    built = re.sub(r"[^0-9]", "", built_at)[:14] or "unknown"
+    return f"{image.stem}-{built}.qcow2"
 
 
 def guest_volume(domain: str, kind: str) -> str:
@@ -160,18 +170,21 @@ def delete(pool: libvirt.virStoragePool, name: str) -> bool:
 
 
 def upload_image(
-    conn: libvirt.virConnect, pool: libvirt.virStoragePool, image: ImageInfo, log: Log
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    source: Upload,
+    log: Log,
 ) -> libvirt.virStorageVol:
-    """The volume holding ``image`` on the pool's host, uploaded now if it is missing.
+    """The volume ``source.name`` on the pool's host, uploaded now if it is missing.
 
     Uploads of one image from this host are serialised by the local image's own lock;
     the marker is made only once every byte is in, so an interrupted upload is redone.
     """
-    name = image_volume(image)
+    name = source.name
     vol = _complete(pool, name)
     if vol is not None:
         return vol
-    with FileLock(str(image_lock(image.path))):
+    with FileLock(str(source.lock)):
         vol = _complete(pool, name)
         if vol is not None:
             return vol
@@ -179,12 +192,12 @@ def upload_image(
             log(f"{name}: removing an interrupted upload on {conn.getURI()}")
         delete(pool, name + MARKER)
         t0 = time.monotonic()
-        vol = _upload(conn, pool, name, image.path)
+        vol = _upload(conn, pool, source)
         pool.createXML(_raw_xml(name + MARKER), 0)
         seconds = time.monotonic() - t0
-        size = image.path.stat().st_size
+        size = source.path.stat().st_size
         log(
-            f"uploaded {image.path.name} to {conn.getURI()} as {name}: "
+            f"uploaded {source.path.name} to {conn.getURI()} as {name}: "
             f"{size / 1e6:.0f} MB in {seconds:.1f} s ({size / 1e6 / max(seconds, 1e-3):.0f} MB/s)"
         )
         return vol
@@ -197,11 +210,12 @@ def _complete(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol 
 
 
 def _upload(
-    conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str, path: Path
+    conn: libvirt.virConnect, pool: libvirt.virStoragePool, source: Upload
 ) -> libvirt.virStorageVol:
+    name, path = source.name, source.path
     size = path.stat().st_size
     try:
-        vol = pool.createXML(volume_xml(name, qemu_img.virtual_size(path)), 0)
+        vol = pool.createXML(volume_xml(name, source.capacity), 0)
         stream = conn.newStream(0)
         with open(path, "rb") as f:
             vol.upload(stream, 0, size, 0)
