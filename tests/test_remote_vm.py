@@ -1,0 +1,246 @@
+"""Guests on a "remote" libvirt host, VM tier (issue 13).
+
+There is one machine: a private sshd on loopback (local_sshd.py) stands for the remote
+host, and libvirt reaches the same libvirtd through it: qemu+ssh://root@127.0.0.1:PORT.
+libvirt's ssh transport runs the `ssh` binary; `command=` points it at a wrapper that
+keeps its known_hosts in the test's directory (no_verify=1 would otherwise record the
+key in root's ~/.ssh). The pool directory is under the test's tmp dir, not the cache.
+
+One guest is booted in this process and shared; the examples run and the kill -9 run
+are separate pytest processes (the second one is killed as soon as its domain exists).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+from guests import CACHE
+from local_sshd import client_files, host_key, run_sshd
+
+from pytest_devbox import domain as dom
+from pytest_devbox import volumes
+from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.images import ImageCache
+from pytest_devbox.machine import Machine
+from pytest_devbox.sweep import sweep_leftovers
+
+pytestmark = pytest.mark.vm
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+LOCAL_URI = "qemu:///system"
+
+
+@dataclass
+class RemoteHost:
+    uri: str
+    pool_dir: str
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
+    d = tmp_path_factory.mktemp("remote-host")
+    key, authorized = client_files(d)
+    wrapper = d / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec ssh -o UserKnownHostsFile={d}/known_hosts "$@"\n')
+    wrapper.chmod(0o755)
+    pool_dir = str(d / "pool")
+    with run_sshd(d / "sshd", authorized, host_key(d / "host_key")) as sshd:
+        uri = (
+            f"qemu+ssh://root@127.0.0.1:{sshd.port}/system"
+            f"?keyfile={key}&no_verify=1&command={wrapper}"
+        )
+        yield RemoteHost(uri, pool_dir)
+    conn = dom.connect(LOCAL_URI)
+    try:
+        pool = conn.storagePoolLookupByName(volumes.pool_name(pool_dir))
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+    except libvirt.libvirtError:
+        pass
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("code")
+    (d / "from-host.txt").write_text("written on the host\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def guest_log() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def guest(
+    remote: RemoteHost, cache: ImageCache, code: Path, guest_log: list[str]
+) -> Iterator[Machine]:
+    def log(line: str) -> None:
+        guest_log.append(line)
+        print(line)
+
+    with Machine.start(
+        BUILTIN_PROFILES["debian-12"],
+        cache=cache,
+        code_dir=code,
+        uri=remote.uri,
+        remote_pool=remote.pool_dir,
+        log=log,
+    ) as m:
+        yield m
+
+
+def _pool_volumes(pool_dir: str) -> list[str]:
+    conn = dom.connect(LOCAL_URI)
+    try:
+        pool = conn.storagePoolLookupByName(volumes.pool_name(pool_dir))
+        pool.refresh(0)
+        return sorted(pool.listVolumes())
+    finally:
+        conn.close()
+
+
+def test_a_remote_guest_runs_commands_copies_files_and_has_code(
+    guest: Machine, guest_log: list[str], tmp_path: Path
+) -> None:
+    assert guest.run("cat /code/from-host.txt").stdout == "written on the host\n"
+    assert not guest.run("mountpoint -q /code", check=False).ok  # a copy, not a mount
+    assert any("copied into the guest" in line for line in guest_log), guest_log
+    src = tmp_path / "in.txt"
+    src.write_text("to the guest\n")
+    guest.put(src, "/tmp/in.txt")
+    assert guest.run("cat /tmp/in.txt").stdout == "to the guest\n"
+    guest.get("/tmp/in.txt", tmp_path / "back.txt")
+    assert (tmp_path / "back.txt").read_text() == "to the guest\n"
+    assert guest.run("id -un", user="root").stdout == "root\n"
+
+
+def test_its_disk_and_console_are_volumes_of_our_pool(guest: Machine, remote: RemoteHost) -> None:
+    assert str(guest.overlay).startswith(remote.pool_dir + "/")
+    names = _pool_volumes(remote.pool_dir)
+    assert guest.overlay.name in names and guest.console_log.name in names
+    assert "Linux" in guest.console_tail(400) or "login" in guest.console_tail(400)
+
+
+def test_the_image_is_uploaded_once(
+    guest: Machine, remote: RemoteHost, guest_log: list[str]
+) -> None:
+    uploads = [line for line in guest_log if line.startswith("uploaded ")]
+    assert len(uploads) == 1, guest_log
+    images = [n for n in _pool_volumes(remote.pool_dir) if not n.startswith("devbox-")]
+    assert len(images) == 2 and images[1] == images[0] + volumes.MARKER, images
+    # A second start finds it complete: nothing more is uploaded.
+    again: list[str] = []
+    conn = dom.connect(remote.uri)
+    try:
+        pool = volumes.ensure_pool(conn, remote.pool_dir)
+        upload = volumes.Upload(guest.image.path, images[0], 1, Path("/nonexistent/lock"))
+        vol = volumes.upload_image(conn, pool, upload, again.append)
+        assert vol.name() == images[0] and again == []
+    finally:
+        conn.close()
+
+
+def test_the_ssh_line_works_from_a_shell(guest: Machine) -> None:
+    argv = guest.ssh_argv()
+    assert any(a.startswith("ProxyCommand=") for a in argv)
+    hop = subprocess.run(
+        [*argv, "-o", "BatchMode=yes", "hostname"], capture_output=True, text=True, timeout=60
+    )
+    assert hop.returncode == 0 and hop.stdout.strip() == "devbox-debian-12", hop.stderr
+
+
+def _pytest(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        f"--devbox-cache={CACHE}",
+        *args,
+    ]
+
+
+def test_pytest_examples_through_the_remote_uri(remote: RemoteHost) -> None:
+    argv = _pytest(
+        str(EXAMPLES),
+        "--devbox=debian-12",
+        f"--devbox-uri={remote.uri}",
+        f"--devbox-remote-pool={remote.pool_dir}",
+    )
+    r = subprocess.run(argv, cwd=EXAMPLES, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "copied into the guest" in r.stdout and " passed" in r.stdout
+
+
+def _domains_of(pid: int) -> list[str]:
+    conn = dom.connect(LOCAL_URI)
+    try:
+        return [n for n, m in dom.list_devbox_domains(conn) if m.get("owner_pid") == str(pid)]
+    finally:
+        conn.close()
+
+
+def _wait(cond: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_kill_9_leaves_no_remote_domain_and_the_sweep_removes_its_volumes(
+    remote: RemoteHost, tmp_path: Path
+) -> None:
+    """The second session of the examples' debian-12: its image is in the pool already."""
+    (tmp_path / "pyproject.toml").write_text((EXAMPLES / "pyproject.toml").read_text())
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_hold.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+
+            def test_hold(devbox):
+                time.sleep(600)
+            """
+        )
+    )
+    out = tmp_path / "out.txt"
+    proc = subprocess.Popen(
+        _pytest(
+            "-s",
+            "--devbox=debian-12",
+            f"--devbox-uri={remote.uri}",
+            f"--devbox-remote-pool={remote.pool_dir}",
+        ),
+        cwd=tmp_path,
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait(lambda: _domains_of(proc.pid) or proc.poll() is not None, 600, "its domain")
+        assert proc.poll() is None, out.read_text()
+        os.kill(proc.pid, signal.SIGKILL)  # the pytest process only: its ssh child is orphaned
+        proc.wait(10)
+        _wait(lambda: not _domains_of(proc.pid), 60, "AUTODESTROY over qemu+ssh")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "uploaded " not in out.read_text(), out.read_text()  # a second session: no upload
+    mine = [n for n in _pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
+    assert mine, _pool_volumes(remote.pool_dir)  # its overlay (and console) are left
+    lines = sweep_leftovers(remote.uri, CACHE, remote_pool=remote.pool_dir)
+    assert sum("removed leftover volume" in line for line in lines) == len(mine), lines
+    assert not [n for n in _pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
