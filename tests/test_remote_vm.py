@@ -29,7 +29,8 @@ from local_sshd import client_files, host_key, run_sshd
 
 from pytest_devbox import domain as dom
 from pytest_devbox import volumes
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.distros import load_profiles
+from pytest_devbox.host import resolve_accel
 from pytest_devbox.images import ImageCache
 from pytest_devbox.machine import Machine
 from pytest_devbox.sweep import sweep_leftovers
@@ -84,15 +85,17 @@ def guest_log() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def guest(
-    remote: RemoteHost, cache: ImageCache, code: Path, guest_log: list[str]
-) -> Iterator[Machine]:
+def guest(remote: RemoteHost, code: Path, guest_log: list[str]) -> Iterator[Machine]:
+    """The examples' debian-12 with the plugin's cache settings: the pytest sessions
+    below use the same image, so this first session is the only one that uploads it."""
+
     def log(line: str) -> None:
         guest_log.append(line)
         print(line)
 
+    cache = ImageCache(CACHE, public_index=False, tcg=resolve_accel() == "tcg", log=log)
     with Machine.start(
-        BUILTIN_PROFILES["debian-12"],
+        load_profiles(EXAMPLES)["debian-12"],
         cache=cache,
         code_dir=code,
         uri=remote.uri,
@@ -174,7 +177,7 @@ def _pytest(*args: str) -> list[str]:
     ]
 
 
-def test_pytest_examples_through_the_remote_uri(remote: RemoteHost) -> None:
+def test_pytest_examples_through_the_remote_uri(remote: RemoteHost, guest: Machine) -> None:
     argv = _pytest(
         str(EXAMPLES),
         "--devbox=debian-12",
@@ -184,6 +187,7 @@ def test_pytest_examples_through_the_remote_uri(remote: RemoteHost) -> None:
     r = subprocess.run(argv, cwd=EXAMPLES, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "copied into the guest" in r.stdout and " passed" in r.stdout
+    assert "uploaded " not in r.stdout  # a second session: the image is there already
 
 
 def _domains_of(pid: int) -> list[str]:
@@ -202,9 +206,9 @@ def _wait(cond: Callable[[], object], timeout: float, what: str) -> None:
 
 
 def test_kill_9_leaves_no_remote_domain_and_the_sweep_removes_its_volumes(
-    remote: RemoteHost, tmp_path: Path
+    remote: RemoteHost, guest: Machine, tmp_path: Path
 ) -> None:
-    """The second session of the examples' debian-12: its image is in the pool already."""
+    """A third session of the examples' debian-12: its image is in the pool already."""
     (tmp_path / "pyproject.toml").write_text((EXAMPLES / "pyproject.toml").read_text())
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_hold.py").write_text(
