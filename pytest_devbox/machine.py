@@ -266,6 +266,12 @@ class Machine:
         """An OpenSSH command line a person can paste to log in to this guest (as root)."""
         return shlex.join(self.ssh_argv())
 
+    @property
+    def remote(self) -> str | None:
+        """USER@HOST:PORT of the remote libvirt host running this guest; None on this host."""
+        r = self._site.remote if self._site is not None else None
+        return r.describe() if r is not None else None
+
     def console_tail(self, lines: int = 40) -> str:
         return self._files.tail(lines)
 
