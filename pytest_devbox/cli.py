@@ -75,7 +75,8 @@ def _sub(
 
 def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _sub(sub, "doctor", "check that this host can run guests", "devbox doctor",
-             c.cmd_doctor, ("uri", "cache_dir", "code_dir", "accel", "qemu_user"))  # fmt: skip
+             c.cmd_doctor,
+             ("uri", "remote_pool", "cache_dir", "code_dir", "accel", "qemu_user"))  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _sub(sub, "template", "build local virt-builder templates from Debian's mirror",

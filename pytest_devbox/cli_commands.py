@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     s = ctx.settings
     checks = host.run_checks(
-        s.uri, s.cache_dir, s.accel, code_dir=s.code_dir, qemu_user=s.qemu_user
+        s.uri,
+        s.cache_dir,
+        s.accel,
+        code_dir=s.code_dir,
+        qemu_user=s.qemu_user,
+        remote_pool=s.remote_pool,
     )
     text = host.checks_json(checks) if args.json else host.format_checks(checks)
     print(spell_for_command(text))

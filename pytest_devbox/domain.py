@@ -102,6 +102,16 @@ def _connect_advice(uri: str, e: libvirt.libvirtError) -> str:
     return f"cannot open libvirt at {uri}: {msg}\n{_START_LIBVIRTD}"
 
 
+def kvm_problem_of(conn: libvirt.virConnect) -> str | None:
+    """None when the host of ``conn`` offers KVM to x86_64 guests, else libvirt's reason
+    (for a remote host, where our /dev/kvm says nothing)."""
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+    except libvirt.libvirtError as e:
+        return e.get_error_message() or str(e)
+    return None
+
+
 # --- one domain -----------------------------------------------------------------------
 
 _USERNET_FWD = re.compile(

@@ -24,6 +24,10 @@ TOOLS = {
 }
 
 
+# An uploaded image and a few overlays: what a remote pool needs at the least.
+MIN_POOL_FREE = 4 << 30
+
+
 @dataclass(frozen=True)
 class Check:
     """One line of `devbox doctor`."""
@@ -148,8 +152,10 @@ def run_checks(
     *,
     code_dir: Path | None = None,
     qemu_user: str = "caller",
+    remote_pool: str | None = None,
 ) -> list[Check]:
-    """Every doctor check, in the order a person would fix them."""
+    """Every doctor check, in the order a person would fix them; with `remote_pool`, a
+    remote `uri`'s too (its SSH tunnel, accel, our pool and its free disk)."""
     problem = libvirt_problem(uri)
     checks = [
         Check(
@@ -162,6 +168,8 @@ def run_checks(
     if problem is None:
         paths = [cache_dir] if code_dir is None else [cache_dir, code_dir]
         checks.append(qemu_user_check(uri, paths, qemu_user))
+        if remote_pool is not None:
+            checks += remote_checks(uri, remote_pool)
     checks += [_accel_check(accel), _virtiofsd_check(), *_tool_checks(), _kernel_check()]
     cproblem = cache_problem(cache_dir)
     checks.append(
@@ -172,6 +180,50 @@ def run_checks(
             f"use --devbox-cache DIR or fix the permissions of {cache_dir}" if cproblem else "",
         )
     )
+    return checks
+
+
+def remote_checks(uri: str, pool_dir: str) -> list[Check]:
+    """What a remote libvirt host needs beyond libvirt: [] for a local `uri`."""
+    from . import domain, volumes
+    from .errors import DevboxError
+    from .remote import Tunnel, parse_uri
+
+    remote = parse_uri(uri)
+    if remote is None:
+        return []
+    checks = []
+    tunnel = Tunnel(remote, timeout=15.0)
+    try:
+        tunnel.connect()
+        checks.append(Check("ssh tunnel", True, f"{remote.describe()} (guests' SSH goes here)"))
+    except DevboxError as e:
+        checks.append(Check("ssh tunnel", False, str(e), "fix the login libvirt uses"))
+    finally:
+        tunnel.close()
+    conn = domain.connect(uri)
+    try:
+        kvm = domain.kvm_problem_of(conn)
+        detail = "libvirt offers kvm" if kvm is None else f"tcg only ({kvm})"
+        checks.append(
+            Check(
+                "remote accel",
+                True,
+                detail + "; --devbox-accel decides (auto looks at this host)",
+                required=False,
+            )
+        )
+        try:
+            pool = volumes.ensure_pool(conn, pool_dir)
+            pool.refresh(0)
+            free = pool.info()[3]
+            ok = free >= MIN_POOL_FREE
+            fix = "" if ok else "free disk there, or use --devbox-remote-pool on a larger disk"
+            checks.append(Check("remote pool", ok, f"{pool_dir}: {free / 2**30:.1f} GiB free", fix))
+        except DevboxError as e:
+            checks.append(Check("remote pool", False, str(e), "use --devbox-remote-pool"))
+    finally:
+        conn.close()
     return checks
 
 

@@ -157,6 +157,10 @@ class Tunnel:
         transport.set_keepalive(15)
         return client
 
+    def connect(self) -> None:
+        """Log in now (or check the open connection): SSHError saying what failed."""
+        self._transport()
+
     def open(self, port: int, timeout: float) -> paramiko.Channel:
         """A channel to 127.0.0.1:``port`` on the remote host, usable as a socket;
         the tunnel is reopened once if its connection died."""

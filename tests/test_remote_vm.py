@@ -12,6 +12,7 @@ are separate pytest processes (the second one is killed as soon as its domain ex
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -248,3 +249,17 @@ def test_kill_9_leaves_no_remote_domain_and_the_sweep_removes_its_volumes(
     lines = sweep_leftovers(remote.uri, CACHE, remote_pool=remote.pool_dir)
     assert sum("removed leftover volume" in line for line in lines) == len(mine), lines
     assert not [n for n in _pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
+
+
+def test_doctor_checks_the_remote_host(remote: RemoteHost) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest_devbox.cli", "doctor", "--uri", remote.uri]
+        + ["--remote-pool", remote.pool_dir, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    checks = {c["name"]: c for c in json.loads(r.stdout)}
+    assert checks["ssh tunnel"]["ok"], checks
+    assert checks["remote pool"]["ok"] and "GiB free" in checks["remote pool"]["detail"]
+    assert "remote accel" in checks
