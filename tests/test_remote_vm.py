@@ -253,8 +253,17 @@ def test_kill_9_leaves_no_remote_domain_and_the_sweep_removes_its_volumes(
 
 def test_doctor_checks_the_remote_host(remote: RemoteHost) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "pytest_devbox.cli", "doctor", "--uri", remote.uri]
-        + ["--remote-pool", remote.pool_dir, "--json"],
+        [
+            sys.executable,
+            "-m",
+            "pytest_devbox.cli",
+            "doctor",
+            "--uri",
+            remote.uri,
+            "--remote-pool",
+            remote.pool_dir,
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
