@@ -354,3 +354,21 @@ def select(names: Iterable[str], profiles: Mapping[str, Profile]) -> list[Profil
             )
         chosen.setdefault(name, profiles[name])
     return list(chosen.values())
+
+
+def load_hosts(project_dir: Path | None) -> tuple[tuple[str, str], ...]:
+    """`[tool.pytest-devbox.hosts]` of pyproject.toml: which libvirt URI runs a distro
+    ("*": every distro not named), as sorted pairs; () without one (Settings.uri_for)."""
+    path = project_dir / "pyproject.toml" if project_dir is not None else None
+    if path is None or not path.is_file():
+        return ()
+    table = _read_toml(path).get("tool", {}).get("pytest-devbox", {}).get("hosts", {})
+    where = f"{path}: [tool.pytest-devbox.hosts]"
+    if not isinstance(table, dict):
+        raise ProfileError(f"{where} must be a table of distro = URI")
+    for distro, uri in table.items():
+        if not isinstance(uri, str) or "://" not in uri:
+            raise ProfileError(
+                f'{where} {distro!r} = {uri!r} is not a libvirt URI ("qemu+ssh://USER@HOST/system")'
+            )
+    return tuple(sorted(table.items()))

@@ -222,7 +222,7 @@ class Pool:
         if s.restore == "off" or profile.name in self._boot_only:
             return None
         why = unrestorable(profile)
-        if not is_local(s.uri):
+        if not is_local(s.uri_for(profile.name)):
             # Restore slots are save files in the local cache, which a remote libvirtd
             # cannot read or write.
             why = "remote guests are booted (restore slots are local save files)"
@@ -232,20 +232,20 @@ class Pool:
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
-                return Machine.restore(profile, **self._launch_args(rebuild))
+                return Machine.restore(profile, **self._launch_args(profile.name, rebuild))
             except RestoreUnavailable as e:
                 why = str(e)
         self._boot_only[profile.name] = why
         self.log(f"{profile.name}: booting instead of restoring: {why}")
         return None
 
-    def _launch_args(self, rebuild: bool) -> dict[str, Any]:
+    def _launch_args(self, distro: str, rebuild: bool) -> dict[str, Any]:
         """What a boot and a restore of this session's guests are both told."""
         s = self.settings
         return {
             "cache": self.cache,
             "code_dir": s.code_dir,
-            "uri": s.uri,
+            "uri": s.uri_for(distro),
             "accel": s.accel,
             "qemu_user": s.qemu_user,
             "run_id": self.run_id,
@@ -262,7 +262,10 @@ class Pool:
         for attempt in range(attempts):
             try:
                 return Machine.start(
-                    profile, keep=s.keep, remote_pool=s.remote_pool, **self._launch_args(rebuild)
+                    profile,
+                    keep=s.keep,
+                    remote_pool=s.remote_pool,
+                    **self._launch_args(profile.name, rebuild),
                 )
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
@@ -278,8 +281,9 @@ class Pool:
                 return
             self._swept = True
             s = self.settings
-            for line in sweep_leftovers(s.uri, s.cache_dir, remote_pool=s.remote_pool):
-                self.log(line)
+            for uri in s.uris(self.profiles):  # every host this session's distros run on
+                for line in sweep_leftovers(uri, s.cache_dir, remote_pool=s.remote_pool):
+                    self.log(line)
 
     def close(self) -> list[str]:
         """Stop every machine. With keep, leave them running and say how to reach them."""
@@ -305,7 +309,8 @@ class Pool:
         if not self.settings.keep:
             remove_run_dir(self.settings.cache_dir, self.run_id)
         if lines:
-            lines.append("stop them with: virsh -c " + self.settings.uri + " destroy NAME")
+            uris = self.settings.uris(m.distro for m in machines)
+            lines += [f"stop them with: virsh -c {uri} destroy NAME" for uri in uris]
         if errors:
             raise errors[0]
         return lines

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import pytest
 
+from .distros import load_hosts
+from .errors import ProfileError
 from .options import OPTIONS, IniReader, Option
 from .settings import Settings
 
@@ -168,6 +170,10 @@ def resolve(
             values[opt.key] = _convert(opt, *picked, places, flag)
     distros: list[str] = values.pop("distros", [])
     values.setdefault("code_dir", places.rootdir)
+    try:
+        values["hosts"] = load_hosts(places.rootdir)
+    except ProfileError as e:
+        raise pytest.UsageError(str(e)) from None
     return Resolved(Settings(**values), distros)
 
 

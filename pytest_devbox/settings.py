@@ -3,6 +3,7 @@ import on every run (no libvirt, no paramiko). Every default lives here, once.""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,3 +50,14 @@ class Settings:
     artifacts_dir: Path | None = None  # where a failed test's guests leave their logs
     exec_mode: str = DEFAULT_EXEC
     remote_pool: str = DEFAULT_REMOTE_POOL  # our pool's directory on a remote libvirt host
+    # The project's [tool.pytest-devbox.hosts]: (distro or "*", URI) pairs (hosts.py).
+    hosts: tuple[tuple[str, str], ...] = ()
+
+    def uri_for(self, distro: str) -> str:
+        """The libvirt URI of the host that runs ``distro`` (hosts, else ``uri``)."""
+        table = dict(self.hosts)
+        return table.get(distro) or table.get("*") or self.uri
+
+    def uris(self, distros: Iterable[str]) -> list[str]:
+        """The distinct URIs ``distros`` run on, in first-use order."""
+        return list(dict.fromkeys(self.uri_for(d) for d in distros))
