@@ -104,7 +104,7 @@ def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
 
 def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
     profiles = ctx.selected("up")
-    up = {g.distro: g for g in ctx.kept()}
+    up = {g.distro: g for g in ctx.kept() if not g.failed}  # not a failed test's guest
     todo = []
     for p in profiles:
         guest = up.get(p.name)
@@ -173,6 +173,7 @@ class GuestRow:
             "port": self.record.port if self.record else None,
             "ssh": list(self.record.ssh) if self.record else None,
             "code_dir": self.record.code_dir if self.record else None,
+            "failed": self.record.failed if self.record else None,
         }
 
 
@@ -237,6 +238,8 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
         print(f"{r.distro:<{w}}  {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} {r.name}")
         if r.record:
             print(f"    {shlex.join(r.record.ssh)}")
+            if r.record.failed:
+                print(f"    kept after {r.record.failed} failed (--devbox-keep-failed)")
         elif r.kept:
             print("    kept by a pytest session (--devbox-keep): its ssh line is in that summary")
         else:
