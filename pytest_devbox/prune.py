@@ -238,6 +238,8 @@ def remove(items: Iterable[Stale], note: Log, *, dry_run: bool = False) -> list[
         with ExitStack() as held:
             try:
                 for lock in item.locks:
+                    if dry_run and not lock.exists():
+                        continue  # nobody holds it; a dry run creates no lock file
                     held.enter_context(FileLock(str(lock), timeout=0))
             except Timeout:
                 note(f"keeping {item.path}: in use (its lock is held)")
