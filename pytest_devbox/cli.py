@@ -107,8 +107,8 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be removed, with sizes; remove nothing")  # fmt: skip
     p.add_argument("--log-dir", type=Path, metavar="DIR",
-                   help="libvirt's per-domain log dir (default: /var/log/libvirt/qemu for "
-                   "qemu:///system, ~/.cache/libvirt/qemu/log for qemu:///session)")  # fmt: skip
+                   help="libvirt's per-domain log dir (default: /var/log/libvirt/qemu for the "
+                   "system daemon, ~/.cache/libvirt/qemu/log for qemu:///session)")  # fmt: skip
 
     p = _sub(sub, "up", "boot guests that stay up until `devbox destroy`",
              "devbox up debian-11,debian-12", c.cmd_up, BOOT)  # fmt: skip
