@@ -110,6 +110,10 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="libvirt's per-domain log dir (default: /var/log/libvirt/qemu for the "
                    "system daemon, ~/.cache/libvirt/qemu/log for qemu:///session)")  # fmt: skip
 
+    _add_guest_commands(sub)
+
+
+def _add_guest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _sub(sub, "up", "boot guests that stay up until `devbox destroy`",
              "devbox up debian-11,debian-12", c.cmd_up, BOOT)  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
