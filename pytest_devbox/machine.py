@@ -21,10 +21,12 @@ import libvirt
 from . import domain as dom
 from .boot import Boot, Deadline, wait_ready
 from .distros import Profile
+from .errors import DomainError
 from .images import ImageCache, ImageInfo
 from .launch import Log, Plan, qemu_for, tail_file
 from .logins import Logins
 from .memory import admitted
+from .reaper import Reaper
 from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
 from .settings import DEFAULT_ACCEL, DEFAULT_EXEC, DEFAULT_QEMU_USER, DEFAULT_URI
@@ -48,6 +50,8 @@ class Machine:
         restored: Restored | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        keepable: bool = False,
+        reaper: Reaper | None = None,
     ) -> None:
         self.profile = profile
         self.image = image
@@ -58,6 +62,9 @@ class Machine:
         self.console_log = console_log
         self.boot_seconds = boot_seconds
         self._restored = restored
+        # Started without AUTODESTROY (keep, keep-failed): `keep()` may leave it running.
+        self.keepable = keepable
+        self._reaper = reaper  # watches a keepable guest until it is kept or destroyed
         self.closed = False
 
     @property
@@ -93,11 +100,13 @@ class Machine:
         run_id: str | None = None,
         rebuild: bool = False,
         keep: bool = False,
+        keepable: bool = False,
         boot_timeout: float | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
     ) -> Machine:
-        """Boot `profile` on a fresh overlay of its cached image and wait until it is usable."""
+        """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
+        `keepable`: no AUTODESTROY, reaped if we die, so `keep()` may leave it up."""
         plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
         name = plan.new_name()
         overlay = cache.overlay(plan.image.path, plan.workdir / f"{name}.qcow2")
@@ -105,13 +114,13 @@ class Machine:
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         domain: dom.Domain | None = None
+        reaper = Reaper.for_uri(uri) if keepable and not keep else None
         try:
             qemu = qemu_for(virconn, uri, qemu_user, [overlay, plan.code_dir])
             spec = plan.spec(name, overlay, console, qemu, keep=keep)
-            with admitted(
-                virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
-            ):
-                domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
+            domain = _create(
+                virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
+            )
             deadline = Deadline(plan.deadline_seconds(boot_timeout))
             boot = Boot(domain, profile.name, console, deadline, tail_file)
             ssh = wait_ready(boot, connection=plan.connection, share=profile.share)
@@ -119,6 +128,8 @@ class Machine:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).
             if domain is not None:
                 domain.destroy()
+            if reaper is not None:
+                reaper.forget(name)
             _close_quietly(virconn)
             overlay.unlink(missing_ok=True)
             raise
@@ -135,6 +146,8 @@ class Machine:
             boot_seconds=seconds,
             exec_mode=exec_mode,
             log=log,
+            keepable=keep or keepable,
+            reaper=reaper,
         )
 
     @classmethod
@@ -251,10 +264,23 @@ class Machine:
         self.closed = True
         self._logins.close()
         self.domain.destroy()
+        if self._reaper is not None:
+            self._reaper.forget(self.name)
         if self._restored is not None:
             self._restored.release()
         _close_quietly(self._virconn)
         self.overlay.unlink(missing_ok=True)
+
+    def keep(self) -> None:
+        """Leave a keepable guest running past this process: marked kept, so the sweep
+        spares it and `devbox ls/destroy` treat it as kept; no longer reaped."""
+        if not self.keepable or self._restored is not None:
+            raise DomainError(f"{self.name} was started to end with its session: not kept")
+        meta = self.domain.metadata()
+        self.domain.set_metadata({**meta, "keep": "1"})
+        if self._reaper is not None:
+            self._reaper.forget(self.name)
+        self.detach()
 
     def detach(self) -> None:
         """Leave the guest running (--devbox-keep): close only our side."""
@@ -275,6 +301,24 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {'closed' if self.closed else 'running'}>"
+
+
+def _create(
+    virconn: libvirt.virConnect,
+    plan: Plan,
+    spec: dom.DomainSpec,
+    reaper: Reaper | None,
+    *,
+    autodestroy: bool,
+    log: Log,
+) -> dom.Domain:
+    """The domain, created once its memory fits; watched by `reaper` from before it exists."""
+    with admitted(
+        virconn, plan.profile.memory_mib, plan.memory_lock, label=plan.profile.name, log=log
+    ):
+        if reaper is not None:
+            reaper.watch(spec.name)
+        return dom.Domain.create(virconn, spec, autodestroy=autodestroy)
 
 
 def _close_quietly(virconn: libvirt.virConnect) -> None:

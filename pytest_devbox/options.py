@@ -152,6 +152,14 @@ OPTIONS: tuple[Option, ...] = (
         cli="--keep",
     ),
     Option(
+        "keep_failed",
+        "--devbox-keep-failed",
+        "devbox_keep_failed",
+        "bool",
+        "leave the guests a failed test used running after the session (a shared guest "
+        "too) and print how to reach them; guests then boot instead of being restored",
+    ),
+    Option(
         "reuse",
         "--devbox-reuse",
         "devbox_reuse",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import kept
 from .distros import Profile
 from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from .host import resolve_accel
@@ -54,6 +56,8 @@ class Pool:
         self._machines: dict[str, Machine] = {}
         self._fresh: list[Machine] = []
         self._reused: set[str] = set()  # names of `devbox up` guests this session uses
+        # --devbox-keep-failed: guest name -> the first failed test that used it.
+        self._failed: dict[str, str] = {}
         self._cache: ImageCache | None = None
         self._rebuilt: set[str] = set()
         self._swept = False
@@ -162,11 +166,20 @@ class Pool:
         machine = self._machines.get(distro)
         return None if machine is None or machine.closed else machine
 
+    def mark_failed(self, names: Sequence[str], nodeid: str) -> None:
+        """With --devbox-keep-failed: the guests `names` were used by the failed test
+        `nodeid`, so they stay up after the session (close() says how to reach them)."""
+        if self.settings.keep_failed:
+            for name in names:
+                self._failed.setdefault(name, nodeid)
+
     def release(self, distro: str) -> None:
-        """Stop the shared machine of `distro` now that its tests are done. With keep it
-        stays up (close() says how to reach it); a later `get` would start a new one."""
+        """Stop the shared machine of `distro` now that its tests are done. With keep (or
+        a failed test in it, with keep-failed) it stays up (close() says how to reach it)."""
         machine = self._machines.get(distro)
         if machine is None or machine.closed or self.settings.keep:
+            return
+        if machine.name in self._failed:
             return
         if machine.name in self._reused:
             del self._machines[distro]
@@ -184,7 +197,7 @@ class Pool:
         try:
             yield machine
         finally:
-            if not self.settings.keep:
+            if not self.settings.keep and machine.name not in self._failed:
                 machine.close()
 
     def _start(self, distro: str) -> Machine:
@@ -221,9 +234,10 @@ class Pool:
         if s.restore == "off" or profile.name in self._boot_only:
             return None
         why = unrestorable(profile)
-        if s.keep:
+        if s.keep or s.keep_failed:
             # A restored guest holds its restore slot: it cannot outlive the session.
-            why = "--devbox-keep guests are booted (a restored guest ends with its session)"
+            flag = "--devbox-keep" if s.keep else "--devbox-keep-failed"
+            why = f"{flag} guests are booted (a restored guest ends with its session)"
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
@@ -256,7 +270,9 @@ class Pool:
         attempts = 1 + max(0, s.boot_retries)
         for attempt in range(attempts):
             try:
-                return Machine.start(profile, keep=s.keep, **self._launch_args(rebuild))
+                return Machine.start(
+                    profile, keep=s.keep, keepable=s.keep_failed, **self._launch_args(rebuild)
+                )
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
                     raise
@@ -264,6 +280,30 @@ class Pool:
                 self.log(f"{profile.name}: boot failed in phase {e.phase!r}; retrying once")
             rebuild = False
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _keep_failed(self, machine: Machine, *, shared: bool) -> str:
+        """Leave the guest of a failed test running, recorded as `devbox up` records its
+        guests (so `devbox ls/ssh/destroy` find it); the summary line that says so."""
+        nodeid = self._failed[machine.name]
+        ssh = machine.ssh_argv()
+        machine.keep()
+        kept.save(
+            self.settings.cache_dir,
+            kept.KeptGuest(
+                machine.name,
+                machine.distro,
+                self.settings.uri,
+                str(machine.overlay),
+                tuple(ssh),
+                code_dir=str(self.settings.code_dir),
+                failed=nodeid,
+            ),
+        )
+        what = "its distro's shared guest: other tests used it too" if shared else "fresh"
+        return (
+            f"{machine.distro}: {machine.name} kept running ({what}; {nodeid} failed): "
+            f"{shlex.join(ssh)}"
+        )
 
     def _sweep_once(self) -> None:
         with self._sweep_lock:
@@ -276,6 +316,7 @@ class Pool:
     def close(self) -> list[str]:
         """Stop every machine. With keep, leave them running and say how to reach them."""
         machines = [*self._machines.values(), *self._fresh]
+        shared = {id(m) for m in self._machines.values()}
         self._machines.clear()
         self._fresh.clear()
         lines: list[str] = []
@@ -291,13 +332,22 @@ class Pool:
                 lines.append(f"{m.distro}: {m.name} kept running: {m.ssh_command()}")
                 continue
             try:
+                if m.name in self._failed and self.settings.keep_failed:
+                    lines.append(self._keep_failed(m, shared=id(m) in shared))
+                    continue
+            except DevboxError as e:
+                errors.append(e)
+            try:
                 m.close()
             except DevboxError as e:
                 errors.append(e)
-        if not self.settings.keep:
+        if not self.settings.keep and not lines:
+            # A kept guest's overlay and console log live in the run dir: it stays.
             remove_run_dir(self.settings.cache_dir, self.run_id)
-        if lines:
+        if lines and self.settings.keep:
             lines.append("stop them with: virsh -c " + self.settings.uri + " destroy NAME")
+        elif lines:
+            lines.append("look inside with its ssh line; remove with: devbox destroy NAME")
         if errors:
             raise errors[0]
         return lines

@@ -29,8 +29,9 @@ def find(
     settings: Settings, profile: Profile, warn: Callable[[str], None]
 ) -> kept.KeptGuest | None:
     """The running `devbox up` guest of ``profile`` sharing this session's code dir."""
-    guests = kept.load(settings.cache_dir, kept.running_names, warn)
-    guest = guests.get(profile.name)
+    guests = kept.load_all(settings.cache_dir, kept.running_names, warn)
+    # The newest of `devbox up`'s guests (a failed test's kept guest is evidence).
+    guest = {g.distro: g for g in guests if not g.failed}.get(profile.name)
     if guest is None or guest.uri != settings.uri or not guest.port:
         return None
     if Path(guest.code_dir or "/nonexistent").resolve() != settings.code_dir.resolve():

@@ -36,6 +36,7 @@ class Settings:
     qemu_user: str = DEFAULT_QEMU_USER
     rebuild: bool = False
     keep: bool = False
+    keep_failed: bool = False  # leave the guests of a failed test running
     reuse: bool = False  # use guests `devbox up` started, and leave them up
     offline: bool = False
     repos: tuple[str, ...] = ()
