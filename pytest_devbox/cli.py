@@ -106,6 +106,9 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
              ("uri", "cache_dir", "offline", "repos"))  # fmt: skip
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be removed, with sizes; remove nothing")  # fmt: skip
+    p.add_argument("--unknown", action="store_true",
+                   help="also remove images of distros no profile of this project names "
+                   "(the cache is shared by your projects)")  # fmt: skip
     p.add_argument("--log-dir", type=Path, metavar="DIR",
                    help="libvirt's per-domain log dir (default: /var/log/libvirt/qemu for the "
                    "system daemon, ~/.cache/libvirt/qemu/log for qemu:///session)")  # fmt: skip

@@ -114,11 +114,15 @@ def find(
     used: InUse,
     log_dir: Path | None,
     note: Log,
+    *,
+    unknown: bool = False,
 ) -> list[Stale]:
     """Everything stale. `current`: each known profile's image key (None: unknown now,
-    so all of its images stay). `note` says what stays that might look stale."""
+    so all of its images stay). `note` says what stays that might look stale. Images of
+    distros no profile here names go only with `unknown`: the cache is per user, and
+    another project's profiles are unknown to this one."""
     layout = CacheLayout(cache_dir)
-    stale_keys = _stale_keys(layout, current)
+    stale_keys = _stale_keys(layout, current, unknown, note)
     saves = _stale_saves(layout, stale_keys)
     runs = _stale_runs(layout, used)
     gone = {p for s in (*saves, *runs) for p in s.paths}
@@ -128,15 +132,24 @@ def find(
     return [*images, *saves, *runs, *logs]
 
 
-def _stale_keys(layout: CacheLayout, current: Mapping[str, str | None]) -> set[tuple[str, str]]:
-    found = set()
-    for path in layout.images.glob("*") if layout.images.is_dir() else []:
+def _stale_keys(
+    layout: CacheLayout, current: Mapping[str, str | None], unknown: bool, note: Log
+) -> set[tuple[str, str]]:
+    found, others = set(), set()
+    for path in sorted(layout.images.glob("*")) if layout.images.is_dir() else []:
         m = _IMAGE.fullmatch(path.name)
         if m is None:
             continue
         distro, key = m["distro"], m["key"]
-        if distro not in current or current[distro] not in (None, key):
+        if distro not in current and not unknown:
+            others.add(distro)
+        elif distro not in current or current[distro] not in (None, key):
             found.add((distro, key))
+    for distro in sorted(others):
+        note(
+            f"keeping every image of {distro}: no profile of this project is named so "
+            "(another project's?); --unknown removes them"
+        )
     return found
 
 

@@ -55,7 +55,7 @@ class Cache:
         old = _image(layout, "debian-12", OLD)
         layout.recipes.mkdir(parents=True, exist_ok=True)
         layout.commands_file("debian-12", OLD).write_text("run-command true\n")
-        unknown = _image(layout, "nosuch-1", OLDER)
+        self.unknown = _image(layout, "nosuch-1", OLDER)  # another project's, maybe
         busy = _image(layout, "debian-12", BUSY)  # old, but a kept guest runs on it
         self.building = _image(layout, "debian-12", BUILDING)  # old, but its lock is held
         live = claim_run_dir(root, "rlive001")
@@ -79,13 +79,14 @@ class Cache:
             (logs / name).write_text("x" * 5000)
         for name in (f"{self.kept_name}.log", f"{self.kept_name}-fs0-virtiofsd.log", "web.log"):
             (logs / name).write_text("x")  # a running guest's, and not ours
-        self.stale = {old, unknown, old_save.parent.parent, dead}
+        self.stale = {old, old_save.parent.parent, dead}
         self.stale |= {
             logs / f"{gone}.log",
             logs / f"{gone}-fs0-virtiofsd.log",
             logs / f"{gone}.log.1",
         }
         self.kept = {self.current, busy, self.building, live, kept_dir, self.current_save}
+        self.kept.add(self.unknown)
         # (debian-11's key is unknown: the seeded template index has only debian-12.)
         self.kept.add(_image(layout, "debian-11", OLD))
         self.kept |= {logs / f"{self.kept_name}.log", logs / "web.log", self.live_overlay}
@@ -117,15 +118,19 @@ def test_prune_removes_exactly_what_nothing_uses(
         _prune(root, logs)
         out, err = capsys.readouterr()
         assert f"keeping {c.building}: in use (its lock is held)" in err
+        assert "keeping every image of nosuch-1: no profile of this project" in err
     assert not [p for p in c.stale if p.exists()]
     assert all(p.exists() for p in c.kept)
     assert not c.old.with_suffix(".json").exists()
     assert not CacheLayout(root).commands_file("debian-12", OLD).exists()
-    # The old image, its metadata and commands file; the unknown one and its metadata;
-    # the save's disk; the dead run dir's owner file and two overlays; three logs.
-    assert out.splitlines()[-1].startswith("removed 12 files, "), out
+    # The old image, its metadata and commands file; the save's disk; the dead run
+    # dir's owner file and two overlays; three logs.
+    assert out.splitlines()[-1].startswith("removed 10 files, "), out
     _prune(root, logs)  # the build is over (its lock free): that image goes now
     assert str(c.building) in capsys.readouterr().out and not c.building.exists()
+    assert c.unknown.exists()
+    _prune(root, logs, "--unknown")  # asked for: images of distros nothing here names
+    assert str(c.unknown) in capsys.readouterr().out and not c.unknown.exists()
     _prune(root, logs)
     assert capsys.readouterr().out.strip() == "removed 0 files, 0.0 MB freed"
     c.domain.destroy()
