@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .distros import Profile
+from .distros import Profile, effective_share
 from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from .host import resolve_accel
 from .images import ImageCache
@@ -113,7 +113,7 @@ class Pool:
         if guest is None:
             self.log(f"{distro}: no guest of `devbox up` shares this code dir: starting one")
             return None
-        machine = reuse.attach(guest, profile, self.cache, self.settings)
+        machine = reuse.attach(guest, profile, self.cache, self.settings, self.log)
         self._reused.add(machine.name)
         self.stats[distro].reused += 1
         self.log(f"{distro}: reusing {guest.name} of `devbox up` (not pristine; left running)")
@@ -220,24 +220,31 @@ class Pool:
         s = self.settings
         if s.restore == "off" or profile.name in self._boot_only:
             return None
-        why = unrestorable(profile)
+        why = unrestorable(profile, self.share_for(profile))
         if s.keep:
             # A restored guest holds its restore slot: it cannot outlive the session.
             why = "--devbox-keep guests are booted (a restored guest ends with its session)"
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
-                return Machine.restore(profile, **self._launch_args(rebuild))
+                return Machine.restore(profile, **self._launch_args(profile, rebuild))
             except RestoreUnavailable as e:
                 why = str(e)
         self._boot_only[profile.name] = why
         self.log(f"{profile.name}: booting instead of restoring: {why}")
         return None
 
-    def _launch_args(self, rebuild: bool) -> dict[str, Any]:
-        """What a boot and a restore of this session's guests are both told."""
+    def share_for(self, profile: Profile) -> str:
+        """How /code reaches this session's guests of `profile` (--devbox-share, else the
+        profile's own share)."""
+        return effective_share(profile, self.settings.share)
+
+    def _launch_args(self, profile: Profile, rebuild: bool) -> dict[str, Any]:
+        """What a boot and a restore of this session's guests of `profile` are both told."""
         s = self.settings
         return {
+            "share": self.share_for(profile),
+            "sync_exclude": s.sync_exclude,
             "cache": self.cache,
             "code_dir": s.code_dir,
             "uri": s.uri,
@@ -256,7 +263,7 @@ class Pool:
         attempts = 1 + max(0, s.boot_retries)
         for attempt in range(attempts):
             try:
-                return Machine.start(profile, keep=s.keep, **self._launch_args(rebuild))
+                return Machine.start(profile, keep=s.keep, **self._launch_args(profile, rebuild))
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
                     raise

@@ -39,7 +39,11 @@ def find(
 
 
 def attach(
-    guest: kept.KeptGuest, profile: Profile, cache: ImageCache, settings: Settings
+    guest: kept.KeptGuest,
+    profile: Profile,
+    cache: ImageCache,
+    settings: Settings,
+    log: Callable[[str], None] = print,
 ) -> Machine:
     """A Machine on ``guest``; `detach()` it at the end, which leaves the guest running."""
     image = cache.image_for(profile)
@@ -47,7 +51,8 @@ def attach(
     virconn = dom.connect(settings.uri)
     try:
         domain = dom.Domain(virconn.lookupByName(guest.name))
-        built_from = dom.read_metadata(domain.virdom.XMLDesc(0)).get("image_key")
+        metadata = dom.read_metadata(domain.virdom.XMLDesc(0))
+        built_from = metadata.get("image_key")
         if built_from != image.key:
             raise DevboxError(
                 f"{guest.name} runs on image {built_from}, not the current {image.key} of "
@@ -68,7 +73,7 @@ def attach(
         virconn.close()
         raise
     overlay = Path(guest.overlay)
-    return Machine(
+    machine = Machine(
         profile=profile,
         image=image,
         virconn=virconn,
@@ -78,4 +83,16 @@ def attach(
         console_log=overlay.with_name(f"{guest.name}.console.log"),
         boot_seconds=0.0,
         exec_mode=settings.exec_mode,
+        log=log,
+        # Guests started before the share was recorded shared /code the profile's way.
+        share=metadata.get("share", profile.share),
+        code_dir=settings.code_dir,
+        sync_exclude=settings.sync_exclude,
     )
+    try:
+        # A copy is as old as the last sync: bring it up to date, as a share would be.
+        machine.sync()
+    except BaseException:
+        machine.detach()
+        raise
+    return machine
