@@ -7,7 +7,8 @@ say it was reused. Without the option a session never touches guests of `devbox 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
@@ -19,6 +20,7 @@ from .errors import DevboxError
 from .images import ImageCache
 from .keys import ensure_keypair
 from .launch import host_key_alias
+from .logins import GUEST_USER
 from .machine import Machine
 from .paths import CacheLayout
 from .settings import Settings
@@ -96,3 +98,26 @@ def attach(
         machine.detach()
         raise
     return machine
+
+
+@contextlib.contextmanager
+def login(guest: kept.KeptGuest, cache_dir: Path) -> Iterator[Connection]:
+    """The guest user's SSH connection to a kept guest, reached the way its recorded
+    ssh line reaches it (host, port, pinned host key alias), closed at the end."""
+    alias = [a.partition("=")[2] for a in guest.ssh if a.startswith("HostKeyAlias=")]
+    if not alias or not guest.port:
+        raise DevboxError(f"the record of {guest.name} has no usable ssh line: {guest.ssh}")
+    layout = CacheLayout(cache_dir)
+    conn = Connection(
+        guest.ssh[-1].rpartition("@")[2],
+        int(guest.port),
+        username=GUEST_USER,
+        key_path=ensure_keypair(layout.ssh),
+        known_hosts=layout.known_hosts,
+        host_key_alias=alias[0],
+    )
+    try:
+        conn.connect(timeout=60.0)
+        yield conn
+    finally:
+        conn.close()

@@ -40,15 +40,39 @@ CODE = "/code"
 # In the guest user's home: outside /code, so `ls /code` shows the project alone.
 MANIFEST = ".cache/pytest-devbox/code-sync.json"
 MANIFEST_FORMAT = 1
-NO_TAR = 3  # the exit status of PREPARE when the guest has no tar
-# As root, once per machine: /code is the guest user's (an image made for another share
-# has it root's), and tar is there.
-PREPARE = (
-    f"mkdir -p {CODE} && chown {GUEST_USER}: {CODE} && "
-    f"{{ command -v tar >/dev/null 2>&1 || exit {NO_TAR}; }}"
+NO_TAR = 3  # the exit status of PREPARE when the guest has neither tar nor a Python
+# Python's tarfile where the guest has no tar (a minimal CentOS 7 or Fedora: @core alone
+# need not hold tar). Python 2 and 3 alike; "fully_trusted" keeps Python >= 3.14 from
+# refusing links that point outside /code (they are the project's own links).
+_PY_EXTRACT = (
+    "import sys,tarfile;"
+    'kw={"filter":"fully_trusted"} if hasattr(tarfile,"fully_trusted_filter") else {};'
+    'tarfile.open(fileobj=getattr(sys.stdin,"buffer",sys.stdin),mode="r|")'
+    ".extractall(sys.argv[1],**kw)"
 )
-# -p: the modes as sent, not masked by the umask. mtimes and links are kept by default.
-EXTRACT = f"tar -x -p -f - -C {CODE}"
+_PYTHONS = "python3 /usr/libexec/platform-python python2 python"
+
+
+def extract_command(target: str = CODE) -> str:
+    """Shell code that extracts a tar stream on stdin into `target`: tar (-p: the modes
+    as sent, not masked by the umask; mtimes and links are kept anyway), else Python."""
+    t = shlex.quote(target)
+    return (
+        f"if command -v tar >/dev/null 2>&1; then exec tar -x -p -f - -C {t}; fi; "
+        f"for py in {_PYTHONS}; do command -v $py >/dev/null 2>&1 && "
+        f"exec $py -c {shlex.quote(_PY_EXTRACT)} {t}; done; "
+        f"echo 'neither tar nor python here' >&2; exit {NO_TAR}"
+    )
+
+
+# As root, once per machine: /code is the guest user's (an image made for another share
+# has it root's), and something can extract into it.
+PREPARE = (
+    f"mkdir -p {CODE} && chown {GUEST_USER}: {CODE} && {{ "
+    + " || ".join(f"command -v {p} >/dev/null 2>&1" for p in ["tar", *_PYTHONS.split()])
+    + f" || exit {NO_TAR}; }}"
+)
+EXTRACT = extract_command()
 _ERR_TAIL = 8192
 
 
@@ -85,7 +109,7 @@ class CodeSync:
         exclude: Sequence[str],
         *,
         user: Callable[[], Connection],
-        root: Callable[[], Connection],
+        root: Callable[[], Connection] | None,
         label: str,
         log: Callable[[str], None],
     ) -> None:
@@ -96,13 +120,14 @@ class CodeSync:
         self._label = label
         self._log = log
         self._lock = threading.Lock()
-        self._prepared = False
+        # No root login: a guest prepared by an earlier process (`devbox up`).
+        self._prepared = root is None
 
     def sync(self) -> SyncSummary:
         """Copy what changed since the last sync; remove what is gone. Logs one line."""
         with self._lock:
             t0 = time.monotonic()
-            if not self._prepared:
+            if not self._prepared and self._root is not None:
                 prepare(self._root(), self._label)
                 self._prepared = True
             conn = self._user()
@@ -129,9 +154,9 @@ def prepare(root: Connection, label: str) -> None:
     r = root.run(PREPARE, check=False, cwd=None, timeout=120)
     if r.exit_status == NO_TAR:
         raise SyncError(
-            f'{label}: the guest has no tar, which share = "sync" needs to copy /code: '
-            'add `customize = ["install tar"]` to the profile, or use a share of the '
-            "host's file system"
+            f'{label}: the guest has neither tar nor Python, one of which share = "sync" '
+            'needs to copy /code: add `customize = ["install tar"]` to the profile, or use '
+            "a share of the host's file system"
         )
     if r.failed:
         raise SyncError(f"{label}: cannot make /code the guest user's:\n{r.tails()}")
@@ -294,5 +319,5 @@ def send(
         channel.close()
     if status != 0 or lost is not None:
         errors = out.errors.decode("utf-8", "replace").strip() or f"{lost!r}"
-        raise SyncError(f"`{EXTRACT}` in the guest failed (exit status {status}):\n{errors}")
+        raise SyncError(f"extracting /code in the guest failed (exit status {status}):\n{errors}")
     return result

@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from pytest_devbox.distros import BUILTIN_PROFILES, effective_share, load_profil
 from pytest_devbox.domxml import DomainSpec, build_xml
 from pytest_devbox.resolution import Places, resolve
 from pytest_devbox.restore import unrestorable
-from pytest_devbox.sync import SyncSummary, write_tar
+from pytest_devbox.sync import SyncSummary, extract_command, write_tar
 from pytest_devbox.synclist import Excludes, diff, list_files
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -174,6 +175,42 @@ def test_the_tar_stream_extracts_to_the_same_files(tmp_path: Path) -> None:
     assert (
         os.readlink(dst / "link") == "a/b.txt" and os.readlink(dst / "dangling") == "/nonexistent"
     )
+
+
+@pytest.mark.parametrize("tool", ["tar", "python3"])
+def test_the_guest_command_extracts_with_tar_or_else_python(tmp_path: Path, tool: str) -> None:
+    """extract_command, run by a real sh whose PATH offers only `tool` (as in a guest
+    without tar): the same files, modes, mtimes and links come out."""
+    src, dst, bin_dir = tmp_path / "src", tmp_path / "dst dir", tmp_path / "bin"
+    write(src, {"a/b.txt": "bee\n", "x.sh": "#!/bin/sh\n"})
+    os.chmod(src / "x.sh", 0o700)
+    os.symlink("/elsewhere", src / "abs-link")
+    os.utime(src / "a/b.txt", ns=(1_600_000_000_987_654_321,) * 2)
+    listed = list_files(src, git=lambda _: None)
+    out = io.BytesIO()
+    write_tar(out, src, sorted(listed.files), listed.files)
+    bin_dir.mkdir()
+    real = sys.executable if tool == "python3" else shutil.which(tool)  # not a pyenv shim
+    assert real is not None
+    os.symlink(real, bin_dir / tool)
+    dst.mkdir()
+    sh = shutil.which("sh") or "/bin/sh"
+    subprocess.run(
+        [sh, "-c", extract_command(str(dst))],
+        input=out.getvalue(),
+        env={"PATH": str(bin_dir)},
+        check=True,
+    )
+    again = list_files(dst, git=lambda _: None).files
+    if tool == "tar":
+        assert again == listed.files  # to the nanosecond
+        return
+    # Python's tarfile sets mtimes from a float (to about a microsecond), and not on links.
+    assert {p: (s[0], s[2]) for p, s in again.items()} == {
+        p: (s[0], s[2]) for p, s in listed.files.items()
+    }
+    for name in ("a/b.txt", "x.sh"):
+        assert abs(again[name][1] - listed.files[name][1]) < 1000
 
 
 def test_a_file_gone_since_listing_is_left_out_of_the_stream(tmp_path: Path) -> None:
