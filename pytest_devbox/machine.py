@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import libvirt
 
@@ -148,25 +149,11 @@ class Machine:
             _close_quietly(virconn)
             overlay.unlink(missing_ok=True)
             raise
-        machine = cls(
-            profile=profile,
-            image=plan.image,
-            virconn=virconn,
-            domain=domain,
-            ssh=ssh,
-            overlay=overlay,
-            console_log=console,
-            boot_seconds=0.0,
-            exec_mode=exec_mode,
-            log=log,
-            share=plan.share,
-            code_dir=plan.code_dir,
-            sync_exclude=sync_exclude,
-        )
-        machine._first_copy()
-        machine.boot_seconds = seconds = time.monotonic() - t0
-        log(f"{profile.name}: ready in {seconds:.1f} s ({plan.accel}, {plan.share} /code)")
-        return machine
+        machine = cls._planned(
+            plan, sync_exclude, virconn=virconn, domain=domain, ssh=ssh, overlay=overlay,
+            console_log=console, exec_mode=exec_mode, log=log,
+        )  # fmt: skip
+        return machine._ready(plan, t0, "ready", log)
 
     @classmethod
     def restore(
@@ -220,26 +207,32 @@ class Machine:
         except BaseException:
             _close_quietly(virconn)
             raise
-        machine = cls(
-            profile=profile,
+        machine = cls._planned(
+            plan, sync_exclude, virconn=virconn, domain=restored.domain, ssh=restored.ssh,
+            overlay=restored.overlay, console_log=restored.console, restored=restored,
+            exec_mode=exec_mode, log=log,
+        )  # fmt: skip
+        return machine._ready(plan, t0, "restored", log)
+
+    @classmethod
+    def _planned(cls, plan: Plan, sync_exclude: Sequence[str], **parts: Any) -> Machine:
+        """A Machine of what `plan` decided and the `parts` its start produced."""
+        return cls(
+            profile=plan.profile,
             image=plan.image,
-            virconn=virconn,
-            domain=restored.domain,
-            ssh=restored.ssh,
-            overlay=restored.overlay,
-            console_log=restored.console,
             boot_seconds=0.0,
-            restored=restored,
-            exec_mode=exec_mode,
-            log=log,
             share=plan.share,
             code_dir=plan.code_dir,
             sync_exclude=sync_exclude,
+            **parts,
         )
-        machine._first_copy()
-        machine.boot_seconds = seconds = time.monotonic() - t0
-        log(f"{profile.name}: restored in {seconds:.1f} s ({plan.accel}, {plan.share} /code)")
-        return machine
+
+    def _ready(self, plan: Plan, t0: float, verb: str, log: Log) -> Machine:
+        """The first copy of /code (share "sync"), then the time it all took, logged."""
+        self._first_copy()
+        self.boot_seconds = seconds = time.monotonic() - t0
+        log(f"{self.distro}: {verb} in {seconds:.1f} s ({plan.accel}, {plan.share} /code)")
+        return self
 
     # ---- using ----------------------------------------------------------------------------
 

@@ -127,4 +127,10 @@ def test_a_pytest_run_with_share_sync(pytester: pytest.Pytester) -> None:
         f"--devbox-cache={REAL_CACHE}", "-p", "no:cacheprovider", "-s",
     )  # fmt: skip
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*debian-12: synced * to /code (every file): * files sent*"])
+    result.stdout.fnmatch_lines(
+        [
+            # Restored from a save slot (made once per image), then copied in full.
+            "*debian-12: synced * to /code (every file): * files sent*",
+            "*debian-12: restored in * s (*, sync /code)*",
+        ]
+    )
