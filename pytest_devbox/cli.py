@@ -26,7 +26,7 @@ Command = Callable[[argparse.Namespace, Context], int]
 # The table's options each subcommand offers as flags (the others still come from the
 # project's config and the environment).
 WHERE = ("uri", "cache_dir")
-BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos")
+BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos", "share")
 RUN_USAGE = "devbox run [options] [DISTRO[,DISTRO...] ... | --all-up] -- COMMAND..."
 DISTRO_WORDS = "DISTRO[,DISTRO...]; none: the project's own selection (devbox ini option)"
 

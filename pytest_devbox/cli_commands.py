@@ -150,7 +150,9 @@ def find_kept(ctx: Context, distro: str) -> KeptGuest:
 def cmd_ssh(args: argparse.Namespace, ctx: Context) -> int:
     if len(ctx.distros) != 1:
         raise UsageProblem("name one distro: devbox ssh debian-12")
-    argv = list(find_kept(ctx, ctx.distros[0]).ssh)
+    guest = find_kept(ctx, ctx.distros[0])
+    ctx.refresh(guest)
+    argv = list(guest.ssh)
     if args.command:  # like ssh: the words are one line of shell code (run in /code)
         argv.append(remote_line(args.command))
     else:  # a login shell that starts where the code is

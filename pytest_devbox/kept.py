@@ -30,6 +30,8 @@ class KeptGuest:
     # --devbox-keep-failed: the failed test whose guest this is ("" for `devbox up`'s).
     # Such a guest is evidence, not a workspace: `devbox up` and --devbox-reuse pass it by.
     failed: str = ""
+    # How /code reaches it; "sync": a copy, refreshed before `devbox run` and `ssh`.
+    share: str = ""
 
     @property
     def port(self) -> str:
@@ -69,6 +71,7 @@ def _read(path: Path) -> KeptGuest | None:
             ssh=tuple(str(a) for a in data["ssh"]),
             code_dir=str(data.get("code_dir", "")),
             failed=str(data.get("failed", "")),
+            share=str(data.get("share", "")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -19,7 +19,7 @@ from pathlib import Path
 import libvirt
 
 from . import domain as dom
-from .distros import Profile
+from .distros import Profile, effective_share
 from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
@@ -49,6 +49,7 @@ class Plan:
     accel: str  # resolved: kvm or tcg
     run_id: str
     workdir: Path  # this session's run dir: overlays and console logs
+    share: str  # how /code reaches the guest: the profile's, or --devbox-share's
 
     @classmethod
     def make(
@@ -60,6 +61,7 @@ class Plan:
         accel: str,
         run_id: str | None,
         rebuild: bool,
+        share: str = "",
     ) -> Plan:
         code_dir = Path(code_dir).resolve()
         if not code_dir.is_dir():
@@ -67,9 +69,9 @@ class Plan:
         chosen = resolve_accel(accel)
         image = cache.image_for(profile, rebuild=rebuild)
         run_id = run_id or new_run_id()
-        return cls(
-            profile, cache, image, code_dir, chosen, run_id, claim_run_dir(cache.root, run_id)
-        )
+        workdir = claim_run_dir(cache.root, run_id)
+        share = effective_share(profile, share)
+        return cls(profile, cache, image, code_dir, chosen, run_id, workdir, share)
 
     @property
     def memory_lock(self) -> Path:
@@ -90,7 +92,7 @@ class Plan:
             name=name,
             disk=disk,
             code_dir=self.code_dir,
-            share=p.share,
+            share=self.share,
             accel=self.accel,
             memory_mib=p.memory_mib,
             vcpus=p.vcpus,
@@ -111,7 +113,15 @@ class Plan:
             "overlay": str(disk),
             "image_key": self.image.key,
             "keep": "1" if keep else "0",
+            # How /code reaches it: a process attaching later (--devbox-reuse) syncs a
+            # copy, not a share.
+            "share": self.share,
         }
+
+    def reached_paths(self, *paths: Path) -> list[Path]:
+        """What QEMU must be able to open: `paths`, and the code dir when it is shared
+        (a sync guest's /code is a copy: QEMU never opens the directory)."""
+        return [*paths] if self.share == "sync" else [*paths, self.code_dir]
 
     def connection(self, port: int) -> Connection:
         """root's SSH connection to this guest on a forwarded port (not yet connected)."""

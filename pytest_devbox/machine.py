@@ -1,4 +1,4 @@
-"""Machine: one running guest (transient domain + SSH connection + /code share).
+"""Machine: one running guest (transient domain + SSH connection + /code share or copy).
 
 The handle tests and the `devbox` command get. Usable without pytest:
 
@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import libvirt
 
@@ -31,6 +32,7 @@ from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
 from .settings import DEFAULT_ACCEL, DEFAULT_EXEC, DEFAULT_QEMU_USER, DEFAULT_URI
 from .ssh import Connection
+from .sync import CodeSync, SyncSummary
 
 
 class Machine:
@@ -52,8 +54,13 @@ class Machine:
         log: Log = print,
         keepable: bool = False,
         reaper: Reaper | None = None,
+        share: str = "",
+        code_dir: Path | None = None,
+        sync_exclude: Sequence[str] = (),
     ) -> None:
         self.profile = profile
+        self.share = share or profile.share
+        """How /code reaches this guest: "virtiofs" or "9p" (shared) or "sync" (a copy)."""
         self.image = image
         self._virconn = virconn
         self.domain = domain
@@ -66,6 +73,18 @@ class Machine:
         self.keepable = keepable
         self._reaper = reaper  # watches a keepable guest until it is kept or destroyed
         self.closed = False
+        self._code: CodeSync | None = None
+        if self.share == "sync":
+            if code_dir is None:
+                raise ValueError("a guest with share 'sync' needs the code dir to copy")
+            self._code = CodeSync(
+                code_dir,
+                sync_exclude,
+                user=lambda: self._logins.login_for(None)[0].conn,
+                root=lambda: self._logins.root.conn,
+                label=profile.name,
+                log=log,
+            )
 
     @property
     def started(self) -> str:
@@ -104,10 +123,18 @@ class Machine:
         boot_timeout: float | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        share: str = "",
+        sync_exclude: Sequence[str] = (),
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
-        `keepable`: no AUTODESTROY, reaped if we die, so `keep()` may leave it up."""
-        plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
+
+        `share` overrides the profile's ("sync": no device, /code copied over SSH and
+        refreshed by `sync()`, skipping files matching the gitignore-style `sync_exclude`).
+        `keepable`: no AUTODESTROY, reaped if we die, so `keep()` may leave it up.
+        """
+        plan = Plan.make(
+            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
+        )
         name = plan.new_name()
         overlay = cache.overlay(plan.image.path, plan.workdir / f"{name}.qcow2")
         console = plan.workdir / f"{name}.console.log"
@@ -116,14 +143,14 @@ class Machine:
         domain: dom.Domain | None = None
         reaper = Reaper.for_uri(uri) if keepable and not keep else None
         try:
-            qemu = qemu_for(virconn, uri, qemu_user, [overlay, plan.code_dir])
+            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(overlay))
             spec = plan.spec(name, overlay, console, qemu, keep=keep)
             domain = _create(
                 virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
             )
             deadline = Deadline(plan.deadline_seconds(boot_timeout))
             boot = Boot(domain, profile.name, console, deadline, tail_file)
-            ssh = wait_ready(boot, connection=plan.connection, share=profile.share)
+            ssh = wait_ready(boot, connection=plan.connection, share=plan.share)
         except BaseException:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).
             if domain is not None:
@@ -133,22 +160,12 @@ class Machine:
             _close_quietly(virconn)
             overlay.unlink(missing_ok=True)
             raise
-        seconds = time.monotonic() - t0
-        log(f"{profile.name}: ready in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
-        return cls(
-            profile=profile,
-            image=plan.image,
-            virconn=virconn,
-            domain=domain,
-            ssh=ssh,
-            overlay=overlay,
-            console_log=console,
-            boot_seconds=seconds,
-            exec_mode=exec_mode,
-            log=log,
-            keepable=keep or keepable,
+        machine = cls._planned(
+            plan, sync_exclude, virconn=virconn, domain=domain, ssh=ssh, overlay=overlay,
+            console_log=console, exec_mode=exec_mode, log=log, keepable=keep or keepable,
             reaper=reaper,
-        )
+        )  # fmt: skip
+        return machine._ready(plan, t0, "ready", log)
 
     @classmethod
     def restore(
@@ -165,14 +182,18 @@ class Machine:
         boot_timeout: float | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        share: str = "",
+        sync_exclude: Sequence[str] = (),
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
         when there is none yet). RestoreUnavailable when it cannot: boot instead."""
-        plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
+        plan = Plan.make(
+            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
+        )
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         try:
-            qemu = qemu_for(virconn, uri, qemu_user, [plan.workdir, plan.code_dir])
+            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(plan.workdir))
 
             def make_spec(name: str, disk: Path, console: Path) -> dom.DomainSpec:
                 # A restored guest ends with its session (it holds a slot): never kept.
@@ -180,6 +201,7 @@ class Machine:
 
             job = RestoreJob(
                 profile=profile,
+                share=plan.share,
                 virconn=virconn,
                 image=plan.image,
                 cache_root=cache.root,
@@ -197,21 +219,32 @@ class Machine:
         except BaseException:
             _close_quietly(virconn)
             raise
-        seconds = time.monotonic() - t0
-        log(f"{profile.name}: restored in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
+        machine = cls._planned(
+            plan, sync_exclude, virconn=virconn, domain=restored.domain, ssh=restored.ssh,
+            overlay=restored.overlay, console_log=restored.console, restored=restored,
+            exec_mode=exec_mode, log=log,
+        )  # fmt: skip
+        return machine._ready(plan, t0, "restored", log)
+
+    @classmethod
+    def _planned(cls, plan: Plan, sync_exclude: Sequence[str], **parts: Any) -> Machine:
+        """A Machine of what `plan` decided and the `parts` its start produced."""
         return cls(
-            profile=profile,
+            profile=plan.profile,
             image=plan.image,
-            virconn=virconn,
-            domain=restored.domain,
-            ssh=restored.ssh,
-            overlay=restored.overlay,
-            console_log=restored.console,
-            boot_seconds=seconds,
-            restored=restored,
-            exec_mode=exec_mode,
-            log=log,
+            boot_seconds=0.0,
+            share=plan.share,
+            code_dir=plan.code_dir,
+            sync_exclude=sync_exclude,
+            **parts,
         )
+
+    def _ready(self, plan: Plan, t0: float, verb: str, log: Log) -> Machine:
+        """The first copy of /code (share "sync"), then the time it all took, logged."""
+        self._first_copy()
+        self.boot_seconds = seconds = time.monotonic() - t0
+        log(f"{self.distro}: {verb} in {seconds:.1f} s ({plan.accel}, {plan.share} /code)")
+        return self
 
     # ---- using ----------------------------------------------------------------------------
 
@@ -251,6 +284,26 @@ class Machine:
     def ssh_command(self) -> str:
         """An OpenSSH command line a person can paste to log in to this guest (as root)."""
         return shlex.join(self.ssh_argv())
+
+    def sync(self) -> SyncSummary:
+        """Copy what changed in the code dir since the last sync into /code, and remove
+        the files an earlier sync copied that are gone from it (never files the guest
+        made). For guests with share "sync"; elsewhere /code is the host directory
+        itself and this does nothing. One sync at a time; logs one line."""
+        if self._code is None:
+            return SyncSummary()
+        return self._code.sync()
+
+    def _first_copy(self) -> None:
+        """A new (or restored) sync guest's first copy of the code dir; a guest whose
+        copy fails is torn down, like one that did not boot."""
+        if self._code is None:
+            return
+        try:
+            self._code.sync()
+        except BaseException:
+            self.close()
+            raise
 
     def console_tail(self, lines: int = 40) -> str:
         return tail_file(self.console_log, lines)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import kept
-from .distros import Profile
+from .distros import Profile, effective_share
 from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from .host import resolve_accel
 from .images import ImageCache
@@ -117,7 +117,7 @@ class Pool:
         if guest is None:
             self.log(f"{distro}: no guest of `devbox up` shares this code dir: starting one")
             return None
-        machine = reuse.attach(guest, profile, self.cache, self.settings)
+        machine = reuse.attach(guest, profile, self.cache, self.settings, self.log)
         self._reused.add(machine.name)
         self.stats[distro].reused += 1
         self.log(f"{distro}: reusing {guest.name} of `devbox up` (not pristine; left running)")
@@ -233,7 +233,7 @@ class Pool:
         s = self.settings
         if s.restore == "off" or profile.name in self._boot_only:
             return None
-        why = unrestorable(profile)
+        why = unrestorable(profile, self.share_for(profile))
         if s.keep or s.keep_failed:
             # A restored guest holds its restore slot: it cannot outlive the session.
             flag = "--devbox-keep" if s.keep else "--devbox-keep-failed"
@@ -241,17 +241,24 @@ class Pool:
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
-                return Machine.restore(profile, **self._launch_args(rebuild))
+                return Machine.restore(profile, **self._launch_args(profile, rebuild))
             except RestoreUnavailable as e:
                 why = str(e)
         self._boot_only[profile.name] = why
         self.log(f"{profile.name}: booting instead of restoring: {why}")
         return None
 
-    def _launch_args(self, rebuild: bool) -> dict[str, Any]:
-        """What a boot and a restore of this session's guests are both told."""
+    def share_for(self, profile: Profile) -> str:
+        """How /code reaches this session's guests of `profile` (--devbox-share, else the
+        profile's own share)."""
+        return effective_share(profile, self.settings.share)
+
+    def _launch_args(self, profile: Profile, rebuild: bool) -> dict[str, Any]:
+        """What a boot and a restore of this session's guests of `profile` are both told."""
         s = self.settings
         return {
+            "share": self.share_for(profile),
+            "sync_exclude": s.sync_exclude,
             "cache": self.cache,
             "code_dir": s.code_dir,
             "uri": s.uri,
@@ -271,7 +278,10 @@ class Pool:
         for attempt in range(attempts):
             try:
                 return Machine.start(
-                    profile, keep=s.keep, keepable=s.keep_failed, **self._launch_args(rebuild)
+                    profile,
+                    keep=s.keep,
+                    keepable=s.keep_failed,
+                    **self._launch_args(profile, rebuild),
                 )
             except BootTimeout as e:
                 if attempt + 1 >= attempts:

@@ -23,6 +23,9 @@ RESTORE_CHOICES = ("auto", "off")
 # ssh: one SSH exec channel per command.
 EXEC_CHOICES = ("auto", "ssh")
 DEFAULT_EXEC = "auto"
+# How /code reaches a guest: a share of the host directory (virtiofs, 9p), or a copy
+# (sync: tar over SSH, no shared file system; sync.py). Each profile names its own.
+SHARE_CHOICES = ("virtiofs", "9p", "sync")
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,5 @@ class Settings:
     eager: bool = False  # start every selected distro's shared guest at session start
     artifacts_dir: Path | None = None  # where a failed test's guests leave their logs
     exec_mode: str = DEFAULT_EXEC
+    share: str = ""  # every guest's share instead of its profile's; "": each profile's own
+    sync_exclude: tuple[str, ...] = ()  # gitignore-style patterns a sync does not copy
