@@ -4,13 +4,15 @@ Each case gets its own empty cache directory, with the host's local templates as
 only repository, and starts its distros' shared guests the way `--devbox-eager` does
 (`Pool.prepare(..., boot=True)`: image builds and boots, as many at once as cores and
 memory allow). Prints each case's wall-clock time and the ratio of both-at-once to
-the slower alone, in one run so the ratio holds however loaded the host is.
+the slower alone, in one run so the ratio holds however loaded the host is, and
+ends with the figures as one JSON line (what benchmarks/run.py collects).
 
     .venv/bin/python benchmarks/bench_parallel.py [DISTRO_A DISTRO_B]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -68,6 +70,13 @@ def main() -> None:
     both = times[f"{a} + {b}"]
     print(f"both at once / slower alone: {both / slower:.2f}x")
     print(f"both at once / one after the other: {both / (times[a] + times[b]):.2f}x")
+    figures = {
+        "parallel_alone_s": {a: round(times[a], 1), b: round(times[b], 1)},
+        "parallel_both_s": round(both, 1),
+        "parallel_over_slower": round(both / slower, 2),
+        "parallel_over_sequential": round(both / (times[a] + times[b]), 2),
+    }
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ accel, memory and vCPUs:
 - restore_start_s: `Machine.restore` to the same point (median of N; the restore slot
   is saved first if the cache has none, and that time is printed as save_s).
 
+The table ends with the figures as one JSON line (what benchmarks/run.py collects);
+`--json` prints that line alone.
+
     .venv/bin/python benchmarks/bench_restore.py [--distro D] [-n N] [--guest-uid UID] [--json]
 """
 
@@ -152,6 +155,7 @@ def main() -> None:
         f"restore / raw boot {figures['restore_over_raw_boot']:.2f}, "
         f"restore / boot {figures['restore_over_boot']:.2f}"
     )
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

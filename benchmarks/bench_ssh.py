@@ -8,6 +8,8 @@ process each, against a throwaway sshd on 127.0.0.1 (DESIGN.md measured ~120 ms 
 counted (issue 16). Against a local sshd left at OpenSSH's default MaxSessions 10, or
 with ``--guest DISTRO`` against a real guest booted from the cache.
 
+Either ends with its figures as one JSON line (what benchmarks/run.py collects).
+
     .venv/bin/python benchmarks/bench_ssh.py latency [-n 20]
     .venv/bin/python benchmarks/bench_ssh.py load [-n 10] [--guest debian-12]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import subprocess
 import sys
@@ -44,11 +47,13 @@ def _measure(n: int, once: Callable[[], object]) -> list[float]:
     return times
 
 
-def _report(label: str, times: list[float]) -> None:
+def _report(label: str, times: list[float]) -> float:
+    """Print mean and median; return the median in milliseconds."""
     print(
         f"{label:<34} mean {statistics.mean(times) * 1000:7.1f} ms   "
         f"median {statistics.median(times) * 1000:7.1f} ms   (n={len(times)})"
     )
+    return round(statistics.median(times) * 1000, 1)
 
 
 @contextlib.contextmanager
@@ -74,16 +79,20 @@ def _local_connection(max_sessions: int) -> Iterator[Connection]:
                 conn.close()
 
 
-def latency(n: int) -> None:
+def latency(n: int) -> dict[str, float]:
     with _local_connection(max_sessions=50) as conn:
         argv = [*conn.ssh_command(), "-o", "BatchMode=yes", "true"]
         conn.run("true", cwd=None)  # warm up both paths once
         subprocess.run(argv, check=True)
-        _report("paramiko, reused transport", _measure(n, lambda: conn.run("true", cwd=None)))
-        _report(
+        reused = _report(
+            "paramiko, reused transport", _measure(n, lambda: conn.run("true", cwd=None))
+        )
+        process = _report(
             "ssh client process per command",
             _measure(n, lambda: subprocess.run(argv, check=True)),
         )
+    # "local_": a local sshd, not a guest (bench_guest.py's ssh_*_ms are a guest's).
+    return {"local_ssh_reused_ms": reused, "local_ssh_process_ms": process}
 
 
 def _hammer(run: Run, threads: int, commands: int) -> tuple[float, int, int]:
@@ -113,7 +122,10 @@ def _hammer(run: Run, threads: int, commands: int) -> tuple[float, int, int]:
     return time.perf_counter() - start, counts["ok"], counts["errors"]
 
 
-def _load_rounds(label: str, run: Run, commands: int, refused: Callable[[], int]) -> None:
+def _load_rounds(
+    label: str, run: Run, commands: int, refused: Callable[[], int]
+) -> dict[str, float]:
+    figures: dict[str, float] = {}
     for threads in (1, 4, 16):
         before = refused()
         seconds, ok, errors = _hammer(run, threads, commands)
@@ -121,14 +133,16 @@ def _load_rounds(label: str, run: Run, commands: int, refused: Callable[[], int]
             f"{label}: {threads:>2} threads x {commands}: {ok / seconds:6.1f} commands/s, "
             f"{ok} ok, {errors} errors, {refused() - before} refused opens retried"
         )
+        figures[f"load_{threads}_threads_per_s"] = round(ok / seconds, 1)
+        figures["load_errors"] = figures.get("load_errors", 0) + errors
+    return figures
 
 
-def load(commands: int, guest: str | None) -> None:
+def load(commands: int, guest: str | None) -> dict[str, float]:
     if guest is None:
         with _local_connection(max_sessions=10) as conn:
             run: Run = lambda c: conn.run(c, cwd=None)  # noqa: E731
-            _load_rounds("local sshd", run, commands, lambda: conn.refused_opens)
-        return
+            return _load_rounds("local sshd", run, commands, lambda: conn.refused_opens)
     from pytest_devbox.distros import BUILTIN_PROFILES
     from pytest_devbox.host import default_cache_dir, resolve_accel
     from pytest_devbox.images import ImageCache
@@ -140,7 +154,8 @@ def load(commands: int, guest: str | None) -> None:
         Machine.start(BUILTIN_PROFILES[guest], cache=cache, code_dir=Path(code)) as m,
     ):
         label = f"{guest} ({resolve_accel()})"
-        _load_rounds(label, m.run, commands, lambda: m._ssh.refused_opens)
+        conn = m._logins.login_for(None)[0].conn  # the login m.run uses by default
+        return _load_rounds(label, m.run, commands, lambda: conn.refused_opens)
 
 
 def main() -> None:
@@ -149,10 +164,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=None, help="commands (per thread for load)")
     parser.add_argument("--guest", metavar="DISTRO", help="load: a real guest, not local sshd")
     args = parser.parse_args()
-    if args.what == "latency":
-        latency(args.n or 20)
-    else:
-        load(args.n or 10, args.guest)
+    what = args.what
+    figures = latency(args.n or 20) if what == "latency" else load(args.n or 10, args.guest)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

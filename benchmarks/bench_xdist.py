@@ -3,7 +3,8 @@
 Runs pytest-xdist's controller on the examples project and, every second meanwhile,
 lists libvirt's devbox domains: the controller's (the shared guests) per distro, and
 the workers' (fresh guests). Prints the most of each seen at once, what is left after
-the run, the wall-clock time and the devbox summary of the controller.
+the run, the wall-clock time and the devbox summary of the controller, then those
+figures as one JSON line (what benchmarks/run.py collects).
 
     .venv/bin/python benchmarks/bench_xdist.py [N] [DISTROS]
 """
@@ -11,6 +12,7 @@ the run, the wall-clock time and the devbox summary of the controller.
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 import tempfile
@@ -79,6 +81,14 @@ def main() -> None:
     print(f"devbox domains of the run left after it: {left or 'none'}")
     summary = out[out.find("= devbox =") :] if "= devbox =" in out else out[-2000:]
     print(summary.rstrip())
+    figures = {
+        "xdist_exit": proc.returncode,
+        "xdist_s": round(seconds, 1),
+        "xdist_shared_most": shared_most,
+        "xdist_fresh_most": fresh_most,
+        "xdist_left": left,
+    }
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Readiness of a booting guest: one deadline, one polling helper, one function a phase.
 
 The phases run in order: the domain is running, SSH is forwarded, sshd sends its banner,
-our key is accepted, /code is mounted. Whatever phase the deadline runs out in, the
-error is a `BootTimeout` naming that phase with the tail of the serial console (the pool
-retries those); a guest that stops meanwhile is a `GuestDied` at once, not after the
-deadline. The SSH connection is closed on any failure, so nothing half-open leaks.
+our key is accepted, /code is mounted (a guest whose share is "sync" has no /code to
+mount: its files are copied over SSH once it is up, by sync.py). Whatever phase the
+deadline runs out in, the error is a `BootTimeout` naming that phase with the tail of
+the serial console (the pool retries those); a guest that stops meanwhile is a
+`GuestDied` at once, not after the deadline. The SSH connection is closed on any
+failure, so nothing half-open leaks.
 """
 
 from __future__ import annotations
@@ -112,15 +114,17 @@ def wait_ready(
     share: str,
     probe: Callable[[str, int, float], bool] = probe_banner,
 ) -> Connection:
-    """Run every phase; return the connected SSH connection with /code mounted.
-    ``probe`` looks for the banner (a remote site's goes through its tunnel)."""
+    """Run every phase; return the connected SSH connection with /code mounted (with
+    share "sync", /code is left to the copy that follows). ``probe`` looks for the
+    banner (a remote site's goes through its tunnel)."""
     boot.check_alive("running")
     port = boot.domain.forward_port(22)
     wait_banner(boot, port, probe)
     ssh = connection(port)
     try:
         authenticate(boot, ssh)
-        mount_code(boot, ssh, share)
+        if share != "sync":
+            mount_code(boot, ssh, share)
     except BaseException:
         ssh.close()
         raise

@@ -114,6 +114,7 @@ def describe(machine: Machine) -> Info:
         "overlay": str(machine.overlay),
         "console_log": str(machine.console_log),
         "boot_seconds": machine.boot_seconds,
+        "share": machine.share,
         "pid": os.getpid(),
     }
 
@@ -160,4 +161,9 @@ def attach(profile: Profile, info: Info, settings: Settings) -> Machine:
         console_log=Path(info["console_log"]),
         boot_seconds=float(info["boot_seconds"]),
         exec_mode=settings.exec_mode,
+        # With share "sync" the controller copied /code as it started the guest; a
+        # worker's sync() reads what was copied from the guest itself (sync.py).
+        share=str(info.get("share", profile.share)),
+        code_dir=settings.code_dir,
+        sync_exclude=settings.sync_exclude,
     )

@@ -26,7 +26,7 @@ Command = Callable[[argparse.Namespace, Context], int]
 # The table's options each subcommand offers as flags (the others still come from the
 # project's config and the environment).
 WHERE = ("uri", "cache_dir")
-BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos")
+BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos", "share")
 RUN_USAGE = "devbox run [options] [DISTRO[,DISTRO...] ... | --all-up] -- COMMAND..."
 DISTRO_WORDS = "DISTRO[,DISTRO...]; none: the project's own selection (devbox ini option)"
 
@@ -102,6 +102,22 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
              "devbox key debian-12", c.cmd_key, ("cache_dir", "offline", "repos"))  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
 
+    p = _sub(sub, "prune", "remove unused images, dead sessions' run dirs and gone guests' "
+             "libvirt logs", "devbox prune --dry-run", c.cmd_prune,
+             ("uri", "cache_dir", "offline", "repos"))  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be removed, with sizes; remove nothing")  # fmt: skip
+    p.add_argument("--unknown", action="store_true",
+                   help="also remove images of distros no profile of this project names "
+                   "(the cache is shared by your projects)")  # fmt: skip
+    p.add_argument("--log-dir", type=Path, metavar="DIR",
+                   help="libvirt's per-domain log dir (default: /var/log/libvirt/qemu for the "
+                   "system daemon, ~/.cache/libvirt/qemu/log for qemu:///session)")  # fmt: skip
+
+    _add_guest_commands(sub)
+
+
+def _add_guest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _sub(sub, "up", "boot guests that stay up until `devbox destroy`",
              "devbox up debian-11,debian-12", c.cmd_up, BOOT)  # fmt: skip
     p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)

@@ -88,6 +88,20 @@ def cmd_key(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
+    from . import prune
+
+    s = ctx.settings
+    cache = ctx.pool(list(ctx.profiles.values())).cache
+    current = prune.current_keys(ctx.profiles, lambda n: cache.key_for(ctx.profiles[n]), log)
+    used = prune.in_use(s.uri, s.cache_dir, log)  # first: what runs must stay
+    log_dir = args.log_dir or prune.libvirt_log_dir(s.uri)
+    found = prune.find(s.cache_dir, current, used, log_dir, log, unknown=args.unknown)
+    done = prune.remove(found, log, dry_run=args.dry_run)
+    print("\n".join(prune.report(done, dry_run=args.dry_run)))
+    return 0
+
+
 # --- guests that stay up ---------------------------------------------------------------
 
 
@@ -109,7 +123,7 @@ def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
 
 def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
     profiles = ctx.selected("up")
-    up = {g.distro: g for g in ctx.kept()}
+    up = {g.distro: g for g in ctx.kept() if not g.failed}  # not a failed test's guest
     todo = []
     for p in profiles:
         guest = up.get(p.name)
@@ -141,7 +155,9 @@ def find_kept(ctx: Context, distro: str) -> KeptGuest:
 def cmd_ssh(args: argparse.Namespace, ctx: Context) -> int:
     if len(ctx.distros) != 1:
         raise UsageProblem("name one distro: devbox ssh debian-12")
-    argv = list(find_kept(ctx, ctx.distros[0]).ssh)
+    guest = find_kept(ctx, ctx.distros[0])
+    ctx.refresh(guest)
+    argv = list(guest.ssh)
     if args.command:  # like ssh: the words are one line of shell code (run in /code)
         argv.append(remote_line(args.command))
     else:  # a login shell that starts where the code is
@@ -178,6 +194,7 @@ class GuestRow:
             "port": self.record.port if self.record else None,
             "ssh": list(self.record.ssh) if self.record else None,
             "code_dir": self.record.code_dir if self.record else None,
+            "failed": self.record.failed if self.record else None,
         }
 
 
@@ -242,6 +259,8 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
         print(f"{r.distro:<{w}}  {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} {r.name}")
         if r.record:
             print(f"    {shlex.join(r.record.ssh)}")
+            if r.record.failed:
+                print(f"    kept after {r.record.failed} failed (--devbox-keep-failed)")
         elif r.kept:
             print("    kept by a pytest session (--devbox-keep): its ssh line is in that summary")
         else:

@@ -79,9 +79,30 @@ class Context:
             str(machine.overlay),
             tuple(machine.ssh_argv()),
             code_dir=str(self.settings.code_dir),
+            share=machine.share,
         )
         kept.save(self.settings.cache_dir, guest)
         return guest
+
+    def refresh(self, guest: kept.KeptGuest) -> None:
+        """Bring a kept guest's /code up to date when it is a copy (share "sync") of the
+        code dir it was started with; a shared /code is always current."""
+        if guest.share != "sync":
+            return
+        from .reuse import login
+        from .sync import CodeSync
+
+        with login(guest, self.settings.cache_dir) as conn:
+            # `devbox up` prepared /code as root: the guest user's login is enough.
+            code = CodeSync(
+                Path(guest.code_dir),
+                self.settings.sync_exclude,
+                user=lambda: conn,
+                root=None,
+                label=guest.distro,
+                log=log,
+            )
+            code.sync()
 
     def kept(self) -> list[kept.KeptGuest]:
         """Guests `devbox up` left running (oldest first); stale records are dropped."""

@@ -104,6 +104,7 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
         guest = up.get(name)
         if guest is not None:
             _note_other_code(ctx, guest)
+            ctx.refresh(guest)
             argv = list(guest.ssh)
         else:
             assert pool is not None

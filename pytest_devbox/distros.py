@@ -16,13 +16,14 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ProfileError, UnknownDistro
+from .settings import SHARE_CHOICES
+
+SHARE_KINDS = SHARE_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
-
-SHARE_KINDS = ("virtiofs", "9p")
 
 # virt-builder operations that reach a package repository.
 _PACKAGE_OPS = frozenset({"install", "update", "uninstall", "firstboot-install"})
@@ -330,6 +331,14 @@ def load_profiles(project_dir: Path | None) -> dict[str, Profile]:
     for name in raw:
         profiles[name] = resolve(name, ())
     return profiles
+
+
+def effective_share(profile: Profile, override: str = "") -> str:
+    """How /code reaches guests of `profile`: `override` (--devbox-share) when set, else
+    the profile's own share. The image is the profile's either way: an image made for a
+    shared file system runs as a sync guest unchanged (its fstab's /code line has
+    nofail, and without the device that mount just fails at boot)."""
+    return override or profile.share
 
 
 def select(names: Iterable[str], profiles: Mapping[str, Profile]) -> list[Profile]:

@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from pathlib import Path
 
 import libvirt
@@ -16,6 +17,7 @@ import libvirt_qemu
 from .domxml import (
     ACCELS,
     METADATA_NS,
+    METADATA_PREFIX,
     NAME_PREFIX,
     NETDEV_ID,
     SHARE_TAG,
@@ -217,6 +219,33 @@ class Domain:
                 f"cannot read the state of {self.name}: {e.get_error_message() or e}"
             ) from e
         return _STATES.get(st, f"unknown({st})")
+
+    def metadata(self) -> dict[str, str]:
+        """The guest's devbox metadata (owner, overlay, keep, ...)."""
+        try:
+            return read_metadata(self.virdom.XMLDesc(0))
+        except libvirt.libvirtError as e:
+            raise DomainError(f"cannot read {self.name}'s XML: {e.get_error_message() or e}") from e
+
+    def set_metadata(self, values: Mapping[str, str]) -> None:
+        """Replace the running guest's devbox metadata (live: our domains are transient)."""
+        root = ET.Element("devbox")
+        for key in sorted(values):
+            ET.SubElement(root, "item", key=key).text = values[key]
+        # Without a namespace of its own: libvirt puts the element and its children in
+        # ours (it refuses an element that declares the prefix itself).
+        try:
+            self.virdom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                ET.tostring(root, encoding="unicode"),
+                METADATA_PREFIX,
+                METADATA_NS,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE,
+            )
+        except libvirt.libvirtError as e:
+            raise DomainError(
+                f"cannot change {self.name}'s metadata: {e.get_error_message() or e}"
+            ) from e
 
     def is_running(self) -> bool:
         return self.state() == "running"

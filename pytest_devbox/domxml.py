@@ -17,7 +17,8 @@ NAME_PREFIX = "devbox-"
 METADATA_NS = "https://pytest-devbox.invalid/xmlns/1"
 METADATA_PREFIX = "devbox"
 SHARE_TAG = "/code"
-SHARES = ("virtiofs", "9p")
+# sync: no device at all, /code is a copy made over SSH (sync.py).
+SHARES = ("virtiofs", "9p", "sync")
 ACCELS = ("kvm", "tcg")
 # The netdev id libvirt derives from a user-set alias: "host" + alias. Setting the alias
 # ourselves keeps the id the monitor commands need independent of device numbering.
@@ -34,7 +35,7 @@ class DomainSpec:
     name: str  # devbox-<distro>-<run id>
     disk: Path  # the per-VM qcow2 overlay
     code_dir: Path  # host directory exported under the mount tag "/code"
-    share: str  # "virtiofs" | "9p"
+    share: str  # "virtiofs" | "9p" | "sync" (no filesystem device)
     accel: str  # "kvm" | "tcg"
     console_log: Path  # the serial console is written to this file
     metadata: Mapping[str, str] = field(default_factory=dict)  # owner pid, run id, ...
@@ -144,7 +145,8 @@ def _devices(parent: ET.Element, spec: DomainSpec) -> None:
     devices = _sub(parent, "devices")
     _disk(devices, spec.disk)
     _interface(devices)
-    _filesystem(devices, spec.share, spec.code_dir, spec.qemu_is_root)
+    if spec.share != "sync":
+        _filesystem(devices, spec.share, spec.code_dir, spec.qemu_is_root)
     _console(devices, spec.console_log)
     rng = _sub(devices, "rng", model="virtio")  # entropy at boot: sshd starts sooner
     _sub(rng, "backend", "/dev/urandom", model="random")

@@ -46,6 +46,10 @@ class RestoreUnavailable(DevboxError):
     """A guest cannot be restored from a save (profile, host or save): boot it instead."""
 
 
+class SyncError(DevboxError):
+    """Copying the code dir into a guest's /code (share = "sync") failed."""
+
+
 class BootTimeout(DevboxError):
     """A guest did not become ready before the deadline."""
 

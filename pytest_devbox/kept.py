@@ -27,6 +27,11 @@ class KeptGuest:
     # What it shares as /code: a guest of another project is not this project's guest.
     # Empty in records written before it was recorded.
     code_dir: str = ""
+    # --devbox-keep-failed: the failed test whose guest this is ("" for `devbox up`'s).
+    # Such a guest is evidence, not a workspace: `devbox up` and --devbox-reuse pass it by.
+    failed: str = ""
+    # How /code reaches it; "sync": a copy, refreshed before `devbox run` and `ssh`.
+    share: str = ""
 
     @property
     def port(self) -> str:
@@ -65,6 +70,8 @@ def _read(path: Path) -> KeptGuest | None:
             overlay=str(data["overlay"]),
             ssh=tuple(str(a) for a in data["ssh"]),
             code_dir=str(data.get("code_dir", "")),
+            failed=str(data.get("failed", "")),
+            share=str(data.get("share", "")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

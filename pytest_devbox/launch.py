@@ -20,14 +20,16 @@ from typing import Any
 import libvirt
 
 from . import domain as dom
-from .distros import Profile
+from .distros import Profile, effective_share
 from .errors import HostNotReady
 from .host import resolve_accel
 from .images import ImageCache, ImageInfo
 from .keys import ensure_keypair
+from .memory import admitted
 from .paths import CacheLayout
 from .qemu_user import QemuIdentity, is_local
 from .qemu_user import identity as qemu_identity
+from .reaper import Reaper
 from .ssh import Connection
 from .sweep import claim_run_dir
 
@@ -50,6 +52,7 @@ class Plan:
     accel: str  # resolved: kvm or tcg
     run_id: str
     workdir: Path  # this session's run dir: overlays and console logs
+    share: str  # how /code reaches the guest: the profile's, or --devbox-share's
 
     @classmethod
     def make(
@@ -61,6 +64,7 @@ class Plan:
         accel: str,
         run_id: str | None,
         rebuild: bool,
+        share: str = "",
     ) -> Plan:
         code_dir = Path(code_dir).resolve()
         if not code_dir.is_dir():
@@ -68,9 +72,9 @@ class Plan:
         chosen = resolve_accel(accel)
         image = cache.image_for(profile, rebuild=rebuild)
         run_id = run_id or new_run_id()
-        return cls(
-            profile, cache, image, code_dir, chosen, run_id, claim_run_dir(cache.root, run_id)
-        )
+        workdir = claim_run_dir(cache.root, run_id)
+        share = effective_share(profile, share)
+        return cls(profile, cache, image, code_dir, chosen, run_id, workdir, share)
 
     @property
     def memory_lock(self) -> Path:
@@ -91,7 +95,7 @@ class Plan:
             name=name,
             disk=disk,
             code_dir=self.code_dir,
-            share=p.share,
+            share=self.share,
             accel=self.accel,
             memory_mib=p.memory_mib,
             vcpus=p.vcpus,
@@ -112,7 +116,15 @@ class Plan:
             "overlay": str(disk),
             "image_key": self.image.key,
             "keep": "1" if keep else "0",
+            # How /code reaches it: a process attaching later (--devbox-reuse) syncs a
+            # copy, not a share.
+            "share": self.share,
         }
+
+    def reached_paths(self, *paths: Path) -> list[Path]:
+        """What QEMU must be able to open: `paths`, and the code dir when it is shared
+        (a sync guest's /code is a copy: QEMU never opens the directory)."""
+        return [*paths] if self.share == "sync" else [*paths, self.code_dir]
 
     def connection(
         self, port: int, *, opener: Opener | None = None, via: Sequence[str] = ()
@@ -138,6 +150,24 @@ def qemu_for(virconn: libvirt.virConnect, uri: str, policy: str, paths: list[Pat
     if problem:  # said plainly now, rather than as libvirt's "Permission denied"
         raise HostNotReady(f"{problem[0]}: {problem[1]}")
     return qemu
+
+
+def create_domain(
+    virconn: libvirt.virConnect,
+    plan: Plan,
+    spec: dom.DomainSpec,
+    reaper: Reaper | None,
+    *,
+    autodestroy: bool,
+    log: Log,
+) -> dom.Domain:
+    """The domain, created once its memory fits; watched by `reaper` from before it exists."""
+    with admitted(
+        virconn, plan.profile.memory_mib, plan.memory_lock, label=plan.profile.name, log=log
+    ):
+        if reaper is not None:
+            reaper.watch(spec.name)
+        return dom.Domain.create(virconn, spec, autodestroy=autodestroy)
 
 
 def host_key_alias(image: ImageInfo) -> str:

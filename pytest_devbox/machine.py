@@ -1,4 +1,4 @@
-"""Machine: one running guest (transient domain + SSH connection + /code share).
+"""Machine: one running guest (transient domain + SSH connection + /code share or copy).
 
 The handle tests and the `devbox` command get. Usable without pytest:
 
@@ -9,23 +9,25 @@ The handle tests and the `devbox` command get. Usable without pytest:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shlex
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import libvirt
 
 from . import domain as dom
 from .boot import Boot, Deadline, wait_ready
 from .distros import Profile
+from .errors import DomainError
 from .images import ImageCache, ImageInfo
-from .launch import Log, Plan, qemu_for, tail_file
+from .launch import Log, Plan, create_domain, qemu_for, tail_file
 from .logins import Logins
 from .memory import admitted
+from .reaper import Reaper
 from .restore import Restored, RestoreJob, restore_guest
 from .result import Result
 from .settings import (
@@ -37,6 +39,7 @@ from .settings import (
 )
 from .sites import GuestFiles, LocalFiles, Site, site_for
 from .ssh import Connection
+from .sync import CodeSync, SyncSummary
 
 
 class Machine:
@@ -56,10 +59,17 @@ class Machine:
         restored: Restored | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        keepable: bool = False,
+        reaper: Reaper | None = None,
+        share: str = "",
+        code_dir: Path | None = None,
+        sync_exclude: Sequence[str] = (),
         files: GuestFiles | None = None,
         site: Site | None = None,
     ) -> None:
         self.profile = profile
+        self.share = share or profile.share
+        """How /code reaches this guest: "virtiofs" or "9p" (shared) or "sync" (a copy)."""
         self.image = image
         self._virconn = virconn
         self.domain = domain
@@ -70,7 +80,24 @@ class Machine:
         self._restored = restored
         self._files = files or LocalFiles(overlay, console_log)
         self._site = site
+        # USER@HOST:PORT of the remote libvirt host running this guest; None on this host.
+        self.remote = site.remote.describe() if site and site.remote else None
+        # Started without AUTODESTROY (keep, keep-failed): `keep()` may leave it running.
+        self.keepable = keepable
+        self._reaper = reaper  # watches a keepable guest until it is kept or destroyed
         self.closed = False
+        self._code: CodeSync | None = None
+        if self.share == "sync":
+            if code_dir is None:
+                raise ValueError("a guest with share 'sync' needs the code dir to copy")
+            self._code = CodeSync(
+                code_dir,
+                sync_exclude,
+                user=lambda: self._logins.login_for(None)[0].conn,
+                root=lambda: self._logins.root.conn,
+                label=profile.name,
+                log=log,
+            )
 
     @property
     def started(self) -> str:
@@ -105,64 +132,54 @@ class Machine:
         run_id: str | None = None,
         rebuild: bool = False,
         keep: bool = False,
+        keepable: bool = False,
         boot_timeout: float | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        share: str = "",
+        sync_exclude: Sequence[str] = (),
         remote_pool: str = DEFAULT_REMOTE_POOL,
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
-        On a remote `uri` its disk and console are volumes in our pool at `remote_pool`."""
-        plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
+
+        `share` overrides the profile's ("sync": no device, /code copied over SSH and
+        refreshed by `sync()`, skipping files matching the gitignore-style `sync_exclude`).
+        `keepable`: no AUTODESTROY, reaped if we die, so `keep()` may leave it up. On a
+        remote `uri`: share "sync", disk and console in our pool at `remote_pool` there.
+        """
+        plan = Plan.make(
+            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
+        )
         name = plan.new_name()
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         domain: dom.Domain | None = None
+        reaper = Reaper.for_uri(uri) if keepable and not keep else None
         site: Site | None = None
         files: GuestFiles | None = None
         try:
             # This host, or a remote one (its pool, its loopback through a tunnel).
             site = site_for(plan, uri, virconn, remote_pool, log)
-            plan = dataclasses.replace(plan, profile=site.profile(profile, log))
-            profile = plan.profile
+            plan = site.adapt(plan, log)
             files = site.files(name)
-            qemu = qemu_for(virconn, uri, qemu_user, [files.overlay, plan.code_dir])
+            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(files.overlay))
             spec = plan.spec(name, files.overlay, files.console, qemu, keep=keep)
-            with admitted(
-                virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
-            ):
-                domain = dom.Domain.create(virconn, spec, autodestroy=not keep)
-            deadline = Deadline(plan.deadline_seconds(boot_timeout))
-            tail = files.tail
-            boot = Boot(domain, profile.name, files.console, deadline, lambda _p, n: tail(n))
-            ssh = wait_ready(
-                boot, connection=site.connection, share=profile.share, probe=site.probe
+            domain = create_domain(
+                virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
             )
+            deadline = Deadline(plan.deadline_seconds(boot_timeout))
+            boot = Boot(domain, profile.name, files.console, deadline, files.tail_of)
+            ssh = wait_ready(boot, connection=site.connection, share=plan.share, probe=site.probe)
         except BaseException:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).
-            if domain is not None:
-                domain.destroy()
-            if files is not None:
-                files.remove()
-            if site is not None:
-                site.close()
-            _close_quietly(virconn)
+            _undo_start(name, virconn, domain, files, site, reaper)
             raise
-        seconds = time.monotonic() - t0
-        log(f"{profile.name}: ready in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
-        return cls(
-            profile=profile,
-            image=plan.image,
-            virconn=virconn,
-            domain=domain,
-            ssh=ssh,
-            overlay=files.overlay,
-            console_log=files.console,
-            boot_seconds=seconds,
-            exec_mode=exec_mode,
-            log=log,
-            files=files,
-            site=site,
-        )
+        machine = cls._planned(
+            plan, sync_exclude, virconn=virconn, domain=domain, ssh=ssh, overlay=files.overlay,
+            console_log=files.console, exec_mode=exec_mode, log=log, keepable=keep or keepable,
+            reaper=reaper, files=files, site=site,
+        )  # fmt: skip
+        return machine._ready(plan, t0, "ready", log)
 
     @classmethod
     def restore(
@@ -179,14 +196,18 @@ class Machine:
         boot_timeout: float | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
+        share: str = "",
+        sync_exclude: Sequence[str] = (),
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
         when there is none yet). RestoreUnavailable when it cannot: boot instead."""
-        plan = Plan.make(profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild)
+        plan = Plan.make(
+            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
+        )
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         try:
-            qemu = qemu_for(virconn, uri, qemu_user, [plan.workdir, plan.code_dir])
+            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(plan.workdir))
 
             def make_spec(name: str, disk: Path, console: Path) -> dom.DomainSpec:
                 # A restored guest ends with its session (it holds a slot): never kept.
@@ -194,6 +215,7 @@ class Machine:
 
             job = RestoreJob(
                 profile=profile,
+                share=plan.share,
                 virconn=virconn,
                 image=plan.image,
                 cache_root=cache.root,
@@ -211,21 +233,32 @@ class Machine:
         except BaseException:
             _close_quietly(virconn)
             raise
-        seconds = time.monotonic() - t0
-        log(f"{profile.name}: restored in {seconds:.1f} s ({plan.accel}, {profile.share} /code)")
+        machine = cls._planned(
+            plan, sync_exclude, virconn=virconn, domain=restored.domain, ssh=restored.ssh,
+            overlay=restored.overlay, console_log=restored.console, restored=restored,
+            exec_mode=exec_mode, log=log,
+        )  # fmt: skip
+        return machine._ready(plan, t0, "restored", log)
+
+    @classmethod
+    def _planned(cls, plan: Plan, sync_exclude: Sequence[str], **parts: Any) -> Machine:
+        """A Machine of what `plan` decided and the `parts` its start produced."""
         return cls(
-            profile=profile,
+            profile=plan.profile,
             image=plan.image,
-            virconn=virconn,
-            domain=restored.domain,
-            ssh=restored.ssh,
-            overlay=restored.overlay,
-            console_log=restored.console,
-            boot_seconds=seconds,
-            restored=restored,
-            exec_mode=exec_mode,
-            log=log,
+            boot_seconds=0.0,
+            share=plan.share,
+            code_dir=plan.code_dir,
+            sync_exclude=sync_exclude,
+            **parts,
         )
+
+    def _ready(self, plan: Plan, t0: float, verb: str, log: Log) -> Machine:
+        """The first copy of /code (share "sync"), then the time it all took, logged."""
+        self._first_copy()
+        self.boot_seconds = seconds = time.monotonic() - t0
+        log(f"{self.distro}: {verb} in {seconds:.1f} s ({plan.accel}, {plan.share} /code)")
+        return self
 
     # ---- using ----------------------------------------------------------------------------
 
@@ -266,11 +299,25 @@ class Machine:
         """An OpenSSH command line a person can paste to log in to this guest (as root)."""
         return shlex.join(self.ssh_argv())
 
-    @property
-    def remote(self) -> str | None:
-        """USER@HOST:PORT of the remote libvirt host running this guest; None on this host."""
-        r = self._site.remote if self._site is not None else None
-        return r.describe() if r is not None else None
+    def sync(self) -> SyncSummary:
+        """Copy what changed in the code dir since the last sync into /code, and remove
+        the files an earlier sync copied that are gone from it (never files the guest
+        made). For guests with share "sync"; elsewhere /code is the host directory
+        itself and this does nothing. One sync at a time; logs one line."""
+        if self._code is None:
+            return SyncSummary()
+        return self._code.sync()
+
+    def _first_copy(self) -> None:
+        """A new (or restored) sync guest's first copy of the code dir; a guest whose
+        copy fails is torn down, like one that did not boot."""
+        if self._code is None:
+            return
+        try:
+            self._code.sync()
+        except BaseException:
+            self.close()
+            raise
 
     def console_tail(self, lines: int = 40) -> str:
         return self._files.tail(lines)
@@ -284,12 +331,25 @@ class Machine:
         self.closed = True
         self._logins.close()
         self.domain.destroy()
+        if self._reaper is not None:
+            self._reaper.forget(self.name)
         if self._restored is not None:
             self._restored.release()
         self._files.remove()
         if self._site is not None:
             self._site.close()
         _close_quietly(self._virconn)
+
+    def keep(self) -> None:
+        """Leave a keepable guest running past this process: marked kept, so the sweep
+        spares it and `devbox ls/destroy` treat it as kept; no longer reaped."""
+        if not self.keepable or self._restored is not None:
+            raise DomainError(f"{self.name} was started to end with its session: not kept")
+        meta = self.domain.metadata()
+        self.domain.set_metadata({**meta, "keep": "1"})
+        if self._reaper is not None:
+            self._reaper.forget(self.name)
+        self.detach()
 
     def detach(self) -> None:
         """Leave the guest running (--devbox-keep): close only our side."""
@@ -312,6 +372,26 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {'closed' if self.closed else 'running'}>"
+
+
+def _undo_start(
+    name: str,
+    virconn: libvirt.virConnect,
+    domain: dom.Domain | None,
+    files: GuestFiles | None,
+    site: Site | None,
+    reaper: Reaper | None,
+) -> None:
+    """Tear down what a start that failed got as far as making."""
+    if domain is not None:
+        domain.destroy()
+    if files is not None:
+        files.remove()
+    if site is not None:
+        site.close()
+    if reaper is not None:
+        reaper.forget(name)
+    _close_quietly(virconn)
 
 
 def _close_quietly(virconn: libvirt.virConnect) -> None:

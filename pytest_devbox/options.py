@@ -23,7 +23,14 @@ from typing import Any, Callable, Literal
 
 import pytest
 
-from .settings import ACCEL_CHOICES, EXEC_CHOICES, QEMU_USER_CHOICES, RESTORE_CHOICES, Settings
+from .settings import (
+    ACCEL_CHOICES,
+    EXEC_CHOICES,
+    QEMU_USER_CHOICES,
+    RESTORE_CHOICES,
+    SHARE_CHOICES,
+    Settings,
+)
 
 Kind = Literal["distros", "text", "choice", "dir", "bool", "list"]
 # Reads one ini option by its ini name; None, "" or [] when the project does not set it.
@@ -146,6 +153,28 @@ OPTIONS: tuple[Option, ...] = (
         cli="--exec",
     ),
     Option(
+        "share",
+        "--devbox-share",
+        "devbox_share",
+        "choice",
+        "how /code reaches every guest, instead of each profile's own share: virtiofs or 9p "
+        "(the host directory, shared) or sync (a copy over SSH, refreshed by devbox.sync(); "
+        "no shared file system needed)",
+        metavar="|".join(SHARE_CHOICES),
+        default_help="each profile's own",
+        choices=SHARE_CHOICES,
+        cli="--share",
+    ),
+    Option(
+        "sync_exclude",
+        "--devbox-sync-exclude",
+        "devbox_sync_exclude",
+        "list",
+        "a gitignore-style pattern of files a sync does not copy into /code (repeatable; "
+        "one a line in the ini file; on top of what .gitignore leaves out in a git work tree)",
+        metavar="PATTERN",
+    ),
+    Option(
         "rebuild",
         "--devbox-rebuild",
         "devbox_rebuild",
@@ -160,6 +189,14 @@ OPTIONS: tuple[Option, ...] = (
         "bool",
         "leave the guests running after the session and print how to reach them",
         cli="--keep",
+    ),
+    Option(
+        "keep_failed",
+        "--devbox-keep-failed",
+        "devbox_keep_failed",
+        "bool",
+        "leave the guests a failed test used running after the session (a shared guest "
+        "too) and print how to reach them; guests then boot instead of being restored",
     ),
     Option(
         "reuse",

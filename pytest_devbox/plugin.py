@@ -184,7 +184,12 @@ def pytest_runtest_makereport(
             machines.append(shared)
         fresh: list[Machine] = item.stash.get(_used_key, [])
         machines += fresh
+        # By name, with the report (through xdist too): the pool that owns them keeps
+        # them with --devbox-keep-failed (session.py).
+        test_report.devbox_guests = [m.name for m in machines]  # type: ignore[attr-defined]
         report.add_guest_sections(test_report, machines)
+        if state is not None and state.settings.keep_failed and machines:
+            report.add_kept_section(test_report, machines, shared)
         root = state.settings.artifacts_dir if state is not None else None
         if root is not None and machines:
             report.add_artifacts(test_report, machines, root, item.nodeid)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .distros import Profile
+from . import kept
+from .distros import Profile, effective_share
 from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from .host import resolve_accel
 from .images import ImageCache
@@ -55,6 +57,8 @@ class Pool:
         self._machines: dict[str, Machine] = {}
         self._fresh: list[Machine] = []
         self._reused: set[str] = set()  # names of `devbox up` guests this session uses
+        # --devbox-keep-failed: guest name -> the first failed test that used it.
+        self._failed: dict[str, str] = {}
         self._cache: ImageCache | None = None
         self._rebuilt: set[str] = set()
         self._swept = False
@@ -114,7 +118,7 @@ class Pool:
         if guest is None:
             self.log(f"{distro}: no guest of `devbox up` shares this code dir: starting one")
             return None
-        machine = reuse.attach(guest, profile, self.cache, self.settings)
+        machine = reuse.attach(guest, profile, self.cache, self.settings, self.log)
         self._reused.add(machine.name)
         self.stats[distro].reused += 1
         self.log(f"{distro}: reusing {guest.name} of `devbox up` (not pristine; left running)")
@@ -163,11 +167,20 @@ class Pool:
         machine = self._machines.get(distro)
         return None if machine is None or machine.closed else machine
 
+    def mark_failed(self, names: Sequence[str], nodeid: str) -> None:
+        """With --devbox-keep-failed: the guests `names` were used by the failed test
+        `nodeid`, so they stay up after the session (close() says how to reach them)."""
+        if self.settings.keep_failed:
+            for name in names:
+                self._failed.setdefault(name, nodeid)
+
     def release(self, distro: str) -> None:
-        """Stop the shared machine of `distro` now that its tests are done. With keep it
-        stays up (close() says how to reach it); a later `get` would start a new one."""
+        """Stop the shared machine of `distro` now that its tests are done. With keep (or
+        a failed test in it, with keep-failed) it stays up (close() says how to reach it)."""
         machine = self._machines.get(distro)
         if machine is None or machine.closed or self.settings.keep:
+            return
+        if machine.name in self._failed:
             return
         if machine.name in self._reused:
             del self._machines[distro]
@@ -185,7 +198,7 @@ class Pool:
         try:
             yield machine
         finally:
-            if not self.settings.keep:
+            if not self.settings.keep and machine.name not in self._failed:
                 machine.close()
 
     def _start(self, distro: str) -> Machine:
@@ -221,31 +234,39 @@ class Pool:
         s = self.settings
         if s.restore == "off" or profile.name in self._boot_only:
             return None
-        why = unrestorable(profile)
+        why = unrestorable(profile, self.share_for(profile))
         if not is_local(s.uri_for(profile.name)):
             # Restore slots are save files in the local cache, which a remote libvirtd
             # cannot read or write.
             why = "remote guests are booted (restore slots are local save files)"
-        elif s.keep:
+        elif s.keep or s.keep_failed:
             # A restored guest holds its restore slot: it cannot outlive the session.
-            why = "--devbox-keep guests are booted (a restored guest ends with its session)"
+            flag = "--devbox-keep" if s.keep else "--devbox-keep-failed"
+            why = f"{flag} guests are booted (a restored guest ends with its session)"
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
-                return Machine.restore(profile, **self._launch_args(profile.name, rebuild))
+                return Machine.restore(profile, **self._launch_args(profile, rebuild))
             except RestoreUnavailable as e:
                 why = str(e)
         self._boot_only[profile.name] = why
         self.log(f"{profile.name}: booting instead of restoring: {why}")
         return None
 
-    def _launch_args(self, distro: str, rebuild: bool) -> dict[str, Any]:
-        """What a boot and a restore of this session's guests are both told."""
+    def share_for(self, profile: Profile) -> str:
+        """How /code reaches this session's guests of `profile` (--devbox-share, else the
+        profile's own share; a remote host's guests sync whatever this says: sites.py)."""
+        return effective_share(profile, self.settings.share)
+
+    def _launch_args(self, profile: Profile, rebuild: bool) -> dict[str, Any]:
+        """What a boot and a restore of this session's guests of `profile` are both told."""
         s = self.settings
         return {
+            "share": self.share_for(profile),
+            "sync_exclude": s.sync_exclude,
             "cache": self.cache,
             "code_dir": s.code_dir,
-            "uri": s.uri_for(distro),
+            "uri": s.uri_for(profile.name),
             "accel": s.accel,
             "qemu_user": s.qemu_user,
             "run_id": self.run_id,
@@ -264,8 +285,9 @@ class Pool:
                 return Machine.start(
                     profile,
                     keep=s.keep,
+                    keepable=s.keep_failed,
                     remote_pool=s.remote_pool,
-                    **self._launch_args(profile.name, rebuild),
+                    **self._launch_args(profile, rebuild),
                 )
             except BootTimeout as e:
                 if attempt + 1 >= attempts:
@@ -274,6 +296,30 @@ class Pool:
                 self.log(f"{profile.name}: boot failed in phase {e.phase!r}; retrying once")
             rebuild = False
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _keep_failed(self, machine: Machine, *, shared: bool) -> str:
+        """Leave the guest of a failed test running, recorded as `devbox up` records its
+        guests (so `devbox ls/ssh/destroy` find it); the summary line that says so."""
+        nodeid = self._failed[machine.name]
+        ssh = machine.ssh_argv()
+        machine.keep()
+        kept.save(
+            self.settings.cache_dir,
+            kept.KeptGuest(
+                machine.name,
+                machine.distro,
+                self.settings.uri,
+                str(machine.overlay),
+                tuple(ssh),
+                code_dir=str(self.settings.code_dir),
+                failed=nodeid,
+            ),
+        )
+        what = "its distro's shared guest: other tests used it too" if shared else "fresh"
+        return (
+            f"{machine.distro}: {machine.name} kept running ({what}; {nodeid} failed): "
+            f"{shlex.join(ssh)}"
+        )
 
     def _sweep_once(self) -> None:
         with self._sweep_lock:
@@ -288,6 +334,7 @@ class Pool:
     def close(self) -> list[str]:
         """Stop every machine. With keep, leave them running and say how to reach them."""
         machines = [*self._machines.values(), *self._fresh]
+        shared = {id(m) for m in self._machines.values()}
         self._machines.clear()
         self._fresh.clear()
         lines: list[str] = []
@@ -303,14 +350,23 @@ class Pool:
                 lines.append(f"{m.distro}: {m.name} kept running: {m.ssh_command()}")
                 continue
             try:
+                if m.name in self._failed and self.settings.keep_failed:
+                    lines.append(self._keep_failed(m, shared=id(m) in shared))
+                    continue
+            except DevboxError as e:
+                errors.append(e)
+            try:
                 m.close()
             except DevboxError as e:
                 errors.append(e)
-        if not self.settings.keep:
+        if not self.settings.keep and not lines:
+            # A kept guest's overlay and console log live in the run dir: it stays.
             remove_run_dir(self.settings.cache_dir, self.run_id)
-        if lines:
+        if lines and self.settings.keep:
             uris = self.settings.uris(m.distro for m in machines)
             lines += [f"stop them with: virsh -c {uri} destroy NAME" for uri in uris]
+        elif lines:
+            lines.append("look inside with its ssh line; remove with: devbox destroy NAME")
         if errors:
             raise errors[0]
         return lines

@@ -63,6 +63,24 @@ def virtual_size(image: Path) -> int:
     return size
 
 
+def backing_file(image: Path) -> Path | None:
+    """The backing file a qcow2 header names (resolved against the image's folder, as
+    QEMU does), or None: no backing file, or not a readable qcow2 file."""
+    try:
+        with open(image, "rb") as f:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                return None
+            magic, _, offset, size = _HEADER.unpack(head)[:4]
+            if magic != QCOW2_MAGIC or offset == 0 or not 0 < size <= 4096:
+                return None
+            f.seek(offset)
+            name = f.read(size).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return (image.parent / name).resolve()
+
+
 def check(image: Path, timeout: float = CHECK_TIMEOUT) -> str:
     """'' when ``qemu-img check`` finds the image whole, else its complaint.
 

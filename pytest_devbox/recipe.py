@@ -25,7 +25,8 @@ GuestUser = tuple[str, int, int]
 
 # How the guest mounts /code, by the profile's share kind; the domain XML offers the
 # matching device. nofail: a missing share must not drop the guest into emergency
-# mode, where no sshd runs and the user would see only a boot timeout.
+# mode, where no sshd runs and the user would see only a boot timeout. A "sync" guest
+# mounts nothing: /code is a directory of the guest user's that sync.py copies into.
 FSTAB_LINES = {
     "virtiofs": "/code /code virtiofs defaults,nofail 0 0",
     "9p": "/code /code 9p trans=virtio,version=9p2000.L,msize=262144,nofail 0 0",
@@ -64,7 +65,7 @@ def _customize_with_mount(profile: Profile) -> list[str]:
         has_mount = has_mount or kind is not None
         lines.append(line)
     lines.append("mkdir /code")
-    if not has_mount:
+    if not has_mount and profile.share in FSTAB_LINES:
         lines.append(f"append-line /etc/fstab:{FSTAB_LINES[profile.share]}")
     return lines
 
@@ -74,12 +75,15 @@ def commands(profile: Profile, guest_user: GuestUser, public_key: Path) -> list[
     user, uid, gid = guest_user
     # Last: every file the build wrote (keys, users, packages) gets its SELinux label.
     relabel = [RELABEL_COMMAND] if profile.relabels else []
+    # A copy, not a mount point: the guest user writes the files into it.
+    own_code = [f"run-command chown {user}: /code"] if profile.share == "sync" else []
     return [
         *_customize_with_mount(profile),
         # -o: the host's uid/gid may already exist in the guest; the point is the number.
         f"run-command getent group {user} >/dev/null || groupadd -o -g {gid} {user}",
         f"run-command id -u {user} >/dev/null 2>&1 || "
         f"useradd -o -m -u {uid} -g {gid} -s /bin/bash {user}",
+        *own_code,
         "mkdir /etc/sudoers.d",
         f"append-line /etc/sudoers.d/{user}:{user} ALL=(ALL) NOPASSWD:ALL",
         f"chmod 0440:/etc/sudoers.d/{user}",

@@ -87,6 +87,19 @@ def add_guest_sections(report: pytest.TestReport, machines: Sequence[Machine]) -
         report.sections.append((f"devbox {m.distro} commands", format_commands(m)))
 
 
+def add_kept_section(
+    report: pytest.TestReport, machines: Sequence[Machine], shared: Machine | None
+) -> None:
+    """--devbox-keep-failed: which guests stay up after the session, and their ssh lines."""
+    lines = []
+    for m in {id(m): m for m in machines}.values():
+        what = f" (the shared guest of {m.distro}: later tests may change it)"
+        what = what if m is shared else ""
+        lines.append(f"{m.distro}: {m.name} stays up after the session{what}")
+        lines.append(f"    {m.ssh_command()}")
+    report.sections.append(("devbox kept", "\n".join(lines)))
+
+
 def add_artifacts(
     report: pytest.TestReport, machines: Sequence[Machine], root: Path, nodeid: str
 ) -> None:

@@ -9,10 +9,12 @@ a new port forward (QEMU's user network forgets it), the clock stepped to the ho
 (the guest resumes at the moment of the save), the RNG reseeded from the host (see
 `RESEED`), /code mounted.
 
-Only 9p profiles are restored: virtiofs (vhost-user-fs) cannot be saved before QEMU
-8.2, and hot-plugging a virtiofs share crashed libvirt 9.0's daemon when tried by hand,
-so virtiofs profiles boot. Restored guests have no AUTODESTROY: the reaper (reaper.py)
-and the sweep destroy them when their process dies.
+Guests sharing /code over 9p are restored, and so are those with share "sync" (no
+device at all; the save is made before anything is copied, so a restored guest gets a
+full copy of the code dir, as a booted one does): virtiofs (vhost-user-fs) cannot be
+saved before QEMU 8.2, and hot-plugging a virtiofs share crashed libvirt 9.0's daemon
+when tried by hand, so virtiofs guests boot. Restored guests have no AUTODESTROY: the
+reaper (reaper.py) and the sweep destroy them when their process dies.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .ssh import Connection
 
 # QEMU >= 8.2 can migrate vhost-user-fs (with a virtiofsd that supports it); that is
 # untested here, so virtiofs profiles always boot.
-RESTORE_SHARE = "9p"
+RESTORE_SHARES = ("9p", "sync")
 # The guest's RNG gets host bytes and is reseeded at once (RNDADDENTROPY credits them,
 # RNDRESEEDCRNG reseeds; Linux >= 4.17). Kernels without vmgenid reseeding (< 5.18, e.g.
 # debian-11's 5.10) would otherwise give every clone of one save the same random bytes
@@ -57,11 +59,13 @@ MakeSpec = Callable[[str, Path, Path], dom.DomainSpec]  # (name, disk, console) 
 Log = Callable[[str], None]
 
 
-def unrestorable(profile: Profile) -> str | None:
-    """Why guests of `profile` are booted, not restored; None when they can be restored."""
-    if profile.share != RESTORE_SHARE:
+def unrestorable(profile: Profile, share: str = "") -> str | None:
+    """Why guests of `profile` with `share` (default: the profile's) are booted, not
+    restored; None when they can be restored."""
+    share = share or profile.share
+    if share not in RESTORE_SHARES:
         return (
-            f"its /code share is {profile.share}, which cannot be saved before QEMU 8.2 "
+            f"its /code share is {share}, which cannot be saved before QEMU 8.2 "
             f'(restored guests share /code over 9p: share = "9p" in a profile restores '
             "in seconds)"
         )
@@ -126,6 +130,7 @@ class RestoreJob:
     """Everything one restore needs from the machine that asks for it."""
 
     profile: Profile
+    share: str  # the guest's: the profile's, or --devbox-share's
     virconn: libvirt.virConnect
     image: ImageInfo
     cache_root: Path
@@ -140,7 +145,7 @@ class RestoreJob:
 def restore_guest(job: RestoreJob) -> Restored:
     """A guest of `job.profile` restored from a slot (built first when there is none).
     RestoreUnavailable when that cannot be done: the caller boots instead."""
-    reason = unrestorable(job.profile)
+    reason = unrestorable(job.profile, job.share)
     if reason:
         raise RestoreUnavailable(reason)
     saves = SaveCache(job.cache_root)
@@ -191,10 +196,11 @@ def _save_booted(job: RestoreJob, lease: Lease, state: Path, disk: Path) -> None
     domain = dom.Domain.create(job.virconn, spec, autodestroy=True)
     try:
         boot = Boot(domain, job.profile.name, slot.build_console, Deadline(job.timeout), job.tail)
-        ssh = wait_ready(boot, connection=job.connection, share=job.profile.share)
+        ssh = wait_ready(boot, connection=job.connection, share=job.share)
         try:
             # 9p blocks a save while mounted (QEMU adds a migration blocker on attach).
-            ssh.run("umount /code && sync", cwd=None, timeout=60)
+            unmount = "umount /code && " if job.share == "9p" else ""
+            ssh.run(unmount + "sync", cwd=None, timeout=60)
         finally:
             ssh.close()
         domain.save(state)
@@ -234,7 +240,8 @@ def _restore(job: RestoreJob, lease: Lease) -> Restored:
 
 
 def _ready(boot: Boot, job: RestoreJob) -> Connection:
-    """Forward SSH again, log in, set the clock and the RNG, mount /code."""
+    """Forward SSH again, log in, set the clock and the RNG, mount /code (a sync
+    guest's /code is copied by the machine once this returns)."""
     boot.check_alive("running")
     port = boot.domain.forward_port(22)
     wait_banner(boot, port)
@@ -242,7 +249,8 @@ def _ready(boot: Boot, job: RestoreJob) -> Connection:
     try:
         authenticate(boot, ssh)
         ssh.run(freshen_command(), cwd=None, timeout=boot.deadline.cap(30.0))
-        mount_code(boot, ssh, job.profile.share)
+        if job.share != "sync":
+            mount_code(boot, ssh, job.share)
     except BaseException:
         ssh.close()
         raise

@@ -235,6 +235,8 @@ class DevboxSession:
         previous = self.results.get(report.nodeid, (distro, ""))[1]
         if report.failed:
             outcome = "failed"
+            if self._pool is not None:  # --devbox-keep-failed: its guests stay up
+                self._pool.mark_failed(getattr(report, "devbox_guests", ()), report.nodeid)
         elif report.skipped and previous != "failed":
             outcome = "skipped"
         elif report.passed and report.when == "call" and not previous:

@@ -27,6 +27,9 @@ DEFAULT_EXEC = "auto"
 # Our storage pool's directory on a remote libvirt host (volumes.py): images uploaded
 # there once, guests' overlays and consoles. Never the local cache dir.
 DEFAULT_REMOTE_POOL = "/var/lib/pytest-devbox/pool"
+# How /code reaches a guest: a share of the host directory (virtiofs, 9p), or a copy
+# (sync: tar over SSH, no shared file system; sync.py). Each profile names its own.
+SHARE_CHOICES = ("virtiofs", "9p", "sync")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Settings:
     qemu_user: str = DEFAULT_QEMU_USER
     rebuild: bool = False
     keep: bool = False
+    keep_failed: bool = False  # leave the guests of a failed test running
     reuse: bool = False  # use guests `devbox up` started, and leave them up
     offline: bool = False
     repos: tuple[str, ...] = ()
@@ -61,3 +65,6 @@ class Settings:
     def uris(self, distros: Iterable[str]) -> list[str]:
         """The distinct URIs ``distros`` run on, in first-use order."""
         return list(dict.fromkeys(self.uri_for(d) for d in distros))
+
+    share: str = ""  # every guest's share instead of its profile's; "": each profile's own
+    sync_exclude: tuple[str, ...] = ()  # gitignore-style patterns a sync does not copy

@@ -16,7 +16,6 @@ from typing import Protocol
 import libvirt
 
 from . import qemu_img, volumes
-from .distros import Profile
 from .images import image_lock
 from .launch import Log, Plan, tail_file, tail_text
 from .remote import RemoteHost, Tunnel, jump_options, parse_uri
@@ -33,6 +32,10 @@ class GuestFiles(Protocol):
 
     def tail(self, lines: int) -> str: ...
 
+    def tail_of(self, _console: Path, lines: int) -> str:
+        """`tail` in the shape boot.Boot calls it."""
+        ...
+
     def remove(self) -> None: ...
 
 
@@ -43,6 +46,9 @@ class LocalFiles:
 
     def tail(self, lines: int) -> str:
         return tail_file(self.console, lines)
+
+    def tail_of(self, _console: Path, lines: int) -> str:
+        return self.tail(lines)
 
     def remove(self) -> None:
         self.overlay.unlink(missing_ok=True)
@@ -58,6 +64,9 @@ class RemoteFiles:
     def tail(self, lines: int) -> str:
         return tail_text(volumes.read_tail(self.virconn, self.pool, self.console.name), lines)
 
+    def tail_of(self, _console: Path, lines: int) -> str:
+        return self.tail(lines)
+
     def remove(self) -> None:
         for path in (self.overlay, self.console):
             volumes.delete(self.pool, path.name)
@@ -71,9 +80,9 @@ class Site:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
 
-    def profile(self, profile: Profile, log: Log) -> Profile:
-        """The profile as this site can run it."""
-        return profile
+    def adapt(self, plan: Plan, log: Log) -> Plan:
+        """The plan as this site can run it."""
+        return plan
 
     def files(self, name: str) -> GuestFiles:
         overlay = self.plan.workdir / f"{name}.qcow2"
@@ -110,14 +119,17 @@ class RemoteSite(Site):
         self.base = volumes.upload_image(virconn, self.pool, upload, log)
         self.tunnel = Tunnel(remote)
 
-    def profile(self, profile: Profile, log: Log) -> Profile:
-        if profile.share != REMOTE_SHARE:
+    def adapt(self, plan: Plan, log: Log) -> Plan:
+        # The one place a remote URI means sync: a directory of this host cannot be
+        # mounted on another host.
+        if plan.share != REMOTE_SHARE:
+            where = self.remote.describe() if self.remote else "the remote host"
             log(
-                f"{profile.name}: /code is copied into the guest (share {REMOTE_SHARE!r}, not "
-                f"{profile.share!r}): {self.remote.describe() if self.remote else ''} cannot "
-                "mount a directory of this host"
+                f"{plan.profile.name}: /code is copied into the guest (share "
+                f"{REMOTE_SHARE!r}, not {plan.share!r}): {where} cannot mount a directory "
+                "of this host"
             )
-        return dataclasses.replace(profile, share=REMOTE_SHARE)
+        return dataclasses.replace(plan, share=REMOTE_SHARE)
 
     def files(self, name: str) -> GuestFiles:
         vol = volumes.overlay(self.pool, self.base, volumes.guest_volume(name, volumes.OVERLAY))

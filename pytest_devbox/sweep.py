@@ -88,6 +88,19 @@ def _stale(path: Path) -> bool:
         return False
 
 
+def abandoned(rdir: Path) -> bool:
+    """Whether run dir `rdir` outlived its owner: the process that claimed it is gone
+    (on this host; another host's we cannot tell), or its claim never finished."""
+    if not rdir.is_dir():
+        return False  # not a run dir (the memory lock lives beside them)
+    if rdir.name.startswith(_CLAIM_PREFIX) and not _stale(rdir):
+        return False
+    pid, host = read_owner(rdir)
+    if host and host != socket.gethostname():
+        return False
+    return not (pid > 0 and pid_alive(pid))
+
+
 def sweep_leftovers(
     uri: str, cache_dir: Path, *, remote_pool: str = DEFAULT_REMOTE_POOL
 ) -> list[str]:
@@ -121,14 +134,7 @@ def sweep_leftovers(
         conn.close()
     runs = CacheLayout(cache_dir).runs
     for rdir in sorted(runs.glob("*")) if runs.is_dir() else []:
-        if rdir.name.startswith(_CLAIM_PREFIX) and not _stale(rdir):
-            continue
-        if any(o.startswith(f"{rdir}/") for o in kept_overlays):
-            continue
-        pid, host = read_owner(rdir)
-        if host and host != socket.gethostname():
-            continue
-        if pid > 0 and pid_alive(pid):
+        if any(o.startswith(f"{rdir}/") for o in kept_overlays) or not abandoned(rdir):
             continue
         shutil.rmtree(rdir, ignore_errors=True)
         done.append(f"removed leftover run directory {rdir}")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from guests import cache, code_dir, debian11_9p, debian12
+from guests import cache, code_dir, debian11_9p, debian12, debian12_sync, sync_code_dir
 
 pytest_plugins = ["pytester"]
 # Session-scoped real guests for the VM tier, booted only when a test asks for one.
-__all__ = ["cache", "code_dir", "debian11_9p", "debian12"]
+__all__ = ["cache", "code_dir", "debian11_9p", "debian12", "debian12_sync", "sync_code_dir"]
 
 HOST_TESTS_ENV = "PYTEST_DEVBOX_HOST_TESTS"
 

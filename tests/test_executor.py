@@ -8,7 +8,9 @@ the fallback where no Python 3 exists, and the guest program's Python 3.6 syntax
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -325,3 +327,55 @@ def test_devbox_exec_ssh_reaches_the_logins(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "MODE ssh executor=False" in r.stdout
+
+
+def _python_3_6() -> str | None:
+    """A real CPython 3.6 on this host (CentOS 8's platform-python is 3.6.8), if any."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [str(p) for p in sorted(pyenv.glob("3.6*/bin/python3.6"))]
+    found = shutil.which("python3.6")
+    if found and "/shims/" not in found:  # a pyenv shim needs pyenv's environment
+        candidates.append(found)
+    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+
+
+PY36 = _python_3_6()
+
+
+@needs_sshd
+@pytest.mark.skipif(PY36 is None, reason="no CPython 3.6 on this host (pyenv install 3.6)")
+def test_the_executor_runs_on_python_3_6(
+    sshd: Sshd, client: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The guest program on the interpreter CentOS 8 has (its platform-python is 3.6),
+    # which cannot boot here: the same program, a real 3.6, over a real sshd.
+    assert PY36 is not None
+    conn = Connection(
+        "127.0.0.1",
+        sshd.port,
+        username=username(),
+        key_path=client[0],
+        known_hosts=tmp_path / "known_hosts",
+        host_key_alias="py36",
+    )
+    lines: list[str] = []
+    old = Login(conn, "auto", lines.append, pythons=(PY36,))
+    try:
+        executor = old.executor()
+        assert executor is not None, lines
+        assert executor.python.startswith("3.6"), executor.python
+        r = old.run("echo out; echo err >&2; exit 3", check=False, cwd=str(tmp_path))
+        assert (r.stdout, r.stderr, r.exit_status) == ("out\n", "err\n", 3)
+        assert old.run("cat", stdin="fed\n", cwd=None).stdout == "fed\n"
+        assert old.run("pwd", cwd=str(tmp_path)).stdout == f"{tmp_path}\n"
+        assert old.run("echo $X", env={"X": "y z"}, cwd=None).stdout == "y z\n"
+        big = old.run("head -c 10000000 /dev/zero | tr '\\0' a", cwd=None).stdout
+        assert len(big) == 10_000_000 and set(big) == {"a"}
+        marker = _marker()
+        with pytest.raises(CommandTimeout):
+            old.run(f"{marker} & {marker}; wait", timeout=1, cwd=None)
+        assert _gone(marker), "the timed-out command's process group outlived it"
+        assert _hammer(old, 8, 10) == []
+        assert old.executor() is executor and lines == []  # one executor served all
+    finally:
+        old.close()

@@ -1,6 +1,6 @@
 """Each option reaches what it drives, from the command line and from the ini file:
---devbox-rebuild the image cache, --devbox-keep the domain, --devbox-offline and
---devbox-repo the repositories, and a session's first guest the sweep.
+--devbox-rebuild the image cache, --devbox-keep and --devbox-keep-failed the domain,
+--devbox-offline and --devbox-repo the repositories, and a session's first guest the sweep.
 
 Real pytest runs (pytester) on libvirt's test:///default driver with a seeded temporary
 cache (seeded_cache.py): each start stops early, at a point that shows the option.
@@ -95,6 +95,18 @@ def test_keep_reaches_the_domain(pytester: pytest.Pytester, tmp_path: Path, wher
     out = _run(pytester, _options(pytester, where, tmp_path / "cache"))
     assert "could not start debian-12: libvirt could not start devbox-debian-12-" in out
     out = _run(pytester, _options(pytester, where, tmp_path / "cache", devbox_keep="true"))
+    assert "QEMU monitor command" in out and "libvirt could not start" not in out
+
+
+@WHERE
+def test_keep_failed_reaches_the_domain(
+    pytester: pytest.Pytester, tmp_path: Path, where: str
+) -> None:
+    # A guest that may be kept after a failure starts without AUTODESTROY (which the test
+    # driver refuses), like a kept one: it gets as far as forwarding its SSH port.
+    seed_cache(tmp_path / "cache")
+    extra = {"devbox_keep_failed": "true"}
+    out = _run(pytester, _options(pytester, where, tmp_path / "cache", **extra))
     assert "QEMU monitor command" in out and "libvirt could not start" not in out
 
 
