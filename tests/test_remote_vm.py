@@ -31,6 +31,7 @@ from local_sshd import client_files, host_key, run_sshd
 from pytest_devbox import domain as dom
 from pytest_devbox import volumes
 from pytest_devbox.distros import load_profiles
+from pytest_devbox.errors import BootTimeout
 from pytest_devbox.host import resolve_accel
 from pytest_devbox.images import ImageCache
 from pytest_devbox.machine import Machine
@@ -155,6 +156,26 @@ def test_the_image_is_uploaded_once(
         assert vol.name() == images[0] and again == []
     finally:
         conn.close()
+
+
+def test_a_remote_boot_that_times_out_shows_its_console_and_leaves_nothing(
+    guest: Machine, remote: RemoteHost, code: Path
+) -> None:
+    """The console file is on the remote host: its tail comes back through libvirt."""
+    cache = ImageCache(CACHE, public_index=False, tcg=resolve_accel() == "tcg")
+    before = _pool_volumes(remote.pool_dir)
+    with pytest.raises(BootTimeout) as info:
+        Machine.start(
+            load_profiles(EXAMPLES)["debian-12"],
+            cache=cache,
+            code_dir=code,
+            uri=remote.uri,
+            remote_pool=remote.pool_dir,
+            boot_timeout=8,
+            log=lambda _line: None,
+        )
+    assert info.value.console_tail.strip(), "the console tail should show how far it got"
+    assert _pool_volumes(remote.pool_dir) == before  # its overlay and console are gone
 
 
 def test_the_ssh_line_works_from_a_shell(guest: Machine) -> None:
