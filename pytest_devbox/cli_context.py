@@ -75,7 +75,7 @@ class Context:
         guest = kept.KeptGuest(
             machine.name,
             machine.distro,
-            self.settings.uri,
+            self.settings.uri_for(machine.distro),  # the hosts map may put it elsewhere
             str(machine.overlay),
             tuple(machine.ssh_argv()),
             code_dir=str(self.settings.code_dir),
