@@ -104,6 +104,12 @@ class Context:
             )
             code.sync()
 
+    def uris(self) -> list[str]:
+        """Every libvirt URI this project runs guests at: --uri (devbox_uri) and the
+        URIs of its hosts map, each once."""
+        s = self.settings
+        return list(dict.fromkeys([s.uri, *(uri for _distro, uri in s.hosts)]))
+
     def kept(self) -> list[kept.KeptGuest]:
         """Guests `devbox up` left running (oldest first); stale records are dropped."""
         return kept.load_all(self.settings.cache_dir, running, log)
