@@ -102,68 +102,43 @@ def ask(path: str, distro: str) -> Info:
     return guest
 
 
-def describe(machine: Machine) -> Info:
-    """What a worker needs to attach to `machine` (controller side)."""
+def describe(machine: Machine, uri: str) -> Info:
+    """What a worker needs to attach to `machine`, which runs at libvirt `uri`
+    (controller side): where it is (attach.Running), and its image and boot time."""
+    from .attach import Running
+
     argv = machine.ssh_argv()
+    where = Running(
+        name=machine.name,
+        uri=uri,
+        port=int(argv[argv.index("-p") + 1]),
+        overlay=str(machine.overlay),
+        console_log=str(machine.console_log),
+        share=machine.share,
+    )
     return {
-        "name": machine.name,
-        "port": int(argv[argv.index("-p") + 1]),
+        **where.as_dict(),
         "image": str(machine.image.path),
         "key": machine.image.key,
         "metadata": machine.image.metadata,
-        "overlay": str(machine.overlay),
-        "console_log": str(machine.console_log),
         "boot_seconds": machine.boot_seconds,
-        "share": machine.share,
         "pid": os.getpid(),
     }
 
 
 def attach(profile: Profile, info: Info, settings: Settings) -> Machine:
-    """A Machine of this worker on the controller's guest described by `info`: close it
-    with `detach()`, which leaves the guest to the controller."""
-    import libvirt
-
-    from . import domain as dom
+    """A Machine of this worker on the controller's guest described by `info` (on its
+    host: this one or a remote one): close it with `detach()`, which leaves the guest
+    to the controller."""
+    from . import attach as attaching
     from .images import ImageInfo
-    from .keys import ensure_keypair
-    from .launch import host_key_alias
-    from .machine import Machine
-    from .paths import CacheLayout
-    from .ssh import Connection
 
     image = ImageInfo(Path(info["image"]), str(info["key"]), False, None, info["metadata"])
-    layout = CacheLayout(settings.cache_dir)
-    virconn = dom.connect(settings.uri)
-    try:
-        domain = dom.Domain(virconn.lookupByName(str(info["name"])))
-        ssh = Connection(
-            "127.0.0.1",
-            int(info["port"]),
-            key_path=ensure_keypair(layout.ssh),
-            known_hosts=layout.known_hosts,
-            host_key_alias=host_key_alias(image),
-        )
-        ssh.connect(timeout=60.0)
-    except libvirt.libvirtError as e:
-        virconn.close()
-        raise DevboxError(f"the controller's guest {info['name']} is gone: {e}") from e
-    except BaseException:
-        virconn.close()
-        raise
-    return Machine(
-        profile=profile,
-        image=image,
-        virconn=virconn,
-        domain=domain,
-        ssh=ssh,
-        overlay=Path(info["overlay"]),
-        console_log=Path(info["console_log"]),
+    return attaching.attach(
+        attaching.Running.from_dict(info),
+        profile,
+        image,
+        settings,
+        whose="the controller's guest",
         boot_seconds=float(info["boot_seconds"]),
-        exec_mode=settings.exec_mode,
-        # With share "sync" the controller copied /code as it started the guest; a
-        # worker's sync() reads what was copied from the guest itself (sync.py).
-        share=str(info.get("share", profile.share)),
-        code_dir=settings.code_dir,
-        sync_exclude=settings.sync_exclude,
     )

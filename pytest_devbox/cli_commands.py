@@ -23,6 +23,8 @@ from .kept import KeptGuest
 from .options import spell_for_command
 
 if TYPE_CHECKING:
+    import libvirt
+
     from .distros import Profile
 
 
@@ -181,6 +183,15 @@ class GuestRow:
     owner_pid: str
     overlay: str
     record: KeptGuest | None
+    uri: str = ""  # the libvirt URI of the host it runs on
+
+    @property
+    def host(self) -> str:
+        """Where it runs, short: "local", or USER@HOST:PORT of a remote libvirt host."""
+        from .remote import parse_uri
+
+        remote = parse_uri(self.uri)
+        return "local" if remote is None else remote.describe()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -191,6 +202,8 @@ class GuestRow:
             "uptime_seconds": None if self.started is None else int(time.time() - self.started),
             "image_key": self.image_key,
             "owner_pid": self.owner_pid,
+            "uri": self.uri,
+            "host": self.host,
             "port": self.record.port if self.record else None,
             "ssh": list(self.record.ssh) if self.record else None,
             "code_dir": self.record.code_dir if self.record else None,
@@ -206,11 +219,32 @@ def _started(meta: dict[str, str]) -> float | None:
 
 
 def guest_rows(ctx: Context) -> list[GuestRow]:
-    """Every devbox domain at the configured URI, with its kept record if it has one."""
+    """Every devbox domain at each URI the project uses (Context.uris), with its kept
+    record if it has one. A guest seen at two URIs (two ways to one libvirtd) is listed
+    once, at its record's URI if it has one. A URI that cannot be reached is skipped with
+    a warning, unless it is the only one."""
+    records = {g.name: g for g in ctx.kept()}
+    rows: dict[str, GuestRow] = {}
+    uris = ctx.uris()
+    for uri in uris:
+        try:
+            found = _rows_at(uri, records)
+        except DevboxError as e:
+            if len(uris) == 1:
+                raise
+            log(f"cannot list the guests at {uri}: {str(e).splitlines()[0]}")
+            continue
+        for row in found:
+            seen = rows.get(row.name)
+            if seen is None or (row.record is not None and row.record.uri == uri):
+                rows[row.name] = row
+    return sorted(rows.values(), key=lambda r: r.name)
+
+
+def _rows_at(uri: str, records: dict[str, KeptGuest]) -> list[GuestRow]:
     from . import domain as dom
 
-    records = {g.name: g for g in ctx.kept()}
-    conn = dom.connect(ctx.settings.uri)
+    conn = dom.connect(uri)
     try:
         rows = []
         for name, meta in dom.list_devbox_domains(conn):
@@ -229,6 +263,7 @@ def guest_rows(ctx: Context) -> list[GuestRow]:
                     owner_pid=meta.get("owner_pid", ""),
                     overlay=meta.get("overlay", ""),
                     record=records.get(name),
+                    uri=uri,
                 )
             )
         return rows
@@ -249,14 +284,19 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
         print(json.dumps([r.as_json() for r in rows], indent=2))
         return 0
     if not rows:
-        print(f"no devbox guests at {ctx.settings.uri}: start one with `devbox up DISTRO`")
+        where = ", ".join(ctx.uris())
+        print(f"no devbox guests at {where}: start one with `devbox up DISTRO`")
         return 0
     w = max(len("DISTRO"), *(len(r.distro) for r in rows))
-    print(f"{'DISTRO':<{w}}  {'STATE':<9} {'UP':>7}  {'PORT':<6} {'IMAGE':<17} NAME")
+    h = max(len("HOST"), *(len(r.host) for r in rows))
+    print(f"{'DISTRO':<{w}}  {'STATE':<9} {'UP':>7}  {'PORT':<6} {'IMAGE':<17} {'HOST':<{h}}  NAME")
     for r in rows:
         port = r.record.port if r.record else "-"
         age = _age(r.started)
-        print(f"{r.distro:<{w}}  {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} {r.name}")
+        print(
+            f"{r.distro:<{w}}  {r.state:<9} {age:>7}  {port:<6} {r.image_key:<17} "
+            f"{r.host:<{h}}  {r.name}"
+        )
         if r.record:
             print(f"    {shlex.join(r.record.ssh)}")
             if r.record.failed:
@@ -269,20 +309,34 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def destroy(ctx: Context, row: GuestRow) -> None:
+    """Destroy `row`'s domain at its URI, then its disk: a file here, or on a remote
+    host the overlay and console volumes in our pool there."""
     import libvirt
 
     from . import domain as dom
 
-    conn = dom.connect(ctx.settings.uri)
+    conn = dom.connect(row.uri or ctx.settings.uri)
     try:
         with contextlib.suppress(libvirt.libvirtError):
             dom.Domain(conn.lookupByName(row.name)).destroy()
+        if row.overlay and row.host != "local":
+            _delete_volumes(conn, Path(row.overlay))
     finally:
         conn.close()
-    if row.overlay:
+    if row.overlay and row.host == "local":
         Path(row.overlay).unlink(missing_ok=True)
     kept.forget(ctx.settings.cache_dir, row.name)
     print(f"destroyed {row.name} ({row.distro})")
+
+
+def _delete_volumes(conn: libvirt.virConnect, overlay: Path) -> None:
+    """A remote guest's overlay and console volumes (sites.RemoteSite.files names them),
+    in the pool over the overlay's directory; what is gone already is no error."""
+    from . import volumes
+
+    pool = volumes.ensure_pool(conn, str(overlay.parent))
+    for name in (overlay.name, overlay.with_suffix(f".{volumes.CONSOLE}").name):
+        volumes.delete(pool, name)
 
 
 def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
@@ -296,7 +350,8 @@ def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
     ]
     unmatched = [n for n in args.names if not any(n in (r.name, r.distro) for r in targets)]
     for name in unmatched:
-        log(f"no kept devbox guest named {name} or of distro {name} at {ctx.settings.uri}")
+        where = ", ".join(ctx.uris())
+        log(f"no kept devbox guest named {name} or of distro {name} at {where}")
     for row in targets:
         destroy(ctx, row)
     if not targets and args.all:

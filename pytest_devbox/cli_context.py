@@ -75,7 +75,7 @@ class Context:
         guest = kept.KeptGuest(
             machine.name,
             machine.distro,
-            self.settings.uri,
+            self.settings.uri_for(machine.distro),  # the hosts map may put it elsewhere
             str(machine.overlay),
             tuple(machine.ssh_argv()),
             code_dir=str(self.settings.code_dir),
@@ -103,6 +103,12 @@ class Context:
                 log=log,
             )
             code.sync()
+
+    def uris(self) -> list[str]:
+        """Every libvirt URI this project runs guests at: --uri (devbox_uri) and the
+        URIs of its hosts map, each once."""
+        s = self.settings
+        return list(dict.fromkeys([s.uri, *(uri for _distro, uri in s.hosts)]))
 
     def kept(self) -> list[kept.KeptGuest]:
         """Guests `devbox up` left running (oldest first); stale records are dropped."""

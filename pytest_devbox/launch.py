@@ -126,21 +126,35 @@ class Plan:
         (a sync guest's /code is a copy: QEMU never opens the directory)."""
         return [*paths] if self.share == "sync" else [*paths, self.code_dir]
 
-    def connection(
-        self, port: int, *, opener: Opener | None = None, via: Sequence[str] = ()
-    ) -> Connection:
-        """root's SSH connection to this guest on a forwarded port (not yet connected);
-        `opener` and `via` reach a port on another host's loopback (sites.RemoteSite)."""
-        layout = CacheLayout(self.cache.root)
-        return Connection(
-            "127.0.0.1",
-            port,
-            key_path=ensure_keypair(layout.ssh),
-            known_hosts=layout.known_hosts,
-            host_key_alias=host_key_alias(self.image),
-            opener=opener,
-            via=via,
-        )
+    def connection(self, port: int) -> Connection:
+        """root's SSH connection to this guest on a port forwarded on our loopback (not
+        yet connected); sites.Link reaches a remote host's."""
+        return guest_connection(self.cache.root, port, host_key_alias(self.image))
+
+
+def guest_connection(
+    cache_root: Path,
+    port: int,
+    alias: str,
+    *,
+    username: str = "root",
+    opener: Opener | None = None,
+    via: Sequence[str] = (),
+) -> Connection:
+    """An SSH connection (not yet connected) to a guest's port forwarded on 127.0.0.1 of
+    the host running it, with our key and the host key pinned under `alias`; `opener`
+    and `via` when that loopback is another host's (sites.Link)."""
+    layout = CacheLayout(cache_root)
+    return Connection(
+        "127.0.0.1",
+        port,
+        username=username,
+        key_path=ensure_keypair(layout.ssh),
+        known_hosts=layout.known_hosts,
+        host_key_alias=alias,
+        opener=opener,
+        via=via,
+    )
 
 
 def qemu_for(virconn: libvirt.virConnect, uri: str, policy: str, paths: list[Path]) -> QemuIdentity:

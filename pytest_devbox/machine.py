@@ -37,7 +37,7 @@ from .settings import (
     DEFAULT_REMOTE_POOL,
     DEFAULT_URI,
 )
-from .sites import GuestFiles, LocalFiles, Site, site_for
+from .sites import GuestFiles, LocalFiles, Reach, Site, site_for
 from .ssh import Connection
 from .sync import CodeSync, SyncSummary
 
@@ -65,7 +65,7 @@ class Machine:
         code_dir: Path | None = None,
         sync_exclude: Sequence[str] = (),
         files: GuestFiles | None = None,
-        site: Site | None = None,
+        site: Reach | None = None,
     ) -> None:
         self.profile = profile
         self.share = share or profile.share

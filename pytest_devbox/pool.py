@@ -308,7 +308,7 @@ class Pool:
             kept.KeptGuest(
                 machine.name,
                 machine.distro,
-                self.settings.uri,
+                self.settings.uri_for(machine.distro),
                 str(machine.overlay),
                 tuple(ssh),
                 code_dir=str(self.settings.code_dir),

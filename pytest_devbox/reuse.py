@@ -8,22 +8,19 @@ say it was reused. Without the option a session never touches guests of `devbox 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-import libvirt
-
-from . import domain as dom
 from . import kept
+from .attach import Running
+from .attach import attach as attach_running
 from .distros import Profile
 from .errors import DevboxError
 from .images import ImageCache
-from .keys import ensure_keypair
-from .launch import host_key_alias
 from .logins import GUEST_USER
 from .machine import Machine
-from .paths import CacheLayout
 from .settings import Settings
+from .sites import Link
 from .ssh import Connection
 
 
@@ -34,7 +31,7 @@ def find(
     guests = kept.load_all(settings.cache_dir, kept.running_names, warn)
     # The newest of `devbox up`'s guests (a failed test's kept guest is evidence).
     guest = {g.distro: g for g in guests if not g.failed}.get(profile.name)
-    if guest is None or guest.uri != settings.uri or not guest.port:
+    if guest is None or guest.uri != settings.uri_for(profile.name) or not guest.port:
         return None
     if Path(guest.code_dir or "/nonexistent").resolve() != settings.code_dir.resolve():
         return None  # another project's /code: not this session's guest
@@ -48,49 +45,30 @@ def attach(
     settings: Settings,
     log: Callable[[str], None] = print,
 ) -> Machine:
-    """A Machine on ``guest``; `detach()` it at the end, which leaves the guest running."""
+    """A Machine on ``guest`` (on the host its record names); `detach()` it at the end,
+    which leaves the guest running."""
     image = cache.image_for(profile)
-    layout = CacheLayout(cache.root)
-    virconn = dom.connect(settings.uri)
-    try:
-        domain = dom.Domain(virconn.lookupByName(guest.name))
-        metadata = dom.read_metadata(domain.virdom.XMLDesc(0))
+
+    def same_image(metadata: Mapping[str, str]) -> None:
         built_from = metadata.get("image_key")
         if built_from != image.key:
             raise DevboxError(
                 f"{guest.name} runs on image {built_from}, not the current {image.key} of "
                 f"{profile.name}: `devbox rebuild {profile.name}`, or drop --devbox-reuse"
             )
-        ssh = Connection(
-            "127.0.0.1",
-            int(guest.port),
-            key_path=ensure_keypair(layout.ssh),
-            known_hosts=layout.known_hosts,
-            host_key_alias=host_key_alias(image),
-        )
-        ssh.connect(timeout=60.0)
-    except libvirt.libvirtError as e:
-        virconn.close()
-        raise DevboxError(f"the guest {guest.name} of `devbox up` is gone: {e}") from e
-    except BaseException:
-        virconn.close()
-        raise
+
     overlay = Path(guest.overlay)
-    machine = Machine(
-        profile=profile,
-        image=image,
-        virconn=virconn,
-        domain=domain,
-        ssh=ssh,
-        overlay=overlay,
-        console_log=overlay.with_name(f"{guest.name}.console.log"),
-        boot_seconds=0.0,
-        exec_mode=settings.exec_mode,
-        log=log,
+    where = Running(
+        name=guest.name,
+        uri=guest.uri,
+        port=int(guest.port),
+        overlay=guest.overlay,
+        console_log=str(overlay.with_name(f"{guest.name}.console.log")),
         # Guests started before the share was recorded shared /code the profile's way.
-        share=metadata.get("share", profile.share),
-        code_dir=settings.code_dir,
-        sync_exclude=settings.sync_exclude,
+        share=guest.share,
+    )
+    machine = attach_running(
+        where, profile, image, settings, whose="the guest of `devbox up`", check=same_image, log=log
     )
     try:
         # A copy is as old as the last sync: bring it up to date, as a share would be.
@@ -103,22 +81,17 @@ def attach(
 
 @contextlib.contextmanager
 def login(guest: kept.KeptGuest, cache_dir: Path) -> Iterator[Connection]:
-    """The guest user's SSH connection to a kept guest, reached the way its recorded
-    ssh line reaches it (host, port, pinned host key alias), closed at the end."""
+    """The guest user's SSH connection to a kept guest, reached on the host its record
+    names (sites.Link: through the tunnel for a remote one) with the host key alias of
+    its ssh line; closed at the end."""
     alias = [a.partition("=")[2] for a in guest.ssh if a.startswith("HostKeyAlias=")]
     if not alias or not guest.port:
         raise DevboxError(f"the record of {guest.name} has no usable ssh line: {guest.ssh}")
-    layout = CacheLayout(cache_dir)
-    conn = Connection(
-        guest.ssh[-1].rpartition("@")[2],
-        int(guest.port),
-        username=GUEST_USER,
-        key_path=ensure_keypair(layout.ssh),
-        known_hosts=layout.known_hosts,
-        host_key_alias=alias[0],
-    )
+    link = Link(guest.uri)
+    conn = link.connection(cache_dir, int(guest.port), alias[0], username=GUEST_USER)
     try:
         conn.connect(timeout=60.0)
         yield conn
     finally:
         conn.close()
+        link.close()

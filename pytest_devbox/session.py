@@ -144,7 +144,7 @@ class DevboxSession:
         from .broker import Broker, describe
 
         pool = self.pool  # created here, in one thread, before any worker asks
-        self.broker = Broker(lambda distro: describe(pool.get(distro)))
+        self.broker = Broker(lambda d: describe(pool.get(d), self.settings.uri_for(d)))
 
     def shared_machine(self, distro: str) -> Machine | None:
         """The running shared guest of `distro`, or None (never starts one)."""

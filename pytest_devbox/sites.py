@@ -17,7 +17,7 @@ import libvirt
 
 from . import qemu_img, volumes
 from .images import image_lock
-from .launch import Log, Plan, tail_file, tail_text
+from .launch import Log, Plan, guest_connection, host_key_alias, tail_file, tail_text
 from .remote import RemoteHost, Tunnel, jump_options, parse_uri
 from .ssh import Connection, probe_banner
 
@@ -72,13 +72,67 @@ class RemoteFiles:
             volumes.delete(self.pool, path.name)
 
 
+class Link:
+    """How this process reaches the SSH ports forwarded on 127.0.0.1 of the host a libvirt
+    URI runs guests on: our own loopback, or the remote host's through one tunnel.
+
+    A guest being started (its Site) and a process attaching to a running guest (an
+    xdist worker, --devbox-reuse, `devbox run` on a kept sync guest: attach.py) use this
+    same class, so the ways they reach a guest cannot drift apart.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.remote: RemoteHost | None = parse_uri(uri)
+        self.tunnel = Tunnel(self.remote) if self.remote else None
+
+    def probe(self, host: str, port: int, timeout: float) -> bool:
+        if self.tunnel is None:
+            return probe_banner(host, port, timeout)
+        # `host` is 127.0.0.1: the remote host's own loopback, seen through the tunnel.
+        return self.tunnel.probe_banner(port, timeout)
+
+    def connection(
+        self, cache_root: Path, port: int, alias: str, *, username: str = "root"
+    ) -> Connection:
+        """A guest's SSH connection on `port` (not yet connected), its host key pinned
+        under `alias`."""
+        tunnel, remote = self.tunnel, self.remote
+        if tunnel is None or remote is None:
+            return guest_connection(cache_root, port, alias, username=username)
+        return guest_connection(
+            cache_root,
+            port,
+            alias,
+            username=username,
+            opener=lambda timeout: tunnel.open(port, timeout),
+            via=jump_options(remote),
+        )
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+
+
+class Reach(Protocol):
+    """What a Machine keeps of how it reaches its guest: a Site or a Link."""
+
+    @property
+    def remote(self) -> RemoteHost | None: ...
+
+    def close(self) -> None: ...
+
+
 class Site:
     """This host: the overlay next to the session's other files, SSH on our loopback."""
 
-    remote: RemoteHost | None = None
-
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, link: Link) -> None:
         self.plan = plan
+        self.link = link
+
+    @property
+    def remote(self) -> RemoteHost | None:
+        return self.link.remote
 
     def adapt(self, plan: Plan, log: Log) -> Plan:
         """The plan as this site can run it."""
@@ -90,23 +144,22 @@ class Site:
         return LocalFiles(overlay, self.plan.workdir / f"{name}.console.log")
 
     def probe(self, host: str, port: int, timeout: float) -> bool:
-        return probe_banner(host, port, timeout)
+        return self.link.probe(host, port, timeout)
 
     def connection(self, port: int) -> Connection:
-        return self.plan.connection(port)
+        return self.link.connection(self.plan.cache.root, port, host_key_alias(self.plan.image))
 
     def close(self) -> None:
-        """Nothing to close on this host."""
+        self.link.close()
 
 
 class RemoteSite(Site):
     """A remote libvirt host: volumes in our pool there, SSH through a tunnel."""
 
     def __init__(
-        self, plan: Plan, remote: RemoteHost, virconn: libvirt.virConnect, pool_dir: str, log: Log
+        self, plan: Plan, link: Link, virconn: libvirt.virConnect, pool_dir: str, log: Log
     ) -> None:
-        super().__init__(plan)
-        self.remote = remote
+        super().__init__(plan, link)
         self.virconn = virconn
         self.pool = volumes.ensure_pool(virconn, pool_dir)
         image = plan.image.path
@@ -117,7 +170,6 @@ class RemoteSite(Site):
             lock=image_lock(image),
         )
         self.base = volumes.upload_image(virconn, self.pool, upload, log)
-        self.tunnel = Tunnel(remote)
 
     def adapt(self, plan: Plan, log: Log) -> Plan:
         # The one place a remote URI means sync: a directory of this host cannot be
@@ -137,24 +189,9 @@ class RemoteSite(Site):
         console = root / volumes.guest_volume(name, volumes.CONSOLE)
         return RemoteFiles(Path(vol.path()), console, self.virconn, self.pool)
 
-    def probe(self, host: str, port: int, timeout: float) -> bool:
-        # `host` is 127.0.0.1: the remote host's own loopback, seen through the tunnel.
-        return self.tunnel.probe_banner(port, timeout)
-
-    def connection(self, port: int) -> Connection:
-        assert self.remote is not None
-        return self.plan.connection(
-            port,
-            opener=lambda timeout: self.tunnel.open(port, timeout),
-            via=jump_options(self.remote),
-        )
-
-    def close(self) -> None:
-        self.tunnel.close()
-
 
 def site_for(plan: Plan, uri: str, virconn: libvirt.virConnect, pool_dir: str, log: Log) -> Site:
-    remote = parse_uri(uri)
-    if remote is None:
-        return Site(plan)
-    return RemoteSite(plan, remote, virconn, pool_dir, log)
+    link = Link(uri)
+    if link.remote is None:
+        return Site(plan, link)
+    return RemoteSite(plan, link, virconn, pool_dir, log)

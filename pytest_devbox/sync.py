@@ -179,8 +179,10 @@ def write_manifest(conn: Connection, files: dict[str, Stat]) -> None:
     them again rather than believing they arrived)."""
     text = json.dumps({"format": MANIFEST_FORMAT, "files": files}, separators=(",", ":"))
     target = shlex.quote(MANIFEST)
+    # A temporary name of this shell's own ($$): xdist workers sync one guest at once.
+    new = f"{target}.new.$$"
     conn.run(
-        f'mkdir -p "$(dirname {target})" && cat > {target}.new && mv {target}.new {target}',
+        f'mkdir -p "$(dirname {target})" && cat > {new} && mv {new} {target}',
         cwd=None,
         timeout=120,
         stdin=text.encode(),

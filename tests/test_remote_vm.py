@@ -1,10 +1,7 @@
 """Guests on a "remote" libvirt host, VM tier (issue 13).
 
-There is one machine: a private sshd on loopback (local_sshd.py) stands for the remote
-host, and libvirt reaches the same libvirtd through it: qemu+ssh://root@127.0.0.1:PORT.
-libvirt's ssh transport runs the `ssh` binary; `command=` points it at a wrapper that
-keeps its known_hosts in the test's directory (no_verify=1 would otherwise record the
-key in root's ~/.ssh). The pool directory is under the test's tmp dir, not the cache.
+The remote host is a private sshd on loopback in front of this host's libvirtd
+(remote_host.py).
 
 One guest is booted in this process and shared; the examples run and the kill -9 run
 are separate pytest processes (the second one is killed as soon as its domain exists).
@@ -20,13 +17,11 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import libvirt
 import pytest
 from guests import CACHE
-from local_sshd import client_files, host_key, run_sshd
+from remote_host import LOCAL_URI, RemoteHost, pool_volumes, remote_host
 
 from pytest_devbox import domain as dom
 from pytest_devbox import volumes
@@ -39,39 +34,12 @@ from pytest_devbox.sweep import sweep_leftovers
 
 pytestmark = pytest.mark.vm
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-LOCAL_URI = "qemu:///system"
-
-
-@dataclass
-class RemoteHost:
-    uri: str
-    pool_dir: str
 
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
-    d = tmp_path_factory.mktemp("remote-host")
-    key, authorized = client_files(d)
-    wrapper = d / "ssh"
-    wrapper.write_text(f'#!/bin/sh\nexec ssh -o UserKnownHostsFile={d}/known_hosts "$@"\n')
-    wrapper.chmod(0o755)
-    pool_dir = str(d / "pool")
-    with run_sshd(d / "sshd", authorized, host_key(d / "host_key")) as sshd:
-        uri = (
-            f"qemu+ssh://root@127.0.0.1:{sshd.port}/system"
-            f"?keyfile={key}&no_verify=1&command={wrapper}"
-        )
-        yield RemoteHost(uri, pool_dir)
-    conn = dom.connect(LOCAL_URI)
-    try:
-        pool = conn.storagePoolLookupByName(volumes.pool_name(pool_dir))
-        for vol in pool.listAllVolumes(0):
-            vol.delete(0)
-        pool.destroy()
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
+    with remote_host(tmp_path_factory.mktemp("remote-host")) as host:
+        yield host
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +75,6 @@ def guest(remote: RemoteHost, code: Path, guest_log: list[str]) -> Iterator[Mach
         yield m
 
 
-def _pool_volumes(pool_dir: str) -> list[str]:
-    conn = dom.connect(LOCAL_URI)
-    try:
-        pool = conn.storagePoolLookupByName(volumes.pool_name(pool_dir))
-        pool.refresh(0)
-        return sorted(pool.listVolumes())
-    finally:
-        conn.close()
-
-
 def test_a_remote_guest_runs_commands_copies_files_and_has_code(
     guest: Machine, guest_log: list[str], tmp_path: Path
 ) -> None:
@@ -134,7 +92,7 @@ def test_a_remote_guest_runs_commands_copies_files_and_has_code(
 
 def test_its_disk_and_console_are_volumes_of_our_pool(guest: Machine, remote: RemoteHost) -> None:
     assert str(guest.overlay).startswith(remote.pool_dir + "/")
-    names = _pool_volumes(remote.pool_dir)
+    names = pool_volumes(remote.pool_dir)
     assert guest.overlay.name in names and guest.console_log.name in names
     assert "Linux" in guest.console_tail(400) or "login" in guest.console_tail(400)
 
@@ -144,7 +102,7 @@ def test_the_image_is_uploaded_once(
 ) -> None:
     uploads = [line for line in guest_log if line.startswith("uploaded ")]
     assert len(uploads) == 1, guest_log
-    images = [n for n in _pool_volumes(remote.pool_dir) if not n.startswith("devbox-")]
+    images = [n for n in pool_volumes(remote.pool_dir) if not n.startswith("devbox-")]
     assert len(images) == 2 and images[1] == images[0] + volumes.MARKER, images
     # A second start finds it complete: nothing more is uploaded.
     again: list[str] = []
@@ -163,7 +121,7 @@ def test_a_remote_boot_that_times_out_shows_its_console_and_leaves_nothing(
 ) -> None:
     """The console file is on the remote host: its tail comes back through libvirt."""
     cache = ImageCache(CACHE, public_index=False, tcg=resolve_accel() == "tcg")
-    before = _pool_volumes(remote.pool_dir)
+    before = pool_volumes(remote.pool_dir)
     with pytest.raises(BootTimeout) as info:
         Machine.start(
             load_profiles(EXAMPLES)["debian-12"],
@@ -175,7 +133,7 @@ def test_a_remote_boot_that_times_out_shows_its_console_and_leaves_nothing(
             log=lambda _line: None,
         )
     assert info.value.console_tail.strip(), "the console tail should show how far it got"
-    assert _pool_volumes(remote.pool_dir) == before  # its overlay and console are gone
+    assert pool_volumes(remote.pool_dir) == before  # its overlay and console are gone
 
 
 def test_the_ssh_line_works_from_a_shell(guest: Machine) -> None:
@@ -265,11 +223,11 @@ def test_kill_9_leaves_no_remote_domain_and_the_sweep_removes_its_volumes(
         if proc.poll() is None:
             proc.kill()
     assert "uploaded " not in out.read_text(), out.read_text()  # a second session: no upload
-    mine = [n for n in _pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
-    assert mine, _pool_volumes(remote.pool_dir)  # its overlay (and console) are left
+    mine = [n for n in pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
+    assert mine, pool_volumes(remote.pool_dir)  # its overlay (and console) are left
     lines = sweep_leftovers(remote.uri, CACHE, remote_pool=remote.pool_dir)
     assert sum("removed leftover volume" in line for line in lines) == len(mine), lines
-    assert not [n for n in _pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
+    assert not [n for n in pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
 
 
 def test_doctor_checks_the_remote_host(remote: RemoteHost) -> None:
