@@ -46,16 +46,21 @@ def sshd(client: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) ->
         yield server
 
 
-@pytest.fixture
-def login(sshd: Sshd, client: tuple[Path, Path], tmp_path: Path) -> Iterator[Login]:
-    conn = Connection(
+def _connection(sshd: Sshd, client: tuple[Path, Path], tmp_path: Path, alias: str) -> Connection:
+    """A connection (not yet open) to the local sshd as this user."""
+    return Connection(
         "127.0.0.1",
         sshd.port,
         username=username(),
         key_path=client[0],
         known_hosts=tmp_path / "known_hosts",
-        host_key_alias="exec",
+        host_key_alias=alias,
     )
+
+
+@pytest.fixture
+def login(sshd: Sshd, client: tuple[Path, Path], tmp_path: Path) -> Iterator[Login]:
+    conn = _connection(sshd, client, tmp_path, "exec")
     conn.connect(timeout=10)
     made = Login(conn, "auto")
     yield made
@@ -214,14 +219,7 @@ def test_closing_the_login_stops_its_commands(login: Login) -> None:
 def test_no_python_falls_back_to_ssh_with_one_log_line(
     sshd: Sshd, client: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    conn = Connection(
-        "127.0.0.1",
-        sshd.port,
-        username=username(),
-        key_path=client[0],
-        known_hosts=tmp_path / "known_hosts",
-        host_key_alias="nopy",
-    )
+    conn = _connection(sshd, client, tmp_path, "nopy")
     lines: list[str] = []
     # Like CentOS 7: neither interpreter the executor needs exists there.
     no_python = Login(conn, "auto", lines.append, pythons=("/nonexistent/python3",))
@@ -350,14 +348,7 @@ def test_the_executor_runs_on_python_3_6(
     # The guest program on the interpreter CentOS 8 has (its platform-python is 3.6),
     # which cannot boot here: the same program, a real 3.6, over a real sshd.
     assert PY36 is not None
-    conn = Connection(
-        "127.0.0.1",
-        sshd.port,
-        username=username(),
-        key_path=client[0],
-        known_hosts=tmp_path / "known_hosts",
-        host_key_alias="py36",
-    )
+    conn = _connection(sshd, client, tmp_path, "py36")
     lines: list[str] = []
     old = Login(conn, "auto", lines.append, pythons=(PY36,))
     try:
