@@ -7,11 +7,16 @@ memory allow). Prints each case's wall-clock time and the ratio of both-at-once 
 the slower alone, in one run so the ratio holds however loaded the host is, and
 ends with the figures as one JSON line (what benchmarks/run.py collects).
 
-    .venv/bin/python benchmarks/bench_parallel.py [DISTRO_A DISTRO_B]
+    .venv/bin/python benchmarks/bench_parallel.py [DISTRO_A DISTRO_B] [--vcpus N]
+
+`--vcpus N` gives both guests N vCPUs: under TCG every vCPU is a busy host thread, so
+with 2-vCPU guests on a 2-core host two boots at once cannot overlap; `--vcpus 1` shows
+what the same host does when its cores can hold both guests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +32,9 @@ from pytest_devbox.settings import Settings
 TEMPLATES = "file:///var/cache/pytest-devbox/templates/index"
 
 
-def run_case(distros: list[str], scratch: Path) -> tuple[float, dict[str, float | None]]:
+def run_case(
+    distros: list[str], scratch: Path, vcpus: int | None
+) -> tuple[float, dict[str, float | None]]:
     """Seconds to have every distro's guest up from an empty cache; build seconds each."""
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=scratch))
     settings = Settings(
@@ -37,7 +44,10 @@ def run_case(distros: list[str], scratch: Path) -> tuple[float, dict[str, float 
         repos=(TEMPLATES,),
         restore="off",  # a boot, the same work in every case
     )
-    pool = Pool([BUILTIN_PROFILES[d] for d in distros], settings, log=lambda _: None)
+    profiles = [BUILTIN_PROFILES[d] for d in distros]
+    if vcpus is not None:
+        profiles = [dataclasses.replace(p, vcpus=vcpus) for p in profiles]
+    pool = Pool(profiles, settings, log=lambda _: None)
     t0 = time.perf_counter()
     try:
         errors = pool.prepare(distros, boot=True)
@@ -50,11 +60,18 @@ def run_case(distros: list[str], scratch: Path) -> tuple[float, dict[str, float 
 
 
 def main() -> None:
-    a, b = sys.argv[1:3] if len(sys.argv) > 2 else ("debian-11", "debian-12")
+    args = sys.argv[1:]
+    vcpus = None
+    if "--vcpus" in args:
+        at = args.index("--vcpus")
+        vcpus = int(args[at + 1])
+        del args[at : at + 2]
+    a, b = args[:2] if len(args) > 1 else ("debian-11", "debian-12")
     job_mib = max(BUILTIN_PROFILES[a].memory_mib, BUILTIN_PROFILES[b].memory_mib)
     print(
         f"host: {os.cpu_count()} cores, {available_mib()} MiB available, "
-        f"load {os.getloadavg()[0]:.1f}; at once: {limit(2, job_mib)}"
+        f"load {os.getloadavg()[0]:.1f}; at once: {limit(2, job_mib)}; "
+        f"vcpus: {vcpus or 'as each profile says'}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-parallel-", dir="/var/tmp") as tmp:
         scratch = Path(tmp)
@@ -62,7 +79,7 @@ def main() -> None:
         times: dict[str, float] = {}
         image_s: dict[str, float] = {}  # the slowest image build of each case
         for distros in cases:
-            seconds, builds = run_case(distros, scratch)
+            seconds, builds = run_case(distros, scratch, vcpus)
             label = " + ".join(distros)
             times[label] = seconds
             image_s[label] = max((s for s in builds.values() if s), default=0.0)
