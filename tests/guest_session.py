@@ -1,10 +1,23 @@
-"""The command line of a separate pytest session that boots debian-12 from the cache."""
+"""What the VM-tier tests share about separate sessions on the host's libvirtd: the
+command line of a pytest session that boots debian-12 from the cache, and the devbox
+domains that libvirtd runs."""
 
 from __future__ import annotations
 
 import sys
 
+from pytest_devbox import domain as dom
 from pytest_devbox.host import default_cache_dir
+from pytest_devbox.settings import DEFAULT_URI
+
+
+def system_domains(uri: str = DEFAULT_URI) -> dict[str, dict[str, str]]:
+    """Every devbox domain at `uri` (the host's libvirtd), name -> its devbox metadata."""
+    conn = dom.connect(uri)
+    try:
+        return dict(dom.list_devbox_domains(conn))
+    finally:
+        conn.close()
 
 
 def pytest_on_debian12(*args: str) -> list[str]:

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from guest_session import system_domains
 from guests import CACHE, URI
 
-from pytest_devbox import domain as dom
 from pytest_devbox.machine import Machine
 
 pytestmark = pytest.mark.vm
@@ -23,14 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _libvirtd_pid() -> str:
     return subprocess.run(["pidof", "libvirtd"], capture_output=True, text=True).stdout.strip()
-
-
-def _domains() -> dict[str, dict[str, str]]:
-    conn = dom.connect(URI)
-    try:
-        return dict(dom.list_devbox_domains(conn))
-    finally:
-        conn.close()
 
 
 def _descendants(pid: int) -> set[int]:
@@ -65,7 +57,7 @@ class DomainWatch(threading.Thread):
     def run(self) -> None:
         while self.child.poll() is None:
             self.tree |= _descendants(self.child.pid)
-            for name, meta in _domains().items():
+            for name, meta in system_domains().items():
                 owner = meta.get("owner_pid", "")
                 if name not in self.before and (not owner or int(owner) in self.tree):
                     self.suspects[name] = owner or "no owner recorded"
@@ -94,7 +86,7 @@ def test_fast_tier_leaves_host_alone(debian12: Machine) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    watch = DomainWatch(child, set(_domains()))
+    watch = DomainWatch(child, set(system_domains()))
     watch.start()
     out, _ = child.communicate(timeout=900)
     watch.join()

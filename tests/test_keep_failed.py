@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from guest_session import pytest_on_debian12
+from guest_session import pytest_on_debian12, system_domains
 
-from pytest_devbox import domain as dom
 from pytest_devbox.host import default_cache_dir
 from pytest_devbox.paths import CacheLayout
 
@@ -27,14 +26,6 @@ def test_fails(devbox):
     devbox.run("touch /root/failed-here", user="root")
     assert devbox.run("echo 1").stdout.strip() == "2"
 """
-
-
-def _domains() -> dict[str, dict[str, str]]:
-    conn = dom.connect(URI)
-    try:
-        return dict(dom.list_devbox_domains(conn))
-    finally:
-        conn.close()
 
 
 def _session(tmp_path: Path, test: str) -> tuple[int, int, str]:
@@ -59,7 +50,7 @@ def _devbox(*args: str) -> subprocess.CompletedProcess[str]:
 def test_a_failed_tests_guest_stays_up_and_is_reachable(tmp_path: Path) -> None:
     pid, status, out = _session(tmp_path, FAILING)
     # Selected by owner: other sessions' guests are none of our business.
-    ours = {n: m for n, m in _domains().items() if m.get("owner_pid") == str(pid)}
+    ours = {n: m for n, m in system_domains().items() if m.get("owner_pid") == str(pid)}
     try:
         assert status == 1, out
         # The shared guest of the failed test stays; the passing test's fresh one went.
@@ -85,18 +76,18 @@ def test_a_failed_tests_guest_stays_up_and_is_reachable(tmp_path: Path) -> None:
         from pytest_devbox.sweep import sweep_leftovers
 
         sweep_leftovers(URI, CACHE)
-        assert name in _domains()
+        assert name in system_domains()
     finally:
         destroyed = _devbox("destroy", *ours)
     assert destroyed.returncode == 0, destroyed.stderr
-    assert not set(ours) & set(_domains())
+    assert not set(ours) & set(system_domains())
     assert not Path(meta["overlay"]).exists()
     assert not (CacheLayout(CACHE).kept / f"{name}.json").exists()
 
 
 def test_a_passing_run_keeps_nothing(tmp_path: Path) -> None:
     pid, status, out = _session(tmp_path, "def test_ok(devbox):\n    devbox.run('true')\n")
-    ours = [n for n, m in _domains().items() if m.get("owner_pid") == str(pid)]
+    ours = [n for n, m in system_domains().items() if m.get("owner_pid") == str(pid)]
     if ours:  # pragma: no cover - only when the test fails
         _devbox("destroy", *ours)
     assert status == 0, out

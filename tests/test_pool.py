@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from guest_session import pytest_on_debian12
+from guest_session import pytest_on_debian12, system_domains
 
-from pytest_devbox import domain as dom
 from pytest_devbox.distros import BUILTIN_PROFILES
 from pytest_devbox.errors import BootTimeout
 from pytest_devbox.host import default_cache_dir
@@ -20,14 +19,6 @@ pytestmark = pytest.mark.vm
 
 CACHE = default_cache_dir()
 URI = "qemu:///system"
-
-
-def _domains() -> dict[str, dict[str, str]]:
-    conn = dom.connect(URI)
-    try:
-        return dict(dom.list_devbox_domains(conn))
-    finally:
-        conn.close()
 
 
 def test_failed_boot_is_retried_once_and_reported(tmp_path: Path) -> None:
@@ -42,7 +33,7 @@ def test_failed_boot_is_retried_once_and_reported(tmp_path: Path) -> None:
     assert pool.stats["debian-12"].retried == 1
     assert any("retrying once" in line for line in lines), lines
     # None of this pool's guests is left (the session's shared guests are not its own).
-    assert not [n for n, m in _domains().items() if m.get("run_id") == pool.run_id]
+    assert not [n for n, m in system_domains().items() if m.get("run_id") == pool.run_id]
 
 
 def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> None:
@@ -62,11 +53,11 @@ def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> No
     stdout, _ = proc.communicate(timeout=900)
     r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
     # Selected by owner: another session's guests, kept or not, are none of our business.
-    kept = {n for n, m in _domains().items() if m.get("owner_pid") == str(proc.pid)}
+    kept = {n for n, m in system_domains().items() if m.get("owner_pid") == str(proc.pid)}
     assert r.returncode == 0, r.stdout
     try:
         assert len(kept) == 2, r.stdout
-        overlays = {_domains()[n]["overlay"] for n in kept}
+        overlays = {system_domains()[n]["overlay"] for n in kept}
         assert len(overlays) == 2 and all(Path(o).exists() for o in overlays)
         # Each printed line works: each guest is the one its test used.
         marks = set()
@@ -88,10 +79,10 @@ def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> No
         from pytest_devbox.sweep import sweep_leftovers
 
         sweep_leftovers(URI, CACHE)
-        assert kept <= set(_domains())
+        assert kept <= set(system_domains())
     finally:
         subprocess.run(
             [sys.executable, "-m", "pytest_devbox.cli", "destroy", "--cache", str(CACHE), *kept],
             check=False,
         )
-    assert not kept & set(_domains())
+    assert not kept & set(system_domains())

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guest_session import system_domains
 from guests import CACHE
-from remote_host import LOCAL_URI, RemoteHost, pool_volumes, remote_host
-
-from pytest_devbox import domain as dom
+from remote_host import RemoteHost, pool_volumes, remote_host
 
 pytestmark = pytest.mark.vm
 pytest.importorskip("xdist")
@@ -29,14 +28,6 @@ pytest.importorskip("xdist")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
     with remote_host(tmp_path_factory.mktemp("remote-host")) as host:
         yield host
-
-
-def _domains() -> dict[str, dict[str, str]]:
-    conn = dom.connect(LOCAL_URI)  # the "remote" libvirtd is this host's
-    try:
-        return dict(dom.list_devbox_domains(conn))
-    finally:
-        conn.close()
 
 
 WORKERS = """
@@ -50,7 +41,7 @@ from pytest_devbox import domain as dom
 LOG = Path(os.environ["XDIST_LOG"])
 
 
-def controllers_domains():
+def controllerssystem_domains():
     conn = dom.connect("qemu:///system")
     try:
         return [n for n, m in dom.list_devbox_domains(conn)
@@ -67,7 +58,7 @@ def test_shared(devbox, n):
     assert devbox.run(f"cat /code/from-{worker}-{n}.txt").stdout == f"{worker} {n}\\n"
     assert devbox.run("hostname").stdout.strip() == "devbox-debian-12"
     entry = dict(worker=worker, name=devbox.name, remote=devbox.remote,
-                 share=devbox.share, domains=controllers_domains())
+                 share=devbox.share, domains=controllerssystem_domains())
     with LOG.open("a") as f:
         f.write(json.dumps(entry) + "\\n")
 """
@@ -97,7 +88,7 @@ def test_xdist_workers_share_one_remote_guest_and_sync_it(
         assert e["share"] == "sync", e
         assert e["domains"] == sorted(names), e  # never a second guest of the controller
     assert "copied into the guest" in out
-    assert not names & set(_domains()), "the controller's guest goes with the run"
+    assert not names & set(system_domains()), "the controller's guest goes with the run"
 
 
 LOOP = """
@@ -135,7 +126,7 @@ def test_devbox_up_reuse_ls_and_destroy_on_the_host_the_hosts_map_names(
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_DEVBOX"}
     up = _devbox(tmp_path, "up", "debian-12")
     assert up.returncode == 0, up.stdout + up.stderr
-    (name,) = [n for n, m in _domains().items() if m.get("keep") == "1" and n in up.stdout]
+    (name,) = [n for n, m in system_domains().items() if m.get("keep") == "1" and n in up.stdout]
     try:
         assert "ProxyCommand=" in up.stdout  # its ssh line goes through the remote host
         ls = _devbox(tmp_path, "ls", "--json")
@@ -162,5 +153,5 @@ def test_devbox_up_reuse_ls_and_destroy_on_the_host_the_hosts_map_names(
     finally:
         gone = _devbox(tmp_path, "destroy", "debian-12")
     assert gone.returncode == 0 and f"destroyed {name} (debian-12)" in gone.stdout, gone.stderr
-    assert name not in _domains()
+    assert name not in system_domains()
     assert not [v for v in pool_volumes(remote.pool_dir) if v.startswith(name + "@")]

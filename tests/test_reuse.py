@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from guest_session import pytest_on_debian12
+from guest_session import pytest_on_debian12, system_domains
 
-from pytest_devbox import domain as dom
 from pytest_devbox.host import default_cache_dir
 
 pytestmark = pytest.mark.vm
@@ -33,21 +32,15 @@ def _devbox(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _domains() -> dict[str, dict[str, str]]:
-    conn = dom.connect(URI)
-    try:
-        return dict(dom.list_devbox_domains(conn))
-    finally:
-        conn.close()
-
-
 def test_a_session_reuses_the_guest_devbox_up_started(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.pytest.ini_options]\ndevbox_offline = true\n")
     (tmp_path / "test_loop.py").write_text(TESTS)
     up = _devbox(tmp_path, "up", "debian-12")
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        (name,) = [n for n, m in _domains().items() if m.get("keep") == "1" and n in up.stdout]
+        (name,) = [
+            n for n, m in system_domains().items() if m.get("keep") == "1" and n in up.stdout
+        ]
         for run in (1, 2):
             r = subprocess.run(
                 pytest_on_debian12("--devbox-reuse", "-s", "test_loop.py"),
@@ -64,7 +57,7 @@ def test_a_session_reuses_the_guest_devbox_up_started(tmp_path: Path) -> None:
             assert f"RUNS {run}" in r.stdout
             row = next(ln for ln in r.stdout.splitlines() if ln.startswith("debian-12 "))
             assert row.split()[1] == "0" and "reused" in row, row
-            assert name in _domains(), "the guest of devbox up must stay up"
+            assert name in system_domains(), "the guest of devbox up must stay up"
     finally:
         _devbox(tmp_path, "destroy", "debian-12")
-    assert name not in _domains()
+    assert name not in system_domains()
