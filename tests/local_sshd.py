@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pytest_devbox.ssh import probe_banner
+from pytest_devbox.ssh import Connection, probe_banner
 
 SSHD = "/usr/sbin/sshd"
 HAVE_SSHD = os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None
@@ -112,3 +113,16 @@ def client_files(directory: Path) -> tuple[Path, Path]:
     authorized = directory / "authorized_keys"
     authorized.write_text(public_key_line(key) + "\n")
     return key, authorized
+
+
+def local_connection(port: int, key: Path, known_hosts: Path, alias: str, **kw: Any) -> Connection:
+    """A connection (not yet open) as this user to a local sshd run by `run_sshd`."""
+    return Connection(
+        "127.0.0.1",
+        port,
+        username=username(),
+        key_path=key,
+        known_hosts=known_hosts,
+        host_key_alias=alias,
+        **kw,
+    )

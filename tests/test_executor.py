@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from guest_session import pytest_on_debian12
-from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
+from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, local_connection, run_sshd, username
 
 from pytest_devbox import executor_guest
 from pytest_devbox.errors import CommandTimeout, SSHError
@@ -48,14 +48,7 @@ def sshd(client: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 def _connection(sshd: Sshd, client: tuple[Path, Path], tmp_path: Path, alias: str) -> Connection:
     """A connection (not yet open) to the local sshd as this user."""
-    return Connection(
-        "127.0.0.1",
-        sshd.port,
-        username=username(),
-        key_path=client[0],
-        known_hosts=tmp_path / "known_hosts",
-        host_key_alias=alias,
-    )
+    return local_connection(sshd.port, client[0], tmp_path / "known_hosts", alias)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, run_sshd, username
+from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, local_connection, run_sshd
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
 from pytest_devbox.keys import ensure_keypair, public_key_line
@@ -52,14 +52,7 @@ def sshd(authorized_keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _connection(port: int, key: Path, known_hosts: Path, alias: str = "img-1") -> Connection:
-    return Connection(
-        "127.0.0.1",
-        port,
-        username=username(),
-        key_path=key,
-        known_hosts=known_hosts,
-        host_key_alias=alias,
-    )
+    return local_connection(port, key, known_hosts, alias)
 
 
 @pytest.fixture(scope="session")

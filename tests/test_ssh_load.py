@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from guest_session import pytest_on_debian12
-from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
+from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, local_connection, run_sshd
 
 from pytest_devbox.errors import SSHError
 from pytest_devbox.ssh import MAX_CHANNELS, Connection
@@ -38,15 +38,7 @@ def sshd_4(client: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _connect(sshd: Sshd, client: tuple[Path, Path], tmp: Path, **kw: float) -> Connection:
-    conn = Connection(
-        "127.0.0.1",
-        sshd.port,
-        username=username(),
-        key_path=client[0],
-        known_hosts=tmp / "known_hosts",
-        host_key_alias="load",
-        **kw,  # type: ignore[arg-type]
-    )
+    conn = local_connection(sshd.port, client[0], tmp / "known_hosts", "load", **kw)
     conn.connect(timeout=10)
     return conn
 
