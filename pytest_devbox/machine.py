@@ -168,7 +168,7 @@ class Machine:
                 virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
             )
             deadline = Deadline(plan.deadline_seconds(boot_timeout))
-            boot = Boot(domain, profile.name, files.console, deadline, files.tail_of)
+            boot = Boot(domain, profile.name, files.console, deadline, lambda _, n: files.tail(n))
             ssh = wait_ready(boot, connection=site.connection, share=plan.share, probe=site.probe)
         except BaseException:
             # Half-started is torn down, whatever stopped us (error, Ctrl-C).

@@ -32,10 +32,6 @@ class GuestFiles(Protocol):
 
     def tail(self, lines: int) -> str: ...
 
-    def tail_of(self, _console: Path, lines: int) -> str:
-        """`tail` in the shape boot.Boot calls it."""
-        ...
-
     def remove(self) -> None: ...
 
 
@@ -46,9 +42,6 @@ class LocalFiles:
 
     def tail(self, lines: int) -> str:
         return tail_file(self.console, lines)
-
-    def tail_of(self, _console: Path, lines: int) -> str:
-        return self.tail(lines)
 
     def remove(self) -> None:
         self.overlay.unlink(missing_ok=True)
@@ -63,9 +56,6 @@ class RemoteFiles:
 
     def tail(self, lines: int) -> str:
         return tail_text(volumes.read_tail(self.virconn, self.pool, self.console.name), lines)
-
-    def tail_of(self, _console: Path, lines: int) -> str:
-        return self.tail(lines)
 
     def remove(self) -> None:
         for path in (self.overlay, self.console):
