@@ -350,7 +350,7 @@ class Pool:
                 lines.append(f"{m.distro}: {m.name} kept running: {m.ssh_command()}")
                 continue
             try:
-                if m.name in self._failed and self.settings.keep_failed:
+                if m.name in self._failed:  # filled only with keep-failed
                     lines.append(self._keep_failed(m, shared=id(m) in shared))
                     continue
             except DevboxError as e:
