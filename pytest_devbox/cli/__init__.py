@@ -1,0 +1,1 @@
+"""The devbox command: one module per group of subcommands."""

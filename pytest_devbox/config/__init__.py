@@ -1,0 +1,1 @@
+"""A session's configuration: option table -> project files -> resolution -> Settings; profiles."""

@@ -1,0 +1,1 @@
+"""Local virt-builder templates built from Debian's package mirror."""

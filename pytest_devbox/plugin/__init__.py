@@ -1,0 +1,1 @@
+"""The pytest face: hooks, the session, the report, xdist's broker, forensics."""

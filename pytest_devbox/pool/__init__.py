@@ -1,0 +1,1 @@
+"""A session's guests: shared per distro, fresh per test, kept, reused."""

@@ -1,0 +1,1 @@
+"""libvirt: domains and their XML, QEMU's user, memory admission, remote volumes."""
