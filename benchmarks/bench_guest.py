@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.host import default_cache_dir, resolve_accel
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+from pytest_devbox.image.cache import ImageCache
 
 
 def measure(m: Machine, n: int) -> dict[str, float]:

@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.parallel import available_mib, limit
-from pytest_devbox.pool import Pool
-from pytest_devbox.settings import Settings
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.settings import Settings
+from pytest_devbox.host.parallel import available_mib, limit
+from pytest_devbox.pool.pool import Pool
 
 TEMPLATES = "file:///var/cache/pytest-devbox/templates/index"
 

@@ -30,12 +30,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from pytest_devbox import qemu_img
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile
-from pytest_devbox.host import default_cache_dir, resolve_accel
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
-from pytest_devbox.ssh import probe_banner
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+from pytest_devbox.image import qemu_img
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.transport.ssh import probe_banner
 
 
 def free_port() -> int:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from local_sshd import client_files, host_key, run_sshd  # type: ignore[import-not-found]
 
 from pytest_devbox.result import Result
-from pytest_devbox.ssh import Connection
+from pytest_devbox.transport.ssh import Connection
 
 Run = Callable[[str], Result]
 
@@ -143,10 +143,10 @@ def load(commands: int, guest: str | None) -> dict[str, float]:
         with _local_connection(max_sessions=10) as conn:
             run: Run = lambda c: conn.run(c, cwd=None)  # noqa: E731
             return _load_rounds("local sshd", run, commands, lambda: conn.refused_opens)
-    from pytest_devbox.distros import BUILTIN_PROFILES
-    from pytest_devbox.host import default_cache_dir, resolve_accel
-    from pytest_devbox.images import ImageCache
-    from pytest_devbox.machine import Machine
+    from pytest_devbox.config.profiles import BUILTIN_PROFILES
+    from pytest_devbox.guest.machine import Machine
+    from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+    from pytest_devbox.image.cache import ImageCache
 
     cache = ImageCache(default_cache_dir(), public_index=False, tcg=resolve_accel() == "tcg")
     with (

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_devbox import domain as dom
+from pytest_devbox.virt import domain as dom
 
 URI = "qemu:///system"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

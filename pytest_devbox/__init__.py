@@ -10,15 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .distros import Profile
+    from .config.profiles import Profile
     from .errors import BootTimeout, CommandFailed, CommandTimeout, DevboxError
-    from .machine import Machine
+    from .guest.machine import Machine
     from .result import Result
 
 _EXPORTS = {
-    "Machine": "machine",
+    "Machine": "guest.machine",
     "Result": "result",
-    "Profile": "distros",
+    "Profile": "config.profiles",
     "DevboxError": "errors",
     "CommandFailed": "errors",
     "CommandTimeout": "errors",

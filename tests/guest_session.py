@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from pytest_devbox import domain as dom
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.settings import DEFAULT_URI
+from pytest_devbox.config.settings import DEFAULT_URI
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.virt import domain as dom
 
 
 def system_domains(uri: str = DEFAULT_URI) -> dict[str, dict[str, str]]:

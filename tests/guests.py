@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles
-from pytest_devbox.host import default_cache_dir, resolve_accel
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile, load_profiles
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+from pytest_devbox.image.cache import ImageCache
 
 CACHE = default_cache_dir()
 URI = "qemu:///system"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_devbox.ssh import Connection, probe_banner
+from pytest_devbox.transport.ssh import Connection, probe_banner
 
 SSHD = "/usr/sbin/sshd"
 HAVE_SSHD = os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None
@@ -107,7 +107,7 @@ LogLevel INFO
 
 def client_files(directory: Path) -> tuple[Path, Path]:
     """A client key pair under ``directory`` and an authorized_keys file that admits it."""
-    from pytest_devbox.keys import ensure_keypair, public_key_line
+    from pytest_devbox.transport.keys import ensure_keypair, public_key_line
 
     key = ensure_keypair(directory / "keys")
     authorized = directory / "authorized_keys"

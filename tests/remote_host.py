@@ -17,8 +17,8 @@ from pathlib import Path
 import libvirt
 from local_sshd import client_files, host_key, run_sshd
 
-from pytest_devbox import domain as dom
-from pytest_devbox import volumes
+from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import volumes
 
 LOCAL_URI = "qemu:///system"
 

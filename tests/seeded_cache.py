@@ -14,9 +14,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.images import ImageCache
-from pytest_devbox.paths import CacheLayout
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.image.cache import ImageCache
 
 TEST_URI = "test:///default"
 INDEX = (

@@ -17,20 +17,21 @@ import pytest
 from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
-from pytest_devbox import inifile, kept, reuse
-from pytest_devbox.attach import Running, attach
-from pytest_devbox.broker import describe
-from pytest_devbox.cli import main
-from pytest_devbox.cli_context import Context
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.cli.context import Context
+from pytest_devbox.cli.main import main
+from pytest_devbox.config import project_files as inifile
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DevboxError
-from pytest_devbox.images import ImageInfo
-from pytest_devbox.keys import ensure_keypair, public_key_line
-from pytest_devbox.machine import Machine
-from pytest_devbox.paths import CacheLayout
-from pytest_devbox.settings import Settings
-from pytest_devbox.sites import Link
+from pytest_devbox.guest.attach import Running, attach
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.guest.sites import Link
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.image.cache import ImageInfo
+from pytest_devbox.plugin.broker import describe
+from pytest_devbox.pool import kept, reuse
+from pytest_devbox.transport.keys import ensure_keypair, public_key_line
+from pytest_devbox.virt import domain as dom
 
 URI = "test:///default"
 BAD_URI = "qemu:///system?socket=/nonexistent"

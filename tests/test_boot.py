@@ -22,13 +22,20 @@ from test_ssh import (  # noqa: F401
     sshd,
 )
 
-from pytest_devbox import boot
-from pytest_devbox import domain as dom
-from pytest_devbox.boot import SHARE_PROBE, Boot, Deadline, authenticate, mount_code, wait_banner
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
-from pytest_devbox.keys import ensure_keypair
-from pytest_devbox.launch import tail_file
-from pytest_devbox.ssh import Connection
+from pytest_devbox.guest import readiness as boot
+from pytest_devbox.guest.boot import tail_file
+from pytest_devbox.guest.readiness import (
+    SHARE_PROBE,
+    Boot,
+    Deadline,
+    authenticate,
+    mount_code,
+    wait_banner,
+)
+from pytest_devbox.transport.keys import ensure_keypair
+from pytest_devbox.transport.ssh import Connection
+from pytest_devbox.virt import domain as dom
 
 TEST_DOMAIN = """<domain type='test'><name>{name}</name><memory>65536</memory>
 <os><type>hvm</type></os></domain>"""

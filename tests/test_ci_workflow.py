@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pytest_devbox.options import MATRIX_FLAG, OPTIONS
+from pytest_devbox.config.option_table import MATRIX_FLAG, OPTIONS
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "examples" / "ci" / "github-actions.yml"
 # The shell GitHub runs a `run:` step with when the workflow names none.

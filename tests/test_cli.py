@@ -19,10 +19,10 @@ import libvirt
 import pytest
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
-from pytest_devbox import kept
-from pytest_devbox.cli import main, parse
-from pytest_devbox.paths import CacheLayout
+from pytest_devbox.cli.main import main, parse
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.pool import kept
+from pytest_devbox.virt import domain as dom
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCK = Path("/run/libvirt/libvirt-sock")

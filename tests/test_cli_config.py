@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.cli import parse
-from pytest_devbox.cli_context import load_context
-from pytest_devbox.options import OPTIONS, spell_for_command
-from pytest_devbox.plugin import state_key
+from pytest_devbox.cli.context import load_context
+from pytest_devbox.cli.main import parse
+from pytest_devbox.config.option_table import OPTIONS, spell_for_command
+from pytest_devbox.plugin.hooks import state_key
 
 PYTEST_9 = int(pytest.__version__.split(".")[0]) >= 9
 ALL = """\

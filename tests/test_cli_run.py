@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from pytest_devbox.cli_context import in_parallel
-from pytest_devbox.cli_run import Outcome, Prefixed, _report, remote_line
+from pytest_devbox.cli.context import in_parallel
+from pytest_devbox.cli.run import Outcome, Prefixed, _report, remote_line
 from pytest_devbox.errors import DevboxError, HostNotReady
 
 

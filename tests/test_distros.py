@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles, select
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile, load_profiles, select
 from pytest_devbox.errors import ProfileError, UnknownDistro
 
 # DESIGN.md's six lines for CentOS 7, as the design wrote them.

@@ -20,8 +20,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from pytest_devbox import domain as dom
 from pytest_devbox.errors import DomainError, HostNotReady
+from pytest_devbox.virt import domain as dom
 
 DATA = Path(__file__).parent / "data" / "domain"
 
@@ -174,7 +174,7 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 def _nobody_cannot_import() -> str:
     """Why `nobody` cannot import the package with this interpreter ('' when it can):
     a venv or a checkout under /root is out of its reach."""
-    probe = [*AS_NOBODY, sys.executable, "-c", "import libvirt, pytest_devbox.domain"]
+    probe = [*AS_NOBODY, sys.executable, "-c", "import libvirt, pytest_devbox.virt.domain"]
     r = subprocess.run(probe, capture_output=True, text=True, check=False, cwd="/")
     return "" if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
 
@@ -188,7 +188,7 @@ def test_connect_permission_denied_says_join_libvirt_group(tmp_path: Path) -> No
     server.listen()
     locked.chmod(0o700)
     code = (
-        "from pytest_devbox.domain import connect\n"
+        "from pytest_devbox.virt.domain import connect\n"
         f"connect('qemu:///system?socket={locked}/sock')\n"
     )
     cmd = [sys.executable, "-c", code]

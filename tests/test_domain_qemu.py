@@ -19,7 +19,7 @@ import libvirt_qemu
 import pytest
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
+from pytest_devbox.virt import domain as dom
 
 pytestmark = pytest.mark.vm
 
@@ -133,7 +133,7 @@ def test_real_autodestroy_survives_sigkill(qemuconn: libvirt.virConnect, tmp_pat
     child = textwrap.dedent(f"""\
         import sys, time
         from pathlib import Path
-        from pytest_devbox import domain as dom
+        from pytest_devbox.virt import domain as dom
         spec = dom.DomainSpec(name={spec.name!r}, disk=Path({str(spec.disk)!r}),
             code_dir=Path({str(spec.code_dir)!r}), share="9p", accel="tcg",
             console_log=Path({str(spec.console_log)!r}), memory_mib=128, vcpus=1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from index_server import serve
 
-from pytest_devbox.cli import main
-from pytest_devbox.selinux import builder_flags
+from pytest_devbox.cli.main import main
+from pytest_devbox.image.selinux import builder_flags
 
 RELABEL = (
     "run-command if [ -f /etc/selinux/config ] && command -v setfiles >/dev/null; then"

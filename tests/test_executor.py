@@ -22,13 +22,13 @@ import pytest
 from guest_session import pytest_on_debian12
 from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, local_connection, run_sshd, username
 
-from pytest_devbox import executor_guest
+from pytest_devbox.config.resolve import Places, resolve
 from pytest_devbox.errors import CommandTimeout, SSHError
-from pytest_devbox.executor import ExecutorLost
-from pytest_devbox.logins import Login
-from pytest_devbox.machine import Machine
-from pytest_devbox.resolution import Places, resolve
-from pytest_devbox.ssh import Connection
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.transport import executor_guest
+from pytest_devbox.transport.executor import ExecutorLost
+from pytest_devbox.transport.logins import Login
+from pytest_devbox.transport.ssh import Connection
 
 needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="needs OpenSSH server and ssh-keygen")
 

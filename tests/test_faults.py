@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.errors import DevboxError, GuestDied, HostNotReady, ImageBuildError
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
-from pytest_devbox.templates import default_repo_dir
-from pytest_devbox.virt_builder import PUBLIC_INDEX
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.image.templates.repository import default_repo_dir
+from pytest_devbox.image.virt_builder import PUBLIC_INDEX
+from pytest_devbox.virt import domain as dom
 
 DEBIAN_12 = BUILTIN_PROFILES["debian-12"]
 CACHE = default_cache_dir()

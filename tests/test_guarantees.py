@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from guest_session import pytest_on_debian12
 
-from pytest_devbox.machine import Machine
+from pytest_devbox.guest.machine import Machine
 
 pytestmark = pytest.mark.vm
 

@@ -15,7 +15,7 @@ import pytest
 from guest_session import system_domains
 from guests import CACHE, URI
 
-from pytest_devbox.machine import Machine
+from pytest_devbox.guest.machine import Machine
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parent.parent

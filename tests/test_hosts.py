@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from seeded_cache import TEST_URI
 
-from pytest_devbox.distros import BUILTIN_PROFILES, load_hosts
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, load_hosts
+from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import HostNotReady, ProfileError
-from pytest_devbox.pool import Pool
-from pytest_devbox.settings import Settings
+from pytest_devbox.pool.pool import Pool
 
 BAD_URI = "qemu:///system?socket=/nonexistent/libvirt-sock"
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from index_server import serve
 
-from pytest_devbox import qemu_img
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile, load_profiles
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile, load_profiles
 from pytest_devbox.errors import CacheLockTimeout, ImageBuildError
-from pytest_devbox.images import ImageCache
-from pytest_devbox.selinux import RELABEL_COMMAND, builder_flags
+from pytest_devbox.image import qemu_img
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.image.selinux import RELABEL_COMMAND, builder_flags
 
 VB = "/usr/bin/virt-builder"
 
@@ -264,8 +264,8 @@ def test_an_unreadable_index_with_no_matching_image_says_what_to_do(
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pytest_devbox.images import ImageCache
-from pytest_devbox.selinux import RELABEL_COMMAND, builder_flags
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.image.selinux import RELABEL_COMMAND, builder_flags
 final = Path(sys.argv[1])
 def build(tmp):
     Path(sys.argv[2]).write_text("started")

@@ -20,8 +20,8 @@ import pytest
 from filelock import FileLock
 from guest_session import pytest_on_debian12
 
-from pytest_devbox import domain as dom
-from pytest_devbox.host import default_cache_dir
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.virt import domain as dom
 
 pytestmark = pytest.mark.vm
 
@@ -108,8 +108,8 @@ def _spawn(code: str, *args: str, log: Path) -> subprocess.Popen[str]:
 BUILD = """
 import sys
 from pathlib import Path
-from pytest_devbox.distros import Profile
-from pytest_devbox.images import ImageCache
+from pytest_devbox.config.profiles import Profile
+from pytest_devbox.image.cache import ImageCache
 cache = ImageCache(Path(sys.argv[1]), public_index=False)
 profile = Profile(name="interrupted", template="debian-12", customize=(f"touch /{sys.argv[2]}",))
 print("KEY", cache.key_for(profile), flush=True)
@@ -148,9 +148,9 @@ def test_ctrl_c_during_build_leaves_no_half_image(tmp_path: Path) -> None:
 BOOT = """
 import sys
 from pathlib import Path
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.guest.machine import Machine
 cache = ImageCache(Path(sys.argv[1]), public_index=False)
 Machine.start(BUILTIN_PROFILES["debian-12"], cache=cache, code_dir=Path(sys.argv[2]))
 """

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from guest_session import pytest_on_debian12, system_domains
 
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.paths import CacheLayout
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.host.probes import default_cache_dir
 
 pytestmark = pytest.mark.vm
 
@@ -73,7 +73,7 @@ def test_a_failed_tests_guest_stays_up_and_is_reachable(tmp_path: Path) -> None:
         assert listed[name]["kept"] is True and listed[name]["ssh"] == argv
         assert listed[name]["failed"] == "test_it.py::test_fails[debian-12]"
         # The next session's sweep leaves it alone, though its owner is gone.
-        from pytest_devbox.sweep import sweep_leftovers
+        from pytest_devbox.guest.sweep import sweep_leftovers
 
         sweep_leftovers(URI, CACHE)
         assert name in system_domains()

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
-from pytest_devbox import kept, reuse
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.plugin import state_key
-from pytest_devbox.settings import Settings
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.settings import Settings
+from pytest_devbox.plugin.hooks import state_key
+from pytest_devbox.pool import kept, reuse
+from pytest_devbox.virt import domain as dom
 
 URI = "test:///default"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
-from pytest_devbox import kept
-from pytest_devbox.cli_context import running as _running
-from pytest_devbox.paths import CacheLayout
+from pytest_devbox.cli.context import running as _running
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.pool import kept
+from pytest_devbox.virt import domain as dom
 
 URI = "test:///default"
 

@@ -13,7 +13,7 @@ import paramiko
 import pytest
 
 from pytest_devbox.errors import HostKeyMismatch, SSHError
-from pytest_devbox.keys import (
+from pytest_devbox.transport.keys import (
     check_host_key,
     ensure_keypair,
     pin_host_key,
@@ -132,7 +132,7 @@ PINNER = """
 import os, sys, time
 from pathlib import Path
 import paramiko
-from pytest_devbox.keys import check_host_key
+from pytest_devbox.transport.keys import check_host_key
 known_hosts, key_file, go, worker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 key = paramiko.Ed25519Key(filename=key_file)
 Path(f"{go}.ready-{worker}").touch()

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from guests import CACHE, GUEST_GID, GUEST_UID, URI, start_machine
 
-from pytest_devbox import domain as dom
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.errors import BootTimeout, CommandFailed, CommandTimeout
-from pytest_devbox.host import resolve_accel
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
-from pytest_devbox.sweep import sweep_leftovers
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.guest.sweep import sweep_leftovers
+from pytest_devbox.host.probes import resolve_accel
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.virt import domain as dom
 
 # Shared guests (debian12 over virtiofs, debian11_9p over 9p) are fixtures of conftest.py.
 pytestmark = pytest.mark.vm
@@ -120,9 +120,9 @@ def _our_domains() -> set[str]:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.guest.machine import Machine
 cache = ImageCache(Path(sys.argv[1]), public_index=False, tcg=sys.argv[2] == "tcg",
                    guest_user=("devbox", int(sys.argv[3]), int(sys.argv[3])))
 m = Machine.start(BUILTIN_PROFILES["debian-12"], cache=cache, code_dir=Path(sys.argv[4]),

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from test_images import write_index
 
-from pytest_devbox.cli import main
-from pytest_devbox.distros import BUILTIN_PROFILES, load_profiles, select
-from pytest_devbox.pool import Pool
-from pytest_devbox.settings import Settings
+from pytest_devbox.cli.main import main
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, load_profiles, select
+from pytest_devbox.config.settings import Settings
+from pytest_devbox.pool.pool import Pool
 
 
 @pytest.fixture(autouse=True)

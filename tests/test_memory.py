@@ -10,8 +10,8 @@ from pathlib import Path
 
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
-from pytest_devbox import memory
+from pytest_devbox.virt import admission as memory
+from pytest_devbox.virt import domain as dom
 
 URI = "test:///default"
 

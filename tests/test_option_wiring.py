@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from seeded_cache import TEST_URI, dead_pid, leftover_run_dir, seed_cache
 
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.plugin import state_key
-from pytest_devbox.virt_builder import PUBLIC_INDEX
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.image.virt_builder import PUBLIC_INDEX
+from pytest_devbox.plugin.hooks import state_key
 
 TEST = "def test_guest(devbox):\n    pass\n"
 BUILDING = "devbox: [debian-12] building image from template 'debian-12'"

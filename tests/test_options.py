@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 import pytest_devbox
-from pytest_devbox.options import OPTIONS
-from pytest_devbox.resolution import Places, resolve
-from pytest_devbox.settings import DEFAULT_URI, Settings
+from pytest_devbox.config.option_table import OPTIONS
+from pytest_devbox.config.resolve import Places, resolve
+from pytest_devbox.config.settings import DEFAULT_URI, Settings
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_the_table_is_what_pytest_offers(pytester: pytest.Pytester) -> None:
 
 def test_the_default_uri_is_written_once() -> None:
     package = Path(pytest_devbox.__file__).parent
-    where = {p.name: p.read_text().count(DEFAULT_URI) for p in package.glob("*.py")}
+    where = {p.name: p.read_text().count(DEFAULT_URI) for p in package.rglob("*.py")}
     assert sum(where.values()) == 1, {k: v for k, v in where.items() if v}
     assert where["settings.py"] == 1
 

@@ -9,7 +9,9 @@ import pytest_devbox
 
 
 def test_public_names() -> None:
-    from pytest_devbox import errors, machine, ssh
+    from pytest_devbox import errors
+    from pytest_devbox.guest import machine
+    from pytest_devbox.transport import ssh
 
     assert pytest_devbox.Machine is machine.Machine
     assert pytest_devbox.Result is ssh.Result

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_devbox.errors import DevboxError, ImageBuildError
-from pytest_devbox.parallel import JOB_OVERHEAD_MIB, available_mib, limit, run_bounded
+from pytest_devbox.host.parallel import JOB_OVERHEAD_MIB, available_mib, limit, run_bounded
 
 BAD_URI = "qemu:///system?socket=/nonexistent"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host import default_cache_dir
+from pytest_devbox.host.probes import default_cache_dir
 
 pytestmark = pytest.mark.vm
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
+from pytest_devbox.virt import domain as dom
 
 LOG = Path(os.environ["PER_DISTRO_LOG"])
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.plugin import state_key
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.plugin.hooks import state_key
 
 BAD_URI = "qemu:///system?socket=/nonexistent"
 # Read before any test changes the environment: the VM tier uses the real image cache.
@@ -315,7 +315,7 @@ def test_nothing_heavy_imported():
     import sys
     assert "libvirt" not in sys.modules
     assert "paramiko" not in sys.modules
-    assert "pytest_devbox.pool" not in sys.modules
+    assert "pytest_devbox.pool.pool" not in sys.modules
 """
     )
     result = pytester.runpytest_subprocess("-rs", f"--devbox-uri={BAD_URI}")

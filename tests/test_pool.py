@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from guest_session import pytest_on_debian12, system_domains
 
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import BootTimeout
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.pool import Pool
-from pytest_devbox.settings import Settings
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.pool.pool import Pool
 
 pytestmark = pytest.mark.vm
 
@@ -76,7 +76,7 @@ def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> No
             marks.add(out.stdout.strip())
         assert marks == {"kept", "fresh"}
         # Not swept by the next session, though their owner is gone.
-        from pytest_devbox.sweep import sweep_leftovers
+        from pytest_devbox.guest.sweep import sweep_leftovers
 
         sweep_leftovers(URI, CACHE)
         assert kept <= set(system_domains())

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from seeded_cache import TEST_URI, dead_pid, leftover_run_dir, seed_cache
 
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DomainError, ImageBuildError, UnknownDistro
-from pytest_devbox.paths import CacheLayout
-from pytest_devbox.pool import Pool
-from pytest_devbox.settings import Settings
-from pytest_devbox.virt_builder import PUBLIC_INDEX
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.image.virt_builder import PUBLIC_INDEX
+from pytest_devbox.pool.pool import Pool
 
 DEBIAN_12 = BUILTIN_PROFILES["debian-12"]
 BAD_URI = "qemu:///system?socket=/nonexistent/libvirt-sock"

@@ -15,11 +15,11 @@ from filelock import FileLock
 from seeded_cache import TEST_URI, dead_pid, leftover_run_dir, seed_cache
 from test_domain import spec_for
 
-from pytest_devbox import domain as dom
-from pytest_devbox import prune
-from pytest_devbox.cli import main
-from pytest_devbox.paths import CacheLayout
-from pytest_devbox.sweep import claim_run_dir
+from pytest_devbox.cli import prune
+from pytest_devbox.cli.main import main
+from pytest_devbox.guest.sweep import claim_run_dir
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.virt import domain as dom
 
 OLD, OLDER, BUSY, BUILDING = "0" * 16, "1" * 16, "2" * 16, "3" * 16
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import qemu_img
+from pytest_devbox.image import qemu_img
 
 
 def real_qcow2(path: Path, mib: int = 3) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox import qemu_user
-from pytest_devbox.host import qemu_user_check
+from pytest_devbox.host.probes import qemu_user_check
+from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import qemu_user
 
 # What `virsh capabilities` says on a Debian workstation (qemu.conf user libvirt-qemu).
 WORKSTATION_CAPS = """<capabilities><host>

@@ -16,8 +16,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox.reaper import Reaper, reap
+from pytest_devbox.guest.reaper import Reaper, reap
+from pytest_devbox.virt import domain as dom
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_reaper_outlives_a_killed_parent_and_then_exits(tmp_path: Path) -> None:
     # The parent is SIGKILLed: its end of the pipe closes, the reaper runs and exits.
     code = (
         "import sys, time\n"
-        "from pytest_devbox.reaper import Reaper\n"
+        "from pytest_devbox.guest.reaper import Reaper\n"
         "r = Reaper.for_uri('test:///default')\n"
         "r.watch('devbox-x-s0-1')\n"
         "print(r._proc.pid, flush=True)\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import recipe
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile
+from pytest_devbox.image import recipe
 
 USER = ("devbox", 1000, 1000)
 PUB = Path("/k/id_ed25519.pub")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
 
-from pytest_devbox import volumes
 from pytest_devbox.errors import HostNotReady, SSHError
-from pytest_devbox.remote import RemoteHost, Tunnel, jump_options, parse_uri
-from pytest_devbox.ssh import Connection
+from pytest_devbox.transport.ssh import Connection
+from pytest_devbox.transport.tunnel import RemoteHost, Tunnel, jump_options, parse_uri
+from pytest_devbox.virt import volumes
 
 # --- URIs -------------------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ def test_the_tunnel_reopens_after_its_connection_died(
 @needs_sshd
 def test_a_refused_login_says_how_to_check_it(jump: tuple[Sshd, Path], tmp_path: Path) -> None:
     sshd, _key = jump
-    from pytest_devbox.keys import ensure_keypair
+    from pytest_devbox.transport.keys import ensure_keypair
 
     other = ensure_keypair(tmp_path / "other")
     r = parse_uri(

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
+from pytest_devbox.virt import domain as dom
 
 LOG = Path(os.environ["XDIST_LOG"])
 

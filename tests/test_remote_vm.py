@@ -23,14 +23,14 @@ import pytest
 from guests import CACHE
 from remote_host import LOCAL_URI, RemoteHost, pool_volumes, remote_host
 
-from pytest_devbox import domain as dom
-from pytest_devbox import volumes
-from pytest_devbox.distros import load_profiles
+from pytest_devbox.config.profiles import load_profiles
 from pytest_devbox.errors import BootTimeout
-from pytest_devbox.host import resolve_accel
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
-from pytest_devbox.sweep import sweep_leftovers
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.guest.sweep import sweep_leftovers
+from pytest_devbox.host.probes import resolve_accel
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import volumes
 
 pytestmark = pytest.mark.vm
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -11,17 +11,17 @@ from typing import IO
 
 import pytest
 
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.pool import DistroStats
-from pytest_devbox.report import format_table, summary_rows
-from pytest_devbox.session import DevboxSession
-from pytest_devbox.settings import Settings
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.settings import Settings
+from pytest_devbox.plugin.report import format_table, summary_rows
+from pytest_devbox.plugin.session import DevboxSession
+from pytest_devbox.pool.pool import DistroStats
 
 # A fixture that logs through the session, as the pool does while it builds and boots.
 CONFTEST = """
 import pathlib, time
 import pytest
-from pytest_devbox.plugin import state_key
+from pytest_devbox.plugin.hooks import state_key
 
 @pytest.fixture
 def building(request):

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox.distros import Profile, load_profiles
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
-from pytest_devbox.pool import Pool
-from pytest_devbox.settings import Settings
+from pytest_devbox.config.profiles import Profile, load_profiles
+from pytest_devbox.config.settings import Settings
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.pool.pool import Pool
+from pytest_devbox.virt import domain as dom
 
 pytestmark = pytest.mark.vm
 
@@ -112,9 +112,9 @@ def test_the_pool_restores_shared_and_fresh_guests(
 HOLD = """
 import sys, time
 from pathlib import Path
-from pytest_devbox.distros import load_profiles
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
+from pytest_devbox.config.profiles import load_profiles
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.guest.machine import Machine
 profile = load_profiles(Path(sys.argv[1]))["debian-11-9p"]
 cache = ImageCache(Path(sys.argv[2]), public_index=False, guest_user=("devbox", 4242, 4242)
                    if sys.argv[4] == "0" else None)

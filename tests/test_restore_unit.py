@@ -11,15 +11,15 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox.distros import BUILTIN_PROFILES
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.config.resolve import Places, resolve
+from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DomainError
-from pytest_devbox.pool import Pool
-from pytest_devbox.report import summary_rows
-from pytest_devbox.resolution import Places, resolve
-from pytest_devbox.restore import _RESEED_PY, freshen_command, restore_xml, unrestorable
-from pytest_devbox.session import DevboxSession
-from pytest_devbox.settings import Settings
+from pytest_devbox.guest.restore import _RESEED_PY, freshen_command, restore_xml, unrestorable
+from pytest_devbox.plugin.report import summary_rows
+from pytest_devbox.plugin.session import DevboxSession
+from pytest_devbox.pool.pool import Pool
+from pytest_devbox.virt import domain as dom
 
 P9 = BUILTIN_PROFILES["debian-10"]  # a built-in 9p profile
 VIRTIOFS = BUILTIN_PROFILES["debian-12"]

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pytest_devbox.selinux import (
+from pytest_devbox.image.selinux import (
     NO_RELABEL_FLAG,
     RELABEL_COMMAND,
     RELABEL_SHELL,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from guests import GUEST_GID, GUEST_UID, start_machine
 
-from pytest_devbox.distros import BUILTIN_PROFILES
-from pytest_devbox.images import ImageCache
-from pytest_devbox.machine import Machine
-from pytest_devbox.selinux import RELABEL_COMMAND
+from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.image.selinux import RELABEL_COMMAND
 
 pytestmark = pytest.mark.vm
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.snapshot import SaveCache, Slot, save_key
+from pytest_devbox.guest.slots import SaveCache, Slot, save_key
 
 KEY = "0123456789abcdef"
 
@@ -120,7 +120,7 @@ def test_a_damaged_slot_is_not_valid(tmp_path: Path, damage: str) -> None:
 HOLD = """
 import sys, time
 from pathlib import Path
-from pytest_devbox.snapshot import SaveCache
+from pytest_devbox.guest.slots import SaveCache
 lease = SaveCache(Path(sys.argv[1]), max_slots=1).lease("d", sys.argv[2])
 print("held" if lease else "none", flush=True)
 time.sleep(600)

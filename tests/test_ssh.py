@@ -17,10 +17,10 @@ import pytest
 from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, local_connection, run_sshd
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
-from pytest_devbox.keys import ensure_keypair, public_key_line
-from pytest_devbox.logins import Login
 from pytest_devbox.result import Result
-from pytest_devbox.ssh import Connection, probe_banner
+from pytest_devbox.transport.keys import ensure_keypair, public_key_line
+from pytest_devbox.transport.logins import Login
+from pytest_devbox.transport.ssh import Connection, probe_banner
 
 pytestmark = pytest.mark.skipif(
     not HAVE_SSHD, reason="needs OpenSSH server and ssh-keygen (apt-get install openssh-server)"

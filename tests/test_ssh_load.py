@@ -19,7 +19,7 @@ from guest_session import pytest_on_debian12
 from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, local_connection, run_sshd
 
 from pytest_devbox.errors import SSHError
-from pytest_devbox.ssh import MAX_CHANNELS, Connection
+from pytest_devbox.transport.ssh import MAX_CHANNELS, Connection
 
 needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="needs OpenSSH server and ssh-keygen")
 

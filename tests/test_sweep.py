@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox.sweep import claim_run_dir, read_owner, sweep_leftovers
+from pytest_devbox.guest.sweep import claim_run_dir, read_owner, sweep_leftovers
+from pytest_devbox.virt import domain as dom
 
 URI = "test:///default"
 

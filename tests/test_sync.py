@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from pytest_devbox import recipe
-from pytest_devbox.distros import BUILTIN_PROFILES, effective_share, load_profiles
-from pytest_devbox.domxml import DomainSpec, build_xml
-from pytest_devbox.resolution import Places, resolve
-from pytest_devbox.restore import unrestorable
-from pytest_devbox.sync import SyncSummary, extract_command, write_tar
-from pytest_devbox.synclist import Excludes, diff, list_files
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, effective_share, load_profiles
+from pytest_devbox.config.resolve import Places, resolve
+from pytest_devbox.guest.restore import unrestorable
+from pytest_devbox.guest.sync import SyncSummary, extract_command, write_tar
+from pytest_devbox.guest.sync_files import Excludes, diff, list_files
+from pytest_devbox.image import recipe
+from pytest_devbox.virt.domain_xml import DomainSpec, build_xml
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 USER = ("devbox", 1000, 1000)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from guests import GUEST_UID
 
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.machine import Machine
-from pytest_devbox.synclist import list_files
+from pytest_devbox.guest.machine import Machine
+from pytest_devbox.guest.sync_files import list_files
+from pytest_devbox.host.probes import default_cache_dir
 
 pytestmark = pytest.mark.vm
 REAL_CACHE = default_cache_dir()

@@ -14,10 +14,11 @@ import filelock
 import pytest
 
 from pytest_devbox.errors import CacheLockTimeout, UnknownDistro
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.selinux import RELABEL_SHELL, guestfish_quote
-from pytest_devbox.template_recipes import TEMPLATE_RECIPES
-from pytest_devbox.templates import (
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.image.index import format_index
+from pytest_devbox.image.selinux import RELABEL_SHELL, guestfish_quote
+from pytest_devbox.image.templates.recipes import TEMPLATE_RECIPES
+from pytest_devbox.image.templates.repository import (
     DEBIAN_SUITES,
     DEFAULT_MIRROR,
     REPO_ID,
@@ -28,7 +29,6 @@ from pytest_devbox.templates import (
     packages_for,
     recipe_hash,
 )
-from pytest_devbox.vbindex import format_index
 
 
 def fake_template(repo: TemplateRepo, distro: str, revision: int, mirror: str) -> None:

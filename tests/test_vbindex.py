@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.vbindex import format_index, parse_sections, revisions, sections_by_name
+from pytest_devbox.image.index import format_index, parse_sections, revisions, sections_by_name
 
 INDEX = """\
 [debian-11]

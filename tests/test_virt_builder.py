@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from index_server import serve
 
-from pytest_devbox.distros import BUILTIN_PROFILES, Profile
+from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile
 from pytest_devbox.errors import ImageBuildError
-from pytest_devbox.paths import CacheLayout
-from pytest_devbox.virt_builder import PUBLIC_INDEX, VirtBuilder, read_index, redact
+from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.image.virt_builder import PUBLIC_INDEX, VirtBuilder, read_index, redact
 
 INDEX = (
     "[debian-12]\nfile=debian-12.qcow2.xz\narch=x86_64\nrevision=3\nsize=4294967296\nformat=qcow2\n"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
-from pytest_devbox.broker import Broker, ask
 from pytest_devbox.errors import DevboxError
-from pytest_devbox.host import default_cache_dir
-from pytest_devbox.session import distro_in_nodeid
+from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.plugin.broker import Broker, ask
+from pytest_devbox.plugin.session import distro_in_nodeid
+from pytest_devbox.virt import domain as dom
 
 pytest.importorskip("xdist")
 BAD_URI = "qemu:///system?socket=/nonexistent"
@@ -96,7 +96,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox import domain as dom
+from pytest_devbox.virt import domain as dom
 
 LOG = Path(os.environ["XDIST_LOG"])
 

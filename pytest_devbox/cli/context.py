@@ -16,16 +16,17 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pytest
 
-from . import inifile, kept
-from .distros import Profile, load_profiles, select
-from .errors import DevboxError, ProfileError, UnknownDistro
-from .options import COMMAND_FLAGS, OPTIONS
-from .resolution import Places, resolve
-from .settings import Settings
+from ..config import project_files as inifile
+from ..config.option_table import COMMAND_FLAGS, OPTIONS
+from ..config.profiles import Profile, load_profiles, select
+from ..config.resolve import Places, resolve
+from ..config.settings import Settings
+from ..errors import DevboxError, ProfileError, UnknownDistro
+from ..pool import kept
 
 if TYPE_CHECKING:
-    from .machine import Machine
-    from .pool import Pool
+    from ..guest.machine import Machine
+    from ..pool.pool import Pool
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,7 +67,7 @@ class Context:
         return select(self.distros, self.profiles)
 
     def pool(self, profiles: Sequence[Profile], **changes: Any) -> Pool:
-        from .pool import Pool
+        from ..pool.pool import Pool
 
         return Pool(profiles, replace(self.settings, **changes), log=log)
 
@@ -89,8 +90,8 @@ class Context:
         code dir it was started with; a shared /code is always current."""
         if guest.share != "sync":
             return
-        from .reuse import login
-        from .sync import CodeSync
+        from ..guest.sync import CodeSync
+        from ..pool.reuse import login
 
         with login(guest, self.settings.cache_dir) as conn:
             # `devbox up` prepared /code as root: the guest user's login is enough.

@@ -12,11 +12,11 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Iterable
 
-from . import recipe
-from .distros import Profile
-from .errors import ImageBuildError
-from .images import ImageCache
-from .vbindex import revisions
+from ..config.profiles import Profile
+from ..errors import ImageBuildError
+from ..image import recipe
+from ..image.cache import ImageCache
+from ..image.index import revisions
 
 UNKNOWN_KEY = "?" * 16
 

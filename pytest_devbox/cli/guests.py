@@ -14,18 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import host, kept
-from .cli_context import Context, UsageProblem, in_parallel, log
-from .cli_run import remote_line
-from .distros import select
-from .errors import DevboxError
-from .kept import KeptGuest
-from .options import spell_for_command
+from ..config.option_table import spell_for_command
+from ..config.profiles import select
+from ..errors import DevboxError
+from ..host import probes as host
+from ..pool import kept
+from ..pool.kept import KeptGuest
+from .context import Context, UsageProblem, in_parallel, log
+from .run import remote_line
 
 if TYPE_CHECKING:
     import libvirt
 
-    from .distros import Profile
+    from ..config.profiles import Profile
 
 
 def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
@@ -44,7 +45,7 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_template_build(args: argparse.Namespace, ctx: Context) -> int:
-    from .templates import DEFAULT_MIRROR, TemplateRepo, default_repo_dir
+    from ..image.templates.repository import DEFAULT_MIRROR, TemplateRepo, default_repo_dir
 
     repo = TemplateRepo(
         args.repo_dir or default_repo_dir(ctx.settings.cache_dir),
@@ -188,7 +189,7 @@ class GuestRow:
     @property
     def host(self) -> str:
         """Where it runs, short: "local", or USER@HOST:PORT of a remote libvirt host."""
-        from .remote import parse_uri
+        from ..transport.tunnel import parse_uri
 
         remote = parse_uri(self.uri)
         return "local" if remote is None else remote.describe()
@@ -242,7 +243,7 @@ def guest_rows(ctx: Context) -> list[GuestRow]:
 
 
 def _rows_at(uri: str, records: dict[str, KeptGuest]) -> list[GuestRow]:
-    from . import domain as dom
+    from ..virt import domain as dom
 
     conn = dom.connect(uri)
     try:
@@ -313,7 +314,7 @@ def destroy(ctx: Context, row: GuestRow) -> None:
     host the overlay and console volumes in our pool there."""
     import libvirt
 
-    from . import domain as dom
+    from ..virt import domain as dom
 
     conn = dom.connect(row.uri or ctx.settings.uri)
     try:
@@ -332,7 +333,7 @@ def destroy(ctx: Context, row: GuestRow) -> None:
 def _delete_volumes(conn: libvirt.virConnect, overlay: Path) -> None:
     """A remote guest's overlay and console volumes (sites.RemoteSite.files names them),
     in the pool over the overlay's directory; what is gone already is no error."""
-    from . import volumes
+    from ..virt import volumes
 
     pool = volumes.ensure_pool(conn, str(overlay.parent))
     for name in (overlay.name, overlay.with_suffix(f".{volumes.CONSOLE}").name):

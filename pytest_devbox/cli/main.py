@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from . import cli_commands as c
-from .cli_context import USAGE_ERRORS, Context, load_context
-from .cli_run import cmd_run
-from .errors import DevboxError
-from .options import OPTIONS, argument_attrs, flag_help, spell_for_command
+from ..config.option_table import OPTIONS, argument_attrs, flag_help, spell_for_command
+from ..errors import DevboxError
+from . import guests as c
+from .context import USAGE_ERRORS, Context, load_context
+from .run import cmd_run
 
 Command = Callable[[argparse.Namespace, Context], int]
 

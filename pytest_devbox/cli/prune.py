@@ -26,13 +26,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from . import kept
-from .domxml import NAME_PREFIX
-from .errors import DevboxError
-from .paths import CacheLayout
-from .qemu_img import backing_file
-from .settings import SYSTEM_URI
-from .sweep import abandoned
+from ..config.settings import SYSTEM_URI
+from ..errors import DevboxError
+from ..guest.sweep import abandoned
+from ..host.layout import CacheLayout
+from ..image.qemu_img import backing_file
+from ..pool import kept
+from ..virt.domain_xml import NAME_PREFIX
 
 # libvirt's own log directory per URI: where it writes <domain>.log for each guest.
 SYSTEM_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -96,7 +96,7 @@ def libvirt_log_dir(uri: str) -> Path | None:
 
 def in_use(uri: str, cache_dir: Path, warn: Log) -> InUse:
     """Our domains at `uri` and their disks, and the disks of kept guests anywhere."""
-    from . import domain as dom
+    from ..virt import domain as dom
 
     conn = dom.connect(uri)
     try:

@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
-from .cli_context import Context, UsageProblem, in_parallel, log
-from .errors import DevboxError
-from .options import spell_for_command
+from ..config.option_table import spell_for_command
+from ..errors import DevboxError
+from .context import Context, UsageProblem, in_parallel, log
 
 if TYPE_CHECKING:
-    from .kept import KeptGuest
-    from .pool import Pool
+    from ..pool.kept import KeptGuest
+    from ..pool.pool import Pool
 
 SSH_FAILED = 255  # what ssh exits with when it could not run the command at all
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ProfileError, UnknownDistro
+from ..errors import ProfileError, UnknownDistro
 from .settings import SHARE_CHOICES
 
 SHARE_KINDS = SHARE_CHOICES

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import iniconfig
 import pytest
 
-from .options import OPTIONS
+from .option_table import OPTIONS
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import pytest
 
-from .distros import load_hosts
-from .errors import ProfileError
-from .options import OPTIONS, IniReader, Option
+from ..errors import ProfileError
+from .option_table import OPTIONS, IniReader, Option
+from .profiles import load_hosts
 from .settings import Settings
 
 TRUE_WORDS = ("1", "true", "yes", "on", "y", "t")

@@ -18,13 +18,13 @@ from typing import Any
 
 import libvirt
 
-from . import domain as dom
-from .distros import Profile
-from .errors import DevboxError
-from .images import ImageInfo
-from .launch import Log, host_key_alias
+from ..config.profiles import Profile
+from ..config.settings import Settings
+from ..errors import DevboxError
+from ..image.cache import ImageInfo
+from ..virt import domain as dom
+from .boot import Log, host_key_alias
 from .machine import Machine
-from .settings import Settings
 from .sites import Link
 
 

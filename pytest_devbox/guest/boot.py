@@ -19,18 +19,18 @@ from typing import Any
 
 import libvirt
 
-from . import domain as dom
-from .distros import Profile, effective_share
-from .errors import HostNotReady
-from .host import resolve_accel
-from .images import ImageCache, ImageInfo
-from .keys import ensure_keypair
-from .memory import admitted
-from .paths import CacheLayout
-from .qemu_user import QemuIdentity, is_local
-from .qemu_user import identity as qemu_identity
+from ..config.profiles import Profile, effective_share
+from ..errors import HostNotReady
+from ..host.layout import CacheLayout
+from ..host.probes import resolve_accel
+from ..image.cache import ImageCache, ImageInfo
+from ..transport.keys import ensure_keypair
+from ..transport.ssh import Connection
+from ..virt import domain as dom
+from ..virt.admission import admitted
+from ..virt.qemu_user import QemuIdentity, is_local
+from ..virt.qemu_user import identity as qemu_identity
 from .reaper import Reaper
-from .ssh import Connection
 from .sweep import claim_run_dir
 
 # Deadlines for the whole boot (all phases together). Software emulation is 5-10x slower.

@@ -19,26 +19,26 @@ from typing import Any
 
 import libvirt
 
-from . import domain as dom
-from .boot import Boot, Deadline, wait_ready
-from .distros import Profile
-from .errors import DomainError
-from .images import ImageCache, ImageInfo
-from .launch import Log, Plan, create_domain, qemu_for, tail_file
-from .logins import Logins
-from .memory import admitted
-from .reaper import Reaper
-from .restore import Restored, RestoreJob, restore_guest
-from .result import Result
-from .settings import (
+from ..config.profiles import Profile
+from ..config.settings import (
     DEFAULT_ACCEL,
     DEFAULT_EXEC,
     DEFAULT_QEMU_USER,
     DEFAULT_REMOTE_POOL,
     DEFAULT_URI,
 )
+from ..errors import DomainError
+from ..image.cache import ImageCache, ImageInfo
+from ..result import Result
+from ..transport.logins import Logins
+from ..transport.ssh import Connection
+from ..virt import domain as dom
+from ..virt.admission import admitted
+from .boot import Log, Plan, create_domain, qemu_for, tail_file
+from .readiness import Boot, Deadline, wait_ready
+from .reaper import Reaper
+from .restore import Restored, RestoreJob, restore_guest
 from .sites import GuestFiles, LocalFiles, Reach, Site, site_for
-from .ssh import Connection
 from .sync import CodeSync, SyncSummary
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from . import domain as dom
-from .errors import BootTimeout, CommandTimeout, GuestDied, HostKeyMismatch, SSHError
-from .ssh import Connection, probe_banner
+from ..errors import BootTimeout, CommandTimeout, GuestDied, HostKeyMismatch, SSHError
+from ..transport.ssh import Connection, probe_banner
+from ..virt import domain as dom
 
 T = TypeVar("T")
 # What a phase may meet while the guest is still coming up; anything else is final.

@@ -2,7 +2,7 @@
 
 libvirt destroys a *created* domain when its connection closes (AUTODESTROY), but has
 no such flag for a *restored* one. So each process that restores guests starts one
-small child, `python -m pytest_devbox.reaper URI PID`, in a session of its own (a
+small child, `python -m pytest_devbox.guest.reaper URI PID`, in a session of its own (a
 terminal's Ctrl-C does not reach it), and tells it through a pipe which domains to
 watch. When the pipe closes (a normal exit, Ctrl-C, a crash or kill -9 of the parent
 all close it), the reaper destroys every domain still watched whose metadata names the
@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import libvirt
 
-from . import domain as dom
-from .errors import DomainError
+from ..errors import DomainError
+from ..virt import domain as dom
 
 
 class Reaper:
@@ -37,7 +37,7 @@ class Reaper:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_devbox.reaper", uri, str(os.getpid())],
+            [sys.executable, "-m", "pytest_devbox.guest.reaper", uri, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -52,7 +52,7 @@ class Reaper:
             self._proc.kill()
             self._proc.wait()
             raise DomainError(
-                f"the reaper process (python -m pytest_devbox.reaper) did not start: exit "
+                f"the reaper process (python -m pytest_devbox.guest.reaper) did not start: exit "
                 f"status {self._proc.returncode}; without it a restored guest could outlive "
                 "its session"
             )

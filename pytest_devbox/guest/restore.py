@@ -32,15 +32,15 @@ from pathlib import Path
 
 import libvirt
 
-from . import domain as dom
-from . import qemu_img
-from .boot import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
-from .distros import Profile
-from .errors import DevboxError, DomainError, RestoreUnavailable
-from .images import ImageInfo
+from ..config.profiles import Profile
+from ..errors import DevboxError, DomainError, RestoreUnavailable
+from ..image import qemu_img
+from ..image.cache import ImageInfo
+from ..transport.ssh import Connection
+from ..virt import domain as dom
+from .readiness import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
 from .reaper import Reaper
-from .snapshot import MAX_SLOTS, Lease, SaveCache, save_key
-from .ssh import Connection
+from .slots import MAX_SLOTS, Lease, SaveCache, save_key
 
 # QEMU >= 8.2 can migrate vhost-user-fs (with a virtiofsd that supports it); that is
 # untested here, so virtiofs profiles always boot.

@@ -15,11 +15,12 @@ from typing import Protocol
 
 import libvirt
 
-from . import qemu_img, volumes
-from .images import image_lock
-from .launch import Log, Plan, guest_connection, host_key_alias, tail_file, tail_text
-from .remote import RemoteHost, Tunnel, jump_options, parse_uri
-from .ssh import Connection, probe_banner
+from ..image import qemu_img
+from ..image.cache import image_lock
+from ..transport.ssh import Connection, probe_banner
+from ..transport.tunnel import RemoteHost, Tunnel, jump_options, parse_uri
+from ..virt import volumes
+from .boot import Log, Plan, guest_connection, host_key_alias, tail_file, tail_text
 
 REMOTE_SHARE = "sync"
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from . import domain as dom
-from .fileio import atomic_write
-from .paths import CacheLayout
+from ..host.atomic import atomic_write
+from ..host.layout import CacheLayout
+from ..virt import domain as dom
 
 # Bump when what a slot holds, or how it is prepared before saving, changes.
 SAVE_FORMAT_VERSION = 1

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import libvirt
 
-from . import domain as dom
-from . import volumes
-from .paths import CacheLayout
-from .qemu_user import is_local
-from .settings import DEFAULT_REMOTE_POOL
+from ..config.settings import DEFAULT_REMOTE_POOL
+from ..host.layout import CacheLayout
+from ..virt import domain as dom
+from ..virt import volumes
+from ..virt.qemu_user import is_local
 
 # A claim in progress: a hidden directory that only gets its real name with its owner
 # file inside, so a concurrent sweep never sees a run dir without an owner.

@@ -31,10 +31,10 @@ from typing import IO
 
 import paramiko
 
-from .errors import SyncError
-from .logins import GUEST_USER
-from .ssh import Connection
-from .synclist import FileList, Stat, diff, list_files
+from ..errors import SyncError
+from ..transport.logins import GUEST_USER
+from ..transport.ssh import Connection
+from .sync_files import FileList, Stat, diff, list_files
 
 CODE = "/code"
 # In the guest user's home: outside /code, so `ls /code` shows the project alone.

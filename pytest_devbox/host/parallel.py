@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .errors import DevboxError
+from ..errors import DevboxError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -76,12 +76,12 @@ def resolve_accel(requested: str = "auto") -> str:
     problem = kvm_problem()
     if requested == "kvm":
         if problem:
-            from .errors import HostNotReady
+            from ..errors import HostNotReady
 
             raise HostNotReady(f"--devbox-accel=kvm but {problem}; use --devbox-accel=auto or tcg")
         return "kvm"
     if requested != "auto":
-        from .errors import HostNotReady
+        from ..errors import HostNotReady
 
         raise HostNotReady(f"unknown accel {requested!r}: use auto, kvm or tcg")
     return "tcg" if problem else "kvm"
@@ -89,8 +89,8 @@ def resolve_accel(requested: str = "auto") -> str:
 
 def libvirt_problem(uri: str) -> tuple[str, str] | None:
     """(what is wrong, how to fix it) when libvirt at `uri` cannot be reached, else None."""
-    from .domain import connect  # the one place that turns libvirt errors into advice
-    from .errors import HostNotReady
+    from ..errors import HostNotReady
+    from ..virt.domain import connect  # the one place that turns libvirt errors into advice
 
     try:
         connect(uri).close()
@@ -129,8 +129,8 @@ def cache_problem(cache_dir: Path) -> str | None:
 def qemu_user_check(uri: str, paths: Sequence[Path], policy: str) -> Check:
     """Whether the user QEMU runs as for our guests reaches the cache and the code dir
     (a private home stops libvirt's own user): found before any boot, with the fix."""
-    from . import qemu_user
-    from .domain import connect
+    from ..virt import qemu_user
+    from ..virt.domain import connect
 
     conn = connect(uri)
     try:
@@ -185,9 +185,9 @@ def run_checks(
 
 def remote_checks(uri: str, pool_dir: str) -> list[Check]:
     """What a remote libvirt host needs beyond libvirt: [] for a local `uri`."""
-    from . import domain, volumes
-    from .errors import DevboxError
-    from .remote import Tunnel, parse_uri
+    from ..errors import DevboxError
+    from ..transport.tunnel import Tunnel, parse_uri
+    from ..virt import domain, volumes
 
     remote = parse_uri(uri)
     if remote is None:

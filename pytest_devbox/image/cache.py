@@ -22,13 +22,13 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
+from ..config.profiles import Profile
+from ..errors import CacheLockTimeout, ImageBuildError
+from ..host.atomic import atomic_write
+from ..host.layout import CacheLayout
+from ..transport.keys import ensure_keypair
 from . import qemu_img, recipe
-from .distros import Profile
-from .errors import CacheLockTimeout, ImageBuildError
-from .fileio import atomic_write
-from .keys import ensure_keypair
-from .paths import CacheLayout
-from .vbindex import revisions
+from .index import revisions
 from .virt_builder import IndexRead, VirtBuilder, executable
 
 Revisions = list[list[str]]

@@ -7,7 +7,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from .errors import HostNotReady, ImageBuildError
+from ..errors import HostNotReady, ImageBuildError
 
 QCOW2_MAGIC = b"QFI\xfb"
 # magic, version, backing file offset and size, cluster bits, virtual size,

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .distros import Profile
+from ..config.profiles import Profile
 from .selinux import RELABEL_COMMAND
 
 # Bump when the recipe changes in a way the hashed inputs below do not show.

@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .distros import Profile
-from .errors import HostNotReady, ImageBuildError
-from .fileio import atomic_write
-from .paths import CacheLayout
+from ..config.profiles import Profile
+from ..errors import HostNotReady, ImageBuildError
+from ..host.atomic import atomic_write
+from ..host.layout import CacheLayout
+from .index import Section, parse_sections
 from .recipe import hostname
 from .selinux import builder_flags
-from .vbindex import Section, parse_sections
 
 # The index libguestfs ships in /etc/virt-builder/repos.d/libguestfs.conf, over https as
 # upstream has it since guestfs-tools commit 5a2458f3 (v1.55.1, RHEL-94873); Debian 12's

@@ -25,12 +25,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import DevboxError
+from ..errors import DevboxError
 
 if TYPE_CHECKING:
-    from .distros import Profile
-    from .machine import Machine
-    from .settings import Settings
+    from ..config.profiles import Profile
+    from ..config.settings import Settings
+    from ..guest.machine import Machine
 
 # The key of the socket path in xdist's workerinput.
 WORKER_INPUT_KEY = "devbox_broker"
@@ -105,7 +105,7 @@ def ask(path: str, distro: str) -> Info:
 def describe(machine: Machine, uri: str) -> Info:
     """What a worker needs to attach to `machine`, which runs at libvirt `uri`
     (controller side): where it is (attach.Running), and its image and boot time."""
-    from .attach import Running
+    from ..guest.attach import Running
 
     argv = machine.ssh_argv()
     where = Running(
@@ -130,8 +130,8 @@ def attach(profile: Profile, info: Info, settings: Settings) -> Machine:
     """A Machine of this worker on the controller's guest described by `info` (on its
     host: this one or a remote one): close it with `detach()`, which leaves the guest
     to the controller."""
-    from . import attach as attaching
-    from .images import ImageInfo
+    from ..guest import attach as attaching
+    from ..image.cache import ImageInfo
 
     image = ImageInfo(Path(info["image"]), str(info["key"]), False, None, info["metadata"])
     return attaching.attach(

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DevboxError
+from ..errors import DevboxError
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..guest.machine import Machine
 
 # Enough to see the boot and the minutes before the failure, small enough to upload.
 JOURNAL_LINES = 2000

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from ..config.option_table import DISTROS, HOW_TO_SELECT, add_options
+from ..config.resolve import resolve_config
+from ..errors import DevboxError
 from . import report
 from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
-from .errors import DevboxError
-from .options import DISTROS, HOW_TO_SELECT, add_options
-from .resolution import resolve_config
 from .session import DevboxSession, distro_in_nodeid, matrix, open_session
 
 if TYPE_CHECKING:
-    from .machine import Machine
-    from .pool import Pool
+    from ..guest.machine import Machine
+    from ..pool.pool import Pool
 
 state_key = pytest.StashKey[DevboxSession]()
 _used_key = pytest.StashKey[list["Machine"]]()

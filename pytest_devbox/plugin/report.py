@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from .errors import DevboxError
+from ..errors import DevboxError
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..guest.machine import Machine
     from .session import DevboxSession
 
 # How many recent commands a failed test's report shows per guest.

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from .errors import DevboxError, ProfileError, UnknownDistro
-from .host import resolve_accel
-from .options import HOW_TO_SELECT
-from .resolution import Resolved
-from .settings import Settings
+from ..config.option_table import HOW_TO_SELECT
+from ..config.resolve import Resolved
+from ..config.settings import Settings
+from ..errors import DevboxError, ProfileError, UnknownDistro
+from ..host.probes import resolve_accel
 
 if TYPE_CHECKING:
+    from ..config.profiles import Profile
+    from ..guest.machine import Machine
+    from ..pool.pool import DistroStats, Pool
     from .broker import Broker
-    from .distros import Profile
-    from .machine import Machine
-    from .pool import DistroStats, Pool
 
 
 @dataclass
@@ -77,7 +77,7 @@ class DevboxSession:
     def pool(self) -> Pool:
         """The session's Pool, created on first use (importing libvirt and paramiko then)."""
         if self._pool is None:
-            from .pool import Pool
+            from ..pool.pool import Pool
 
             self._pool = Pool(self.selected, self.settings, log=self.log)
             self.stats = self._pool.stats
@@ -120,7 +120,7 @@ class DevboxSession:
             self.broken.setdefault(distro, error.splitlines()[0] if error else "failed")
 
     def _borrow_all(self, distros: list[str]) -> dict[str, str]:
-        from .parallel import limit, run_bounded
+        from ..host.parallel import limit, run_bounded
 
         at_once = limit(len(distros), max(self.profiles[d].memory_mib for d in distros))
         results = run_bounded(distros, self.shared, at_once)
@@ -212,7 +212,7 @@ class DevboxSession:
 
     def add_worker_stats(self, stats: dict[str, dict[str, Any]]) -> None:
         """Count an xdist worker's boots and builds in the controller's summary."""
-        from .pool import DistroStats
+        from ..pool.pool import DistroStats
 
         for name, theirs in stats.items():
             ours = self.stats.setdefault(name, DistroStats(name))
@@ -260,7 +260,7 @@ def open_session(
 
     Any problem is a pytest.UsageError (exit code 4), raised before anything boots.
     """
-    from .distros import load_profiles, select
+    from ..config.profiles import load_profiles, select
 
     try:
         profiles = load_profiles(project_dir)
@@ -278,7 +278,7 @@ def open_session(
 
 def matrix(resolved: Resolved, project_dir: Path) -> list[str]:
     """The distros a CI matrix runs: the selected ones, or every known profile."""
-    from .distros import load_profiles, select
+    from ..config.profiles import load_profiles, select
 
     try:
         profiles = load_profiles(project_dir)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import DevboxError
-from .fileio import atomic_write
-from .paths import CacheLayout
+from ..errors import DevboxError
+from ..host.atomic import atomic_write
+from ..host.layout import CacheLayout
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class KeptGuest:
 
 def running_names(uri: str) -> list[str]:
     """Names of the devbox domains at `uri` (what `load` checks records against)."""
-    from . import domain as dom
+    from ..virt import domain as dom
 
     conn = dom.connect(uri)
     try:

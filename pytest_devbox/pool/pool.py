@@ -11,18 +11,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config.profiles import Profile, effective_share
+from ..config.settings import Settings
+from ..errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
+from ..guest.boot import new_run_id
+from ..guest.machine import Machine
+from ..guest.restore import unrestorable
+from ..guest.sweep import remove_run_dir, sweep_leftovers
+from ..host.parallel import limit, run_bounded
+from ..host.probes import resolve_accel
+from ..image.cache import ImageCache
+from ..virt.qemu_user import is_local
 from . import kept
-from .distros import Profile, effective_share
-from .errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
-from .host import resolve_accel
-from .images import ImageCache
-from .launch import new_run_id
-from .machine import Machine
-from .parallel import limit, run_bounded
-from .qemu_user import is_local
-from .restore import unrestorable
-from .settings import Settings
-from .sweep import remove_run_dir, sweep_leftovers
 
 Log = Callable[[str], None]
 

@@ -11,17 +11,17 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from ..config.profiles import Profile
+from ..config.settings import Settings
+from ..errors import DevboxError
+from ..guest.attach import Running
+from ..guest.attach import attach as attach_running
+from ..guest.machine import Machine
+from ..guest.sites import Link
+from ..image.cache import ImageCache
+from ..transport.logins import GUEST_USER
+from ..transport.ssh import Connection
 from . import kept
-from .attach import Running
-from .attach import attach as attach_running
-from .distros import Profile
-from .errors import DevboxError
-from .images import ImageCache
-from .logins import GUEST_USER
-from .machine import Machine
-from .settings import Settings
-from .sites import Link
-from .ssh import Connection
 
 
 def find(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import paramiko
 
-from .result import Result
+from ..result import Result
 
 __all__ = ["execute", "shell_argv", "stop_script", "wire_command"]
 

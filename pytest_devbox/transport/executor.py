@@ -21,9 +21,9 @@ from pathlib import Path
 
 import paramiko
 
+from ..errors import SSHError
+from ..result import Result, shorten
 from . import executor_guest as wire
-from .errors import SSHError
-from .result import Result, shorten
 from .ssh import Connection
 
 __all__ = ["NO_PYTHON", "Executor", "ExecutorLost"]

@@ -23,8 +23,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .errors import HostKeyMismatch, SSHError
-from .fileio import atomic_write
+from ..errors import HostKeyMismatch, SSHError
+from ..host.atomic import atomic_write
 
 __all__ = [
     "KEY_COMMENT",

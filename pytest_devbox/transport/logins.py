@@ -20,10 +20,10 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from .command import shell_argv
-from .errors import CommandFailed, CommandTimeout
+from ..errors import CommandFailed, CommandTimeout
+from ..result import Result
+from .exec_channel import shell_argv
 from .executor import PYTHONS, Executor
-from .result import Result
 from .ssh import Connection
 
 GUEST_USER = "devbox"

@@ -20,12 +20,12 @@ from typing import Any
 
 import paramiko
 
+from ..errors import CommandFailed, CommandTimeout, SSHError
+from ..result import Result, shorten
 from .banner import probe_banner
-from .channels import MAX_CHANNELS, ChannelSlots
-from .command import execute, stop_script, wire_command
-from .errors import CommandFailed, CommandTimeout, SSHError
+from .channel_slots import MAX_CHANNELS, ChannelSlots
+from .exec_channel import execute, stop_script, wire_command
 from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
-from .result import Result, shorten
 
 __all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
 

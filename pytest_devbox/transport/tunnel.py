@@ -20,8 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import paramiko
 
+from ..errors import HostNotReady, SSHError
 from .banner import read_banner
-from .errors import HostNotReady, SSHError
 
 SSH_PORT = 22
 # What paramiko raises when the tunnel's transport fails.

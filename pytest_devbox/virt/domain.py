@@ -14,7 +14,9 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
-from .domxml import (
+from ..config.settings import SYSTEM_URI
+from ..errors import DomainError, HostNotReady
+from .domain_xml import (
     ACCELS,
     METADATA_NS,
     METADATA_PREFIX,
@@ -27,8 +29,6 @@ from .domxml import (
     build_xml,
     read_metadata,
 )
-from .errors import DomainError, HostNotReady
-from .settings import SYSTEM_URI
 
 __all__ = [
     "ACCELS",

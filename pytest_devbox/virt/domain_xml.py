@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DomainError
+from ..errors import DomainError
 
 NAME_PREFIX = "devbox-"
 METADATA_NS = "https://pytest-devbox.invalid/xmlns/1"

@@ -30,7 +30,7 @@ from pathlib import Path
 import libvirt
 from filelock import FileLock
 
-from .errors import DomainError
+from ..errors import DomainError
 
 Log = Callable[[str], None]
 MARKER = ".complete"

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TemplateBuildError
-from .template_recipes import DISK_SIZE, TemplateRecipe
+from ...errors import TemplateBuildError
+from .recipes import DISK_SIZE, TemplateRecipe
 
 STEP_TIMEOUT = 3600.0
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .errors import UnknownDistro
-from .selinux import RELABEL_SHELL, guestfish_quote
+from ...errors import UnknownDistro
+from ..selinux import RELABEL_SHELL, guestfish_quote
 
 DEBIAN_SUITES: dict[str, str] = {
     "debian-11": "bullseye",

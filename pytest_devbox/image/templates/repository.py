@@ -25,11 +25,13 @@ from typing import Callable
 
 import filelock
 
-from .errors import CacheLockTimeout
-from .fileio import atomic_write
-from .paths import CacheLayout
-from .template_build import Steps, build_disk
-from .template_recipes import (
+from ...errors import CacheLockTimeout
+from ...host.atomic import atomic_write
+from ...host.layout import CacheLayout
+from ..index import format_index, sections_by_name
+from ..virt_builder import libguestfs_env
+from .build import Steps, build_disk
+from .recipes import (
     DEBIAN_SUITES,
     DEFAULT_MIRROR,
     DISK_SIZE,
@@ -39,8 +41,6 @@ from .template_recipes import (
     recipe_hash,
     template_recipe,
 )
-from .vbindex import format_index, sections_by_name
-from .virt_builder import libguestfs_env
 
 # Re-exported: callers and tests name them through this module.
 __all__ = [
@@ -183,7 +183,7 @@ class TemplateRepo:
     # -- internals -----------------------------------------------------------------
 
     def _build(self, recipe: TemplateRecipe, work: Path) -> tuple[int, Path]:
-        from .host import resolve_accel
+        from ...host.probes import resolve_accel
 
         base = dict(os.environ if self._env is None else self._env)
         # An explicit LIBGUESTFS_BACKEND_SETTINGS in the caller's environment wins.
