@@ -19,7 +19,7 @@ from test_domain import spec_for
 
 from pytest_devbox.cli.context import Context
 from pytest_devbox.cli.main import main
-from pytest_devbox.config import project_files as inifile
+from pytest_devbox.config import project_files
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DevboxError
@@ -166,7 +166,7 @@ def test_a_kept_record_stores_the_uri_the_hosts_map_chose(
     virt: libvirt.virConnect, tmp_path: Path
 ) -> None:
     settings = Settings(uri=BAD_URI, cache_dir=tmp_path, code_dir=tmp_path, hosts=(("*", URI),))
-    ctx = Context(settings, dict(BUILTIN_PROFILES), [], inifile.locate(tmp_path))
+    ctx = Context(settings, dict(BUILTIN_PROFILES), [], project_files.locate(tmp_path))
     machine = _machine(virt, Link(URI), tmp_path)
     try:
         record = ctx.remember(machine)
@@ -225,5 +225,5 @@ def test_ls_and_destroy_look_at_every_uri_of_the_project(
 
 def test_the_project_uris_are_the_uri_and_the_hosts_maps_once_each(tmp_path: Path) -> None:
     hosts = (("*", REMOTE), ("centos-7", "qemu+ssh://b2/system"), ("debian-12", REMOTE))
-    ctx = Context(Settings(uri=URI, hosts=hosts), {}, [], inifile.locate(tmp_path))
+    ctx = Context(Settings(uri=URI, hosts=hosts), {}, [], project_files.locate(tmp_path))
     assert ctx.uris() == [URI, REMOTE, "qemu+ssh://b2/system"]

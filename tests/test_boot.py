@@ -23,7 +23,7 @@ from test_ssh import (  # noqa: F401
 )
 
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
-from pytest_devbox.guest import readiness as boot
+from pytest_devbox.guest import readiness
 from pytest_devbox.guest.boot import tail_file
 from pytest_devbox.guest.readiness import (
     SHARE_PROBE,
@@ -166,7 +166,7 @@ def test_a_hanging_mount_probe_ends_at_the_boot_deadline(
 ) -> None:
     # Defect: the probe had its own 30 s timeout, past the boot's deadline, and its
     # CommandTimeout escaped unretried. A guest whose mount hangs: the real sshd runs it.
-    monkeypatch.setattr(boot, "MOUNT_CODE", "sleep 120")
+    monkeypatch.setattr(readiness, "MOUNT_CODE", "sleep 120")
     t0 = time.monotonic()
     with pytest.raises(BootTimeout) as info:
         mount_code(_boot(test_domain, tmp_path, 3.0), session_conn, "virtiofs")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from test_domain import spec_for
 
-from pytest_devbox.virt import admission as memory
+from pytest_devbox.virt import admission
 from pytest_devbox.virt import domain as dom
 
 URI = "test:///default"
@@ -24,13 +24,13 @@ def _guest(conn: object, mib: int) -> dom.Domain:
 
 
 def test_meminfo_reads_this_host() -> None:
-    info = memory.meminfo_mib()
+    info = admission.meminfo_mib()
     assert 0 < info["MemAvailable"] <= info["MemTotal"]
 
 
 def test_budget_keeps_a_reserve() -> None:
-    assert memory.budget_mib(24 * 1024) == 24 * 1024 - int(24 * 1024 * 0.15)
-    assert memory.budget_mib(4096) == 3072  # at least 1 GiB stays with the host
+    assert admission.budget_mib(24 * 1024) == 24 * 1024 - int(24 * 1024 * 0.15)
+    assert admission.budget_mib(4096) == 3072  # at least 1 GiB stays with the host
 
 
 def test_a_guest_that_does_not_fit_waits_for_one_to_stop(tmp_path: Path) -> None:
@@ -38,13 +38,13 @@ def test_a_guest_that_does_not_fit_waits_for_one_to_stop(tmp_path: Path) -> None
     first = _guest(conn, 1024)
     lines: list[str] = []
     # Room for one 1 GiB guest and its overhead, not two.
-    total = memory.RESERVE_MIN_MIB + 2 * (1024 + memory.OVERHEAD_MIB) - 1
+    total = admission.RESERVE_MIN_MIB + 2 * (1024 + admission.OVERHEAD_MIB) - 1
     stopper = threading.Timer(1.0, first.destroy)
     try:
-        assert memory.guests_mib(conn) == 1024 + memory.OVERHEAD_MIB
+        assert admission.guests_mib(conn) == 1024 + admission.OVERHEAD_MIB
         stopper.start()
         t0 = time.monotonic()
-        with memory.admitted(
+        with admission.admitted(
             conn,
             1024,
             tmp_path / "memory.lock",
@@ -67,7 +67,7 @@ def test_a_guest_that_fits_starts_at_once(tmp_path: Path) -> None:
     first = _guest(conn, 512)
     lines: list[str] = []
     try:
-        with memory.admitted(
+        with admission.admitted(
             conn, 512, tmp_path / "memory.lock", label="d", log=lines.append, total_mib=64 * 1024
         ):
             pass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pytest
 
-from ..config import project_files as inifile
+from ..config import project_files
 from ..config.option_table import COMMAND_FLAGS, OPTIONS
 from ..config.profiles import Profile, load_profiles, select
 from ..config.resolve import Places, resolve
@@ -55,7 +55,7 @@ class Context:
     settings: Settings
     profiles: dict[str, Profile]
     distros: list[str]  # named on the command line, else the project's selection
-    project: inifile.ProjectConfig
+    project: project_files.ProjectConfig
 
     def selected(self, what: str = "up") -> list[Profile]:
         """The profiles of the distros asked for; at least one, or a usage error."""
@@ -135,8 +135,8 @@ def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None)
     start = Path(getattr(args, "project", None) or Path.cwd())
     if not start.is_dir():
         raise UsageProblem(f"--project {start}: not a directory")
-    project = inifile.locate(start)
-    cli = _command_line(args, inifile.pytest_args(project, env))
+    project = project_files.locate(start)
+    cli = _command_line(args, project_files.pytest_args(project, env))
     places = Places(cwd=Path.cwd(), ini_dir=project.ini_dir, rootdir=project.rootdir)
     resolved = resolve(cli, project.read, places, env=env, flags=COMMAND_FLAGS)
     profiles = load_profiles(project.rootdir)
