@@ -363,3 +363,21 @@ def test_the_executor_runs_on_python_3_6(
         assert old.executor() is executor and lines == []  # one executor served all
     finally:
         old.close()
+
+
+def test_a_write_event_for_a_stream_closed_earlier_in_its_batch_is_ignored() -> None:
+    # Defect (seen in CI): one select() batch held the stdin end and a write event for
+    # the same command; the first fed and closed its stdin, the second then raised
+    # ValueError from the selector and ended the executor with the command in flight.
+    ex = executor_guest.Executor()
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        command = executor_guest.Command(1, proc)
+        assert proc.stdin is not None
+        proc.stdin.close()
+        ex.feed(command)  # must not raise
+        assert not command.pending
+    finally:
+        proc.kill()
+        proc.wait()
+        ex.warm.stop()

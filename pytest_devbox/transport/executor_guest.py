@@ -228,6 +228,10 @@ class Executor:
         """Write what the command's stdin can take now; watch it while more is pending."""
         stream = command.proc.stdin
         assert stream is not None
+        if stream.closed:
+            # A write event of this select() batch for a stream that an earlier event of
+            # the same batch (its stdin's end) fed and closed: nothing is left to do.
+            return
         try:
             while command.pending:
                 del command.pending[: os.write(stream.fileno(), command.pending[:CHUNK])]
