@@ -32,7 +32,8 @@ from pathlib import Path
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile
 from pytest_devbox.guest.machine import Machine
-from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+from pytest_devbox.host.layout import default_cache_dir
+from pytest_devbox.host.probes import resolve_accel
 from pytest_devbox.image import qemu_img
 from pytest_devbox.image.cache import ImageCache
 from pytest_devbox.transport.ssh import probe_banner

@@ -145,7 +145,8 @@ def load(commands: int, guest: str | None) -> dict[str, float]:
             return _load_rounds("local sshd", run, commands, lambda: conn.refused_opens)
     from pytest_devbox.config.profiles import BUILTIN_PROFILES
     from pytest_devbox.guest.machine import Machine
-    from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+    from pytest_devbox.host.layout import default_cache_dir
+    from pytest_devbox.host.probes import resolve_accel
     from pytest_devbox.image.cache import ImageCache
 
     cache = ImageCache(default_cache_dir(), public_index=False, tcg=resolve_accel() == "tcg")

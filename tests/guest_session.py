@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from pytest_devbox.config.settings import DEFAULT_URI
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.virt import domain as dom
 
 

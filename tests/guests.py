@@ -19,7 +19,8 @@ import pytest
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile, load_profiles
 from pytest_devbox.guest.machine import Machine
-from pytest_devbox.host.probes import default_cache_dir, resolve_accel
+from pytest_devbox.host.layout import default_cache_dir
+from pytest_devbox.host.probes import resolve_accel
 from pytest_devbox.image.cache import ImageCache
 
 CACHE = default_cache_dir()

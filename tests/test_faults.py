@@ -15,7 +15,7 @@ import pytest
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.errors import DevboxError, GuestDied, HostNotReady, ImageBuildError
 from pytest_devbox.guest.machine import Machine
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.image.cache import ImageCache
 from pytest_devbox.image.templates.repository import default_repo_dir
 from pytest_devbox.image.virt_builder import PUBLIC_INDEX

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.plugin.forensics import artifacts_dir_for
 
 BAD_URI = "qemu:///system?socket=/nonexistent"

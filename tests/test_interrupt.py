@@ -20,7 +20,7 @@ import pytest
 from filelock import FileLock
 from guest_session import pytest_on_debian12
 
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.virt import domain as dom
 
 pytestmark = pytest.mark.vm

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from guest_session import pytest_on_debian12, system_domains
 
-from pytest_devbox.host.layout import CacheLayout
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import CacheLayout, default_cache_dir
 
 pytestmark = pytest.mark.vm
 

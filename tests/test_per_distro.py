@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 
 pytestmark = pytest.mark.vm
 

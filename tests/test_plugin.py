@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.plugin.hooks import state_key
 
 BAD_URI = "qemu:///system?socket=/nonexistent"

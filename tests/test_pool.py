@@ -12,7 +12,7 @@ from guest_session import pytest_on_debian12, system_domains
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import BootTimeout
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.pool.pool import Pool
 
 pytestmark = pytest.mark.vm

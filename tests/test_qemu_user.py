@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_devbox.host.probes import qemu_user_check
+from pytest_devbox.cli.doctor import qemu_user_check
 from pytest_devbox.virt import domain as dom
 from pytest_devbox.virt import qemu_user
 

@@ -13,7 +13,7 @@ from guests import GUEST_UID
 
 from pytest_devbox.guest.machine import Machine
 from pytest_devbox.guest.sync_files import list_files
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 
 pytestmark = pytest.mark.vm
 REAL_CACHE = default_cache_dir()

@@ -14,7 +14,7 @@ import filelock
 import pytest
 
 from pytest_devbox.errors import CacheLockTimeout, UnknownDistro
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.image.index import format_index
 from pytest_devbox.image.selinux import RELABEL_SHELL, guestfish_quote
 from pytest_devbox.image.templates.recipes import TEMPLATE_RECIPES

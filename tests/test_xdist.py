@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_devbox.errors import DevboxError
-from pytest_devbox.host.probes import default_cache_dir
+from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.plugin.broker import Broker, ask
 from pytest_devbox.plugin.session import distro_in_nodeid
 from pytest_devbox.virt import domain as dom

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from ..config.option_table import spell_for_command
 from ..config.profiles import select
 from ..errors import DevboxError
-from ..host import probes as host
 from ..pool import kept
 from ..pool.kept import KeptGuest
 from .context import Context, UsageProblem, in_parallel, log
@@ -27,21 +26,6 @@ if TYPE_CHECKING:
     import libvirt
 
     from ..config.profiles import Profile
-
-
-def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
-    s = ctx.settings
-    checks = host.run_checks(
-        s.uri,
-        s.cache_dir,
-        s.accel,
-        code_dir=s.code_dir,
-        qemu_user=s.qemu_user,
-        remote_pool=s.remote_pool,
-    )
-    text = host.checks_json(checks) if args.json else host.format_checks(checks)
-    print(spell_for_command(text))
-    return 0 if all(c.ok or not c.required for c in checks) else 1
 
 
 def cmd_template_build(args: argparse.Namespace, ctx: Context) -> int:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..config.option_table import OPTIONS, argument_attrs, flag_help, spell_for_command
 from ..errors import DevboxError
+from . import doctor
 from . import guests as c
 from .context import USAGE_ERRORS, Context, load_context
 from .run import cmd_run
@@ -75,7 +76,7 @@ def _sub(
 
 def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _sub(sub, "doctor", "check that this host can run guests", "devbox doctor",
-             c.cmd_doctor,
+             doctor.cmd_doctor,
              ("uri", "remote_pool", "cache_dir", "code_dir", "accel", "qemu_user"))  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..host.probes import default_cache_dir
+from ..host.layout import default_cache_dir
 
 # The system daemon: the one URI where virtiofs works before libvirt 10.0.
 SYSTEM_URI = "qemu:///system"

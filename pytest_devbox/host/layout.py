@@ -13,8 +13,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where images, keys and templates live: shared by every project of this user."""
+    override = os.environ.get("PYTEST_DEVBOX_CACHE")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/var/cache/pytest-devbox")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pytest-devbox"
 
 
 @dataclass(frozen=True)
