@@ -32,6 +32,7 @@ from pytest_devbox.plugin.broker import describe
 from pytest_devbox.pool import kept, reuse
 from pytest_devbox.transport.keys import ensure_keypair, public_key_line
 from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import domain_xml
 
 URI = "test:///default"
 BAD_URI = "qemu:///system?socket=/nonexistent"
@@ -188,7 +189,7 @@ def _node_file(path: Path, name: str) -> str:
     """A test-driver URI whose host runs one kept devbox guest `name` (each connection
     to it gets its own copy: a host of its own)."""
     meta = {"distro": "debian-11", "keep": "1", "started": str(int(time.time()) - 120)}
-    xml = dom.build_xml(spec_for("9p", "tcg", name=name, metadata=meta))
+    xml = domain_xml.build_xml(spec_for("9p", "tcg", name=name, metadata=meta))
     path.write_text(f"<node>{xml}</node>")
     return f"test://{path}"
 

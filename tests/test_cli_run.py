@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from pytest_devbox.cli.context import in_parallel
 from pytest_devbox.cli.run import Outcome, Prefixed, _report, remote_line
 from pytest_devbox.errors import DevboxError, HostNotReady
+from pytest_devbox.host.parallel import run_bounded
 
 
 def test_words_are_joined_as_ssh_joins_them_and_run_in_code() -> None:
@@ -38,9 +38,10 @@ def test_output_of_several_guests_is_prefixed_line_by_line(
     capfdbinary: pytest.CaptureFixture[bytes],
 ) -> None:
     out = Prefixed(["debian-11", "centos-7"])
-    statuses = in_parallel(
+    statuses = run_bounded(
         [("debian-11", 0), ("centos-7", 3)],
         lambda job: out.run(job[0], [sys.executable, "-c", WRITER, str(job[1])]),
+        at_once=2,
     )
     assert statuses == [0, 3]
     stdout, stderr = (b.decode().splitlines() for b in capfdbinary.readouterr())
@@ -59,7 +60,7 @@ def test_several_run_at_once_in_order_with_their_errors() -> None:
         return n * 10
 
     t0 = time.monotonic()
-    results = in_parallel([1, 2, 3], work)
+    results = run_bounded([1, 2, 3], work, at_once=3)
     assert time.monotonic() - t0 < 1.2  # not 1.5 s one after the other
     assert results[0] == 10 and results[2] == 30
     assert isinstance(results[1], HostNotReady)

@@ -22,11 +22,12 @@ import pytest
 
 from pytest_devbox.errors import DomainError, HostNotReady
 from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import domain_xml
 
 DATA = Path(__file__).parent / "data" / "domain"
 
 
-def spec_for(share: str, accel: str, **kw: object) -> dom.DomainSpec:
+def spec_for(share: str, accel: str, **kw: object) -> domain_xml.DomainSpec:
     args: dict[str, object] = {
         "name": "devbox-debian-12-r0a1b2c3",
         "disk": Path("/var/cache/pytest-devbox/run/r0a1b2c3/devbox-debian-12-r0a1b2c3.qcow2"),
@@ -36,7 +37,7 @@ def spec_for(share: str, accel: str, **kw: object) -> dom.DomainSpec:
         "console_log": Path("/var/cache/pytest-devbox/run/r0a1b2c3/console.log"),
     }
     args.update(kw)
-    return dom.DomainSpec(**args)  # type: ignore[arg-type]
+    return domain_xml.DomainSpec(**args)  # type: ignore[arg-type]
 
 
 def check_golden(name: str, text: str) -> None:
@@ -71,7 +72,7 @@ GOLDEN = {
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden(name: str) -> None:
-    check_golden(name, dom.build_xml(GOLDEN[name]))
+    check_golden(name, domain_xml.build_xml(GOLDEN[name]))
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
@@ -80,7 +81,7 @@ def test_xml_is_valid_for_libvirt_schema(name: str) -> None:
     # a misspelt element or attribute fails here instead of being silently dropped.
     conn = dom.connect("test:///default")
     try:
-        conn.createXML(dom.build_xml(GOLDEN[name]), libvirt.VIR_DOMAIN_START_VALIDATE)
+        conn.createXML(domain_xml.build_xml(GOLDEN[name]), libvirt.VIR_DOMAIN_START_VALIDATE)
     finally:
         conn.close()
 
@@ -88,15 +89,15 @@ def test_xml_is_valid_for_libvirt_schema(name: str) -> None:
 def test_build_is_deterministic() -> None:
     spec = GOLDEN["metadata.xml"]
     reordered = spec_for("9p", "tcg", metadata=dict(reversed(list(spec.metadata.items()))))
-    assert dom.build_xml(spec) == dom.build_xml(reordered)
+    assert domain_xml.build_xml(spec) == domain_xml.build_xml(reordered)
 
 
 def test_accel_and_share_shape_the_xml() -> None:
-    tcg = ET.fromstring(dom.build_xml(spec_for("virtiofs", "tcg")))
+    tcg = ET.fromstring(domain_xml.build_xml(spec_for("virtiofs", "tcg")))
     assert tcg.get("type") == "qemu"
     assert tcg.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
     assert tcg.find("devices/filesystem/driver").get("type") == "virtiofs"  # type: ignore[union-attr]
-    kvm = ET.fromstring(dom.build_xml(spec_for("9p", "kvm")))
+    kvm = ET.fromstring(domain_xml.build_xml(spec_for("9p", "kvm")))
     assert kvm.get("type") == "kvm"
     assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
     assert kvm.find("memoryBacking") is None
@@ -111,19 +112,22 @@ def test_metadata_round_trip() -> None:
         "unicode": "héllo ✓",
         "empty": "",
     }
-    assert dom.read_metadata(dom.build_xml(spec_for("9p", "tcg", metadata=meta))) == meta
+    assert (
+        domain_xml.read_metadata(domain_xml.build_xml(spec_for("9p", "tcg", metadata=meta))) == meta
+    )
 
 
 def test_read_metadata_of_foreign_domain_is_empty() -> None:
-    assert dom.read_metadata("<domain type='kvm'><name>other</name></domain>") == {}
+    assert domain_xml.read_metadata("<domain type='kvm'><name>other</name></domain>") == {}
     assert (
-        dom.read_metadata("<domain><metadata><x:y xmlns:x='urn:other'/></metadata></domain>") == {}
+        domain_xml.read_metadata("<domain><metadata><x:y xmlns:x='urn:other'/></metadata></domain>")
+        == {}
     )
 
 
 def test_odd_paths_are_escaped() -> None:
     odd = Path('/tmp/R&D\'s "code" <dir>')
-    xml = dom.build_xml(spec_for("virtiofs", "tcg", code_dir=odd, disk=odd / "d.qcow2"))
+    xml = domain_xml.build_xml(spec_for("virtiofs", "tcg", code_dir=odd, disk=odd / "d.qcow2"))
     assert "R&amp;D's" in xml  # escaped by ElementTree, not by hand
     root = ET.fromstring(xml)
     assert root.find("devices/filesystem/source").get("dir") == str(odd)  # type: ignore[union-attr]

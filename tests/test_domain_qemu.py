@@ -20,6 +20,7 @@ import pytest
 from test_domain import spec_for
 
 from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import domain_xml
 
 pytestmark = pytest.mark.vm
 
@@ -46,7 +47,7 @@ def empty_disk(tmp_path: Path) -> Path:
     return disk
 
 
-def real_spec(tmp_path: Path, share: str, **kw: object) -> dom.DomainSpec:
+def real_spec(tmp_path: Path, share: str, **kw: object) -> domain_xml.DomainSpec:
     code = tmp_path / "code"
     code.mkdir(exist_ok=True)
     return spec_for(
@@ -134,7 +135,7 @@ def test_real_autodestroy_survives_sigkill(qemuconn: libvirt.virConnect, tmp_pat
         import sys, time
         from pathlib import Path
         from pytest_devbox.virt import domain as dom
-        spec = dom.DomainSpec(name={spec.name!r}, disk=Path({str(spec.disk)!r}),
+        spec = domain_xml.DomainSpec(name={spec.name!r}, disk=Path({str(spec.disk)!r}),
             code_dir=Path({str(spec.code_dir)!r}), share="9p", accel="tcg",
             console_log=Path({str(spec.console_log)!r}), memory_mib=128, vcpus=1)
         d = dom.Domain.create(dom.connect({QEMU_URI!r}), spec)

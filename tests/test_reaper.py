@@ -18,6 +18,7 @@ import pytest
 
 from pytest_devbox.guest.reaper import Reaper, reap
 from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import domain_xml
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def testconn() -> Iterator[libvirt.virConnect]:
 
 def _guest(conn: libvirt.virConnect, name: str, owner: str, overlay: Path) -> None:
     overlay.write_bytes(b"qcow2")
-    spec = dom.DomainSpec(
+    spec = domain_xml.DomainSpec(
         name=name,
         disk=overlay,
         code_dir=overlay.parent,

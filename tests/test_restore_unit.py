@@ -20,12 +20,13 @@ from pytest_devbox.plugin.report import summary_rows
 from pytest_devbox.plugin.session import DevboxSession
 from pytest_devbox.pool.pool import Pool
 from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import domain_xml
 
 P9 = BUILTIN_PROFILES["debian-10"]  # a built-in 9p profile
 VIRTIOFS = BUILTIN_PROFILES["debian-12"]
 
 
-def spec(**kw: object) -> dom.DomainSpec:
+def spec(**kw: object) -> domain_xml.DomainSpec:
     args: dict[str, object] = {
         "name": "devbox-debian-11-9p-s0-01234567",
         "disk": Path("/cache/saves/slot-0/disk.qcow2.partial"),
@@ -37,7 +38,7 @@ def spec(**kw: object) -> dom.DomainSpec:
         "genid": True,
     }
     args.update(kw)
-    return dom.DomainSpec(**args)  # type: ignore[arg-type]
+    return domain_xml.DomainSpec(**args)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -48,8 +49,8 @@ def testconn() -> Iterator[libvirt.virConnect]:
 
 
 def test_genid_only_when_asked() -> None:
-    assert ET.fromstring(dom.build_xml(spec())).find("genid") is not None
-    assert ET.fromstring(dom.build_xml(spec(genid=False))).find("genid") is None
+    assert ET.fromstring(domain_xml.build_xml(spec())).find("genid") is not None
+    assert ET.fromstring(domain_xml.build_xml(spec(genid=False))).find("genid") is None
 
 
 def test_save_and_the_xml_a_restore_gets(testconn: libvirt.virConnect, tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_save_and_the_xml_a_restore_gets(testconn: libvirt.virConnect, tmp_path:
     assert {s.get("path") for s in root.iterfind("devices/*/source[@path]")} == {
         str(tmp_path / "run" / "console.log")
     }
-    assert dom.read_metadata(new) == {"owner_pid": "2", "run_id": "later"}
+    assert domain_xml.read_metadata(new) == {"owner_pid": "2", "run_id": "later"}
     assert len(root.findall("metadata")) == 1
 
 

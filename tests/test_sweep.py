@@ -14,6 +14,7 @@ import pytest
 
 from pytest_devbox.guest.sweep import claim_run_dir, read_owner, sweep_leftovers
 from pytest_devbox.virt import domain as dom
+from pytest_devbox.virt import domain_xml
 
 URI = "test:///default"
 
@@ -30,7 +31,7 @@ def _leftover(tmp_path: Path, owner_pid: int, keep: bool) -> tuple[dom.Domain, P
     overlay.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), "64M"], check=True)
     (tmp_path / "code").mkdir(exist_ok=True)
-    spec = dom.DomainSpec(
+    spec = domain_xml.DomainSpec(
         name=name,
         disk=overlay,
         code_dir=tmp_path / "code",

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -141,29 +140,3 @@ def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None)
     resolved = resolve(cli, project.read, places, env=env, flags=COMMAND_FLAGS)
     profiles = load_profiles(project.rootdir)
     return Context(resolved.settings, profiles, resolved.distros, project)
-
-
-def in_parallel(items: Sequence[T], work: Callable[[T], R]) -> list[R | DevboxError]:
-    """`work(item)` for every item, at the same time when there are several; each
-    result or the DevboxError it raised, in the order of `items`.
-
-    Daemon threads: Ctrl-C ends the command at once, and guests being started go with
-    the process (libvirt destroys them with our connection)."""
-    results: list[R | DevboxError] = [DevboxError("not run")] * len(items)
-
-    def one(i: int) -> None:
-        try:
-            results[i] = work(items[i])
-        except DevboxError as e:
-            results[i] = e
-
-    if len(items) == 1:
-        one(0)
-        return results
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(items))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.2)  # joined in slices so Ctrl-C reaches the main thread
-    return results

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from ..config.option_table import spell_for_command
 from ..config.profiles import select
 from ..errors import DevboxError
+from ..host.parallel import run_bounded
 from ..pool import kept
 from ..pool.kept import KeptGuest
-from .context import Context, UsageProblem, in_parallel, log
+from .context import Context, UsageProblem, log
 from .run import remote_line
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
 def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
     """Boot `profiles` at once as guests that stay up; one line per distro."""
     pool = ctx.pool(profiles, keep=True, **changes)
-    outcomes = in_parallel([p.name for p in profiles], pool.get)
+    names = [p.name for p in profiles]
+    outcomes = run_bounded(names, pool.get, at_once=len(names))
     failed = 0
     for profile, outcome in zip(profiles, outcomes):
         if isinstance(outcome, DevboxError):

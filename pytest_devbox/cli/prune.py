@@ -31,13 +31,13 @@ from ..errors import DevboxError
 from ..guest.sweep import abandoned
 from ..host.layout import CacheLayout
 from ..image.qemu_img import backing_file
+from ..log import Log
 from ..pool import kept
 from ..virt.domain_xml import NAME_PREFIX
 
 # libvirt's own log directory per URI: where it writes <domain>.log for each guest.
 SYSTEM_LOG_DIR = Path("/var/log/libvirt/qemu")
 _IMAGE = re.compile(r"(?P<distro>.+)-(?P<key>[0-9a-f]{16})\.(?:qcow2|json)")
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import IO, TYPE_CHECKING
 
 from ..config.option_table import spell_for_command
 from ..errors import DevboxError
-from .context import Context, UsageProblem, in_parallel, log
+from ..host.parallel import run_bounded
+from .context import Context, UsageProblem, log
 
 if TYPE_CHECKING:
     from ..pool.kept import KeptGuest
@@ -120,7 +121,7 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
         return Outcome(name, status, time.monotonic() - t0)
 
     try:
-        outcomes = in_parallel(names, one)
+        outcomes = run_bounded(names, one, at_once=len(names))
     finally:
         if pool is not None:
             pool.close()  # the guests booted for this command go (with --keep: stay)

@@ -18,8 +18,6 @@ from typing import Any
 from ..errors import ProfileError, UnknownDistro
 from .settings import SHARE_CHOICES
 
-SHARE_KINDS = SHARE_CHOICES
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11 only
@@ -187,7 +185,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = MappingProxyType(
 
 _FIELD_TYPES: dict[str, str] = {
     "template": "a string (a virt-builder os-version)",
-    "share": "one of " + ", ".join(repr(k) for k in SHARE_KINDS),
+    "share": "one of " + ", ".join(repr(k) for k in SHARE_CHOICES),
     "customize": "a list of strings (virt-builder commands-file lines)",
     "repos": "a list of strings (virt-builder repository URIs)",
     "memory_mib": "a positive integer",
@@ -210,7 +208,7 @@ def _check_field(where: str, key: str, value: Any) -> Any:
             raise bad()
         return value
     if key == "share":
-        if value not in SHARE_KINDS:
+        if value not in SHARE_CHOICES:
             raise bad()
         return value
     if key in ("customize", "repos"):

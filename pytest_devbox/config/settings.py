@@ -30,6 +30,9 @@ DEFAULT_REMOTE_POOL = "/var/lib/pytest-devbox/pool"
 # How /code reaches a guest: a share of the host directory (virtiofs, 9p), or a copy
 # (sync: tar over SSH, no shared file system; sync.py). Each profile names its own.
 SHARE_CHOICES = ("virtiofs", "9p", "sync")
+# The unprivileged user every image has (with the caller's uid and gid), who runs the
+# commands of tests unless they ask for root.
+GUEST_USER = "devbox"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ from ..config.profiles import Profile
 from ..config.settings import Settings
 from ..errors import DevboxError
 from ..image.cache import ImageInfo
+from ..log import Log
 from ..virt import domain as dom
-from .boot import Log, host_key_alias
+from ..virt import domain_xml
+from .boot import host_key_alias
 from .machine import Machine
 from .sites import Link
 
@@ -76,7 +78,7 @@ def attach(
     link: Link | None = None
     try:
         domain = dom.Domain(virconn.lookupByName(guest.name))
-        metadata = dom.read_metadata(domain.virdom.XMLDesc(0))
+        metadata = domain_xml.read_metadata(domain.virdom.XMLDesc(0))
         if check is not None:
             check(metadata)
         link = Link(guest.uri)

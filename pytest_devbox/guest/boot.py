@@ -24,9 +24,11 @@ from ..errors import HostNotReady
 from ..host.layout import CacheLayout
 from ..host.probes import resolve_accel
 from ..image.cache import ImageCache, ImageInfo
+from ..log import Log
 from ..transport.keys import ensure_keypair
 from ..transport.ssh import Connection
 from ..virt import domain as dom
+from ..virt import domain_xml
 from ..virt.admission import admitted
 from ..virt.qemu_user import QemuIdentity, is_local
 from ..virt.qemu_user import identity as qemu_identity
@@ -82,16 +84,16 @@ class Plan:
 
     def new_name(self) -> str:
         # Unique per machine, kept or not: a session may start several of one distro.
-        return f"{dom.NAME_PREFIX}{self.profile.name}-{self.run_id}-{uuid.uuid4().hex[:4]}"
+        return f"{domain_xml.NAME_PREFIX}{self.profile.name}-{self.run_id}-{uuid.uuid4().hex[:4]}"
 
     def deadline_seconds(self, boot_timeout: float | None) -> float:
         return boot_timeout or BOOT_TIMEOUT[self.accel]
 
     def spec(
         self, name: str, disk: Path, console: Path, qemu: QemuIdentity, *, keep: bool
-    ) -> dom.DomainSpec:
+    ) -> domain_xml.DomainSpec:
         p = self.profile
-        return dom.DomainSpec(
+        return domain_xml.DomainSpec(
             name=name,
             disk=disk,
             code_dir=self.code_dir,
@@ -169,7 +171,7 @@ def qemu_for(virconn: libvirt.virConnect, uri: str, policy: str, paths: list[Pat
 def create_domain(
     virconn: libvirt.virConnect,
     plan: Plan,
-    spec: dom.DomainSpec,
+    spec: domain_xml.DomainSpec,
     reaper: Reaper | None,
     *,
     autodestroy: bool,
@@ -210,5 +212,4 @@ def tail_text(data: bytes, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-Log = Callable[[str], None]
 Opener = Callable[[float], Any]  # a timeout -> a connected socket-like object

@@ -29,12 +29,14 @@ from ..config.settings import (
 )
 from ..errors import DomainError
 from ..image.cache import ImageCache, ImageInfo
+from ..log import Log
 from ..result import Result
 from ..transport.logins import Logins
 from ..transport.ssh import Connection
 from ..virt import domain as dom
+from ..virt import domain_xml
 from ..virt.admission import admitted
-from .boot import Log, Plan, create_domain, qemu_for, tail_file
+from .boot import Plan, create_domain, qemu_for, tail_file
 from .readiness import Boot, Deadline, wait_ready
 from .reaper import Reaper
 from .restore import Restored, RestoreJob, restore_guest
@@ -209,7 +211,7 @@ class Machine:
         try:
             qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(plan.workdir))
 
-            def make_spec(name: str, disk: Path, console: Path) -> dom.DomainSpec:
+            def make_spec(name: str, disk: Path, console: Path) -> domain_xml.DomainSpec:
                 # A restored guest ends with its session (it holds a slot): never kept.
                 return plan.spec(name, disk, console, qemu, keep=False)
 

@@ -27,6 +27,7 @@ import libvirt
 
 from ..errors import DomainError
 from ..virt import domain as dom
+from ..virt import domain_xml
 
 
 class Reaper:
@@ -100,7 +101,7 @@ def reap(conn: libvirt.virConnect, owner_pid: str, names: set[str]) -> list[str]
     for name in sorted(names):
         try:
             virdom = conn.lookupByName(name)
-            meta = dom.read_metadata(virdom.XMLDesc(0))
+            meta = domain_xml.read_metadata(virdom.XMLDesc(0))
             if meta.get("owner_pid") != owner_pid:
                 continue  # the slot's next guest, someone else's
             virdom.destroy()

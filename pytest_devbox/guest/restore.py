@@ -36,8 +36,10 @@ from ..config.profiles import Profile
 from ..errors import DevboxError, DomainError, RestoreUnavailable
 from ..image import qemu_img
 from ..image.cache import ImageInfo
+from ..log import Log
 from ..transport.ssh import Connection
 from ..virt import domain as dom
+from ..virt import domain_xml
 from .readiness import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
 from .reaper import Reaper
 from .slots import MAX_SLOTS, Lease, SaveCache, save_key
@@ -55,8 +57,7 @@ _RESEED_PY = (
     "fcntl.ioctl(fd,0x40085203,struct.pack('ii',len(b)*8,len(b))+b);"
     "fcntl.ioctl(fd,0x5207)"
 )
-MakeSpec = Callable[[str, Path, Path], dom.DomainSpec]  # (name, disk, console) -> spec
-Log = Callable[[str], None]
+MakeSpec = Callable[[str, Path, Path], domain_xml.DomainSpec]  # (name, disk, console) -> spec
 
 
 def unrestorable(profile: Profile, share: str = "") -> str | None:
@@ -85,7 +86,7 @@ def restore_xml(
     disk_source.set("file", str(disk))
     for fs in root.iterfind("devices/filesystem"):
         source = fs.find("source")
-        if source is not None and fs.find(f"target[@dir='{dom.SHARE_TAG}']") is not None:
+        if source is not None and fs.find(f"target[@dir='{domain_xml.SHARE_TAG}']") is not None:
             source.set("dir", str(code_dir))
     for chardev in ("serial", "console"):
         for source in root.iterfind(f"devices/{chardev}/source"):
@@ -93,7 +94,7 @@ def restore_xml(
     old = root.find("metadata")
     if old is not None:
         root.remove(old)
-    dom.add_metadata(root, metadata)
+    domain_xml.add_metadata(root, metadata)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -172,7 +173,7 @@ def restore_guest(job: RestoreJob) -> Restored:
 def _key(job: RestoreJob) -> str:
     # The XML without what differs per guest (name, paths, metadata): its shape only.
     spec = dataclasses.replace(
-        job.make_spec(dom.NAME_PREFIX + "slot", Path("/disk"), Path("/console")),
+        job.make_spec(domain_xml.NAME_PREFIX + "slot", Path("/disk"), Path("/console")),
         code_dir=Path("/code"),
         metadata={},
         genid=True,
@@ -181,7 +182,7 @@ def _key(job: RestoreJob) -> str:
         cache_root=job.cache_root,
         image_key=job.image.key,
         image_built_at=str(job.image.metadata.get("built_at", "")),
-        domain_xml=dom.build_xml(spec),
+        domain_xml=domain_xml.build_xml(spec),
         libvirt_version=job.virconn.getLibVersion(),
         qemu_version=job.virconn.getVersion(),
     )

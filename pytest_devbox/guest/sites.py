@@ -17,10 +17,11 @@ import libvirt
 
 from ..image import qemu_img
 from ..image.cache import image_lock
+from ..log import Log
 from ..transport.ssh import Connection, probe_banner
 from ..transport.tunnel import RemoteHost, Tunnel, jump_options, parse_uri
 from ..virt import volumes
-from .boot import Log, Plan, guest_connection, host_key_alias, tail_file, tail_text
+from .boot import Plan, guest_connection, host_key_alias, tail_file, tail_text
 
 REMOTE_SHARE = "sync"
 

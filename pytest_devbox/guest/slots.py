@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from ..host.atomic import atomic_write
 from ..host.layout import CacheLayout
-from ..virt import domain as dom
+from ..virt import domain_xml
 
 # Bump when what a slot holds, or how it is prepared before saving, changes.
 SAVE_FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ class Slot:
     @property
     def name(self) -> str:
         """The domain name every guest of this slot has (a restore cannot change it)."""
-        return f"{dom.NAME_PREFIX}{self.distro}-s{self.index}-{self.key[:8]}"
+        return f"{domain_xml.NAME_PREFIX}{self.distro}-s{self.index}-{self.key[:8]}"
 
     @property
     def state(self) -> Path:

@@ -31,8 +31,8 @@ from typing import IO
 
 import paramiko
 
+from ..config.settings import GUEST_USER
 from ..errors import SyncError
-from ..transport.logins import GUEST_USER
 from ..transport.ssh import Connection
 from .sync_files import FileList, Stat, diff, list_files
 

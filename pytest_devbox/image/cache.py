@@ -23,6 +23,7 @@ from typing import Any, Callable
 from filelock import FileLock, Timeout
 
 from ..config.profiles import Profile
+from ..config.settings import GUEST_USER
 from ..errors import CacheLockTimeout, ImageBuildError
 from ..host.atomic import atomic_write
 from ..host.layout import CacheLayout
@@ -85,7 +86,7 @@ class ImageCache:
         self.builder = VirtBuilder(self.layout, repos=repos, public_index=public_index, tcg=tcg)
         self.log = log
         self.lock_timeout = lock_timeout
-        self.guest_user = guest_user or (recipe.GUEST_USER, os.getuid(), os.getgid())
+        self.guest_user = guest_user or (GUEST_USER, os.getuid(), os.getgid())
         self._public_key = public_key
         self._keys: dict[Profile, tuple[str, Revisions]] = {}
 

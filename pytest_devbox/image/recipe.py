@@ -18,7 +18,6 @@ from .selinux import RELABEL_COMMAND
 
 # Bump when the recipe changes in a way the hashed inputs below do not show.
 IMAGE_FORMAT_VERSION = 1
-GUEST_USER = "devbox"
 SSHD_SETTINGS = ("MaxSessions 64", "MaxStartups 64:30:128")
 # (name, uid, gid) of the unprivileged guest user.
 GuestUser = tuple[str, int, int]

@@ -9,10 +9,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..config.profiles import Profile, effective_share
-from ..config.settings import Settings
+from ..config.settings import GUEST_USER, Settings
 from ..errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from ..guest.boot import new_run_id
 from ..guest.machine import Machine
@@ -21,10 +21,9 @@ from ..guest.sweep import remove_run_dir, sweep_leftovers
 from ..host.parallel import limit, run_bounded
 from ..host.probes import resolve_accel
 from ..image.cache import ImageCache
+from ..log import Log
 from ..virt.qemu_user import is_local
 from . import kept
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -89,7 +88,7 @@ class Pool:
                 public_index=not s.offline,
                 tcg=self.accel == "tcg",
                 log=self.log,
-                guest_user=("devbox", os.getuid(), os.getgid()),
+                guest_user=(GUEST_USER, os.getuid(), os.getgid()),
             )
         return self._cache
 

@@ -12,14 +12,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..config.profiles import Profile
-from ..config.settings import Settings
+from ..config.settings import GUEST_USER, Settings
 from ..errors import DevboxError
 from ..guest.attach import Running
 from ..guest.attach import attach as attach_running
 from ..guest.machine import Machine
 from ..guest.sites import Link
 from ..image.cache import ImageCache
-from ..transport.logins import GUEST_USER
 from ..transport.ssh import Connection
 from . import kept
 

@@ -24,7 +24,7 @@ import paramiko
 from ..errors import SSHError
 from ..result import Result, shorten
 from . import executor_guest as wire
-from .ssh import Connection
+from .ssh import TRANSPORT_ERRORS, Connection
 
 __all__ = ["NO_PYTHON", "Executor", "ExecutorLost"]
 
@@ -36,7 +36,6 @@ START_TIMEOUT = 60.0
 STOP_WAIT = 10.0
 """Seconds a stopped command's last output and exit may take to arrive."""
 _SEND_CHUNK = 32768
-_TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
 
 class ExecutorLost(SSHError):
@@ -104,7 +103,7 @@ class Executor:
                 if not data:
                     break
                 buf += data
-        except _TRANSPORT_ERRORS as e:
+        except TRANSPORT_ERRORS as e:
             channel.close()
             if isinstance(e, socket.timeout):
                 return f"the executor did not start within {timeout:g} s"
@@ -183,7 +182,7 @@ class Executor:
         try:
             with self._send_lock:
                 self._channel.sendall(frame)
-        except _TRANSPORT_ERRORS as e:
+        except TRANSPORT_ERRORS as e:
             self._die(f"sending to it failed ({e!r})")
 
     def _lost(self, command: str, call: _Call) -> ExecutorLost:
@@ -211,7 +210,7 @@ class Executor:
                     break
                 buf += data
                 self._dispatch(buf)
-        except _TRANSPORT_ERRORS as e:
+        except TRANSPORT_ERRORS as e:
             reason = f"its connection failed ({e!r})"
         self._die(self._why(reason))
 

@@ -20,17 +20,16 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from ..config.settings import EXEC_CHOICES, GUEST_USER
 from ..errors import CommandFailed, CommandTimeout
 from ..result import Result
 from .exec_channel import shell_argv
 from .executor import PYTHONS, Executor
 from .ssh import Connection
 
-GUEST_USER = "devbox"
 ROOT = "root"
 # How long the first command as the devbox user may wait for its login.
 LOGIN_TIMEOUT = 60.0
-EXEC_MODES = ("auto", "ssh")
 
 
 class Login:
@@ -43,7 +42,7 @@ class Login:
         log: Callable[[str], None] = print,
         pythons: Sequence[str] = PYTHONS,
     ) -> None:
-        if mode not in EXEC_MODES:
+        if mode not in EXEC_CHOICES:
             raise ValueError(f"unknown exec mode {mode!r}: use auto or ssh")
         self.conn = conn
         self.mode = mode

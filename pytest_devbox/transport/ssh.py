@@ -34,7 +34,7 @@ CHANNEL_WAIT = 60.0
 """Seconds a refused channel open keeps being retried before it is an error."""
 
 # What paramiko raises when a channel or its transport fails under us.
-_TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
+TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
 
 class Connection:
@@ -164,7 +164,7 @@ class Connection:
             transport.get_security_options().key_types = host_key_algorithms(pinned)
         try:
             transport.start_client(timeout=timeout)
-        except _TRANSPORT_ERRORS as e:
+        except TRANSPORT_ERRORS as e:
             raise SSHError(
                 f"SSH handshake with {self._where} failed within {timeout:g} s ({e}); "
                 "the guest's sshd may not be up yet or may have crashed: "
@@ -188,7 +188,7 @@ class Connection:
                 "image was probably built with another public key: rebuild the image "
                 "(--devbox-rebuild) so the current key is injected"
             ) from e
-        except _TRANSPORT_ERRORS as e:
+        except TRANSPORT_ERRORS as e:
             raise SSHError(f"SSH authentication with {self._where} failed: {e}") from e
 
     def close(self) -> None:
@@ -239,7 +239,7 @@ class Connection:
             closes = self._slots.closes
             try:
                 return transport.open_session(timeout=max(1.0, give_up - time.monotonic()))
-            except _TRANSPORT_ERRORS as e:
+            except TRANSPORT_ERRORS as e:
                 if not transport.is_active():
                     self._discard(transport)
                     if reconnected:
@@ -305,7 +305,7 @@ class Connection:
                 result, timed_out = execute(
                     channel, command, wire, data, timeout, self._stop_remote
                 )
-            except _TRANSPORT_ERRORS as e:
+            except TRANSPORT_ERRORS as e:
                 raise self._lost(channel, f"running `{shorten(command, 200)}`", e) from e
             self.history.append(result)
             if timed_out:
@@ -324,7 +324,7 @@ class Connection:
             return
         # Plumbing, not something the user ran: it stays out of the history. It takes no
         # slot: the command it stops holds one, and every slot may be held by such.
-        with contextlib.suppress(*_TRANSPORT_ERRORS, SSHError):
+        with contextlib.suppress(*TRANSPORT_ERRORS, SSHError):
             channel = self._open_channel(10.0)
             try:
                 wire = wire_command(stop_script(pgid), None, None, None)

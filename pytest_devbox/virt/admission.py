@@ -19,7 +19,7 @@ from pathlib import Path
 import libvirt
 from filelock import FileLock
 
-from .domain import NAME_PREFIX
+from .domain_xml import NAME_PREFIX
 
 # What QEMU itself needs beside the guest's RAM (TCG's translation cache included).
 OVERHEAD_MIB = 256

@@ -17,32 +17,19 @@ import libvirt_qemu
 from ..config.settings import SYSTEM_URI
 from ..errors import DomainError, HostNotReady
 from .domain_xml import (
-    ACCELS,
     METADATA_NS,
     METADATA_PREFIX,
     NAME_PREFIX,
     NETDEV_ID,
-    SHARE_TAG,
-    SHARES,
     DomainSpec,
-    add_metadata,
     build_xml,
     read_metadata,
 )
 
 __all__ = [
-    "ACCELS",
-    "METADATA_NS",
-    "NAME_PREFIX",
-    "SHARES",
-    "SHARE_TAG",
     "Domain",
-    "DomainSpec",
-    "add_metadata",
-    "build_xml",
     "connect",
     "list_devbox_domains",
-    "read_metadata",
 ]
 
 _START_LIBVIRTD = (

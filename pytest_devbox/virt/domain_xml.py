@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config.settings import SHARE_CHOICES
 from ..errors import DomainError
 
 NAME_PREFIX = "devbox-"
@@ -18,7 +19,6 @@ METADATA_NS = "https://pytest-devbox.invalid/xmlns/1"
 METADATA_PREFIX = "devbox"
 SHARE_TAG = "/code"
 # sync: no device at all, /code is a copy made over SSH (sync.py).
-SHARES = ("virtiofs", "9p", "sync")
 ACCELS = ("kvm", "tcg")
 # The netdev id libvirt derives from a user-set alias: "host" + alias. Setting the alias
 # ourselves keeps the id the monitor commands need independent of device numbering.
@@ -52,8 +52,8 @@ class DomainSpec:
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
             raise DomainError(f"domain name {self.name!r} must start with {NAME_PREFIX!r}")
-        if self.share not in SHARES:
-            raise DomainError(f"unknown share kind {self.share!r}: use one of {SHARES}")
+        if self.share not in SHARE_CHOICES:
+            raise DomainError(f"unknown share kind {self.share!r}: use one of {SHARE_CHOICES}")
         if self.accel not in ACCELS:
             raise DomainError(f"unknown accel {self.accel!r}: use one of {ACCELS}")
 

@@ -31,8 +31,8 @@ import libvirt
 from filelock import FileLock
 
 from ..errors import DomainError
+from ..log import Log
 
-Log = Callable[[str], None]
 MARKER = ".complete"
 OVERLAY, CONSOLE = "qcow2", "console"
 _GUEST_VOLUME = re.compile(
