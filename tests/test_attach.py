@@ -25,7 +25,8 @@ from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DevboxError
 from pytest_devbox.guest.attach import Running, attach
 from pytest_devbox.guest.machine import Machine
-from pytest_devbox.guest.sites import Link
+from pytest_devbox.guest.parts import GuestParts
+from pytest_devbox.guest.sites import Link, LocalFiles
 from pytest_devbox.host.layout import CacheLayout
 from pytest_devbox.image.cache import ImageInfo
 from pytest_devbox.plugin.broker import describe
@@ -135,19 +136,20 @@ def test_attach_looks_the_guest_up_at_its_own_uri(virt: libvirt.virConnect) -> N
 def _machine(virt: libvirt.virConnect, link: Link, cache: Path) -> Machine:
     """A Machine on a test-driver domain, with a connection that is never opened."""
     d = _domain(virt)
-    return Machine(
+    parts = GuestParts(
         profile=BUILTIN_PROFILES["debian-12"],
         image=IMAGE,
         virconn=dom.connect(URI),
         domain=d,
         ssh=link.connection(cache, 41022, "devbox-alias"),
-        overlay=Path("/pool/o.qcow2"),
-        console_log=Path("/pool/o.console"),
-        boot_seconds=3.0,
+        files=LocalFiles(Path("/pool/o.qcow2"), Path("/pool/o.console")),
         share="sync",
         code_dir=cache,
         site=link,
     )
+    machine = Machine(parts)
+    machine.boot_seconds = 3.0
+    return machine
 
 
 def test_the_workers_info_carries_the_guests_uri(virt: libvirt.virConnect, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from test_ssh import (  # noqa: F401
 
 from pytest_devbox.errors import BootTimeout, GuestDied, HostKeyMismatch, SSHError
 from pytest_devbox.guest import readiness
-from pytest_devbox.guest.boot import tail_file
+from pytest_devbox.guest.plan import tail_file
 from pytest_devbox.guest.readiness import (
     SHARE_PROBE,
     Boot,

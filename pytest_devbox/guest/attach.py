@@ -25,9 +25,10 @@ from ..image.cache import ImageInfo
 from ..log import Log
 from ..virt import domain as dom
 from ..virt import domain_xml
-from .boot import host_key_alias
 from .machine import Machine
-from .sites import Link
+from .parts import GuestParts
+from .plan import host_key_alias
+from .sites import Link, LocalFiles
 
 
 @dataclass(frozen=True)
@@ -90,24 +91,24 @@ def attach(
     except BaseException:
         _close(virconn, link)
         raise
-    return Machine(
+    parts = GuestParts(
         profile=profile,
         image=image,
         virconn=virconn,
         domain=domain,
         ssh=ssh,
-        overlay=Path(guest.overlay),
-        console_log=Path(guest.console_log),
-        boot_seconds=boot_seconds,
-        exec_mode=settings.exec_mode,
-        log=log,
+        files=LocalFiles(Path(guest.overlay), Path(guest.console_log)),
         # A sync guest's copy was made by its owner; sync() reads what was copied from
         # the guest itself (sync.py), so this process's syncs send only what changed.
         share=metadata.get("share") or guest.share or profile.share,
         code_dir=settings.code_dir,
-        sync_exclude=settings.sync_exclude,
         site=link,
     )
+    machine = Machine(
+        parts, exec_mode=settings.exec_mode, log=log, sync_exclude=settings.sync_exclude
+    )
+    machine.boot_seconds = boot_seconds
+    return machine
 
 
 def _close(virconn: libvirt.virConnect, link: Link | None) -> None:

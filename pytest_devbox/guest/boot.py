@@ -1,171 +1,155 @@
-"""What starting one guest decides before it asks libvirt: its image, run directory,
-name, domain XML, who runs its QEMU, its deadline and how to reach it over SSH.
+"""Where a guest is started: the sequence from a profile to a guest that answers SSH.
 
-Shared by a boot (`Machine.start`) and a restore (`Machine.restore`), so the two can
-never disagree about what a guest of a profile looks like.
+A boot: plan (image, run dir, share) -> site (this host or a remote one) -> overlay and
+console -> who runs QEMU -> domain XML -> the domain, once its memory fits -> readiness
+(running, port, banner, auth, /code). A restore: plan -> a saved guest of the profile
+restored onto a new overlay (restore.py). Either way the result is the `GuestParts` the
+handle (`Machine`) is made of; whatever stops a start half way is torn down here.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import socket
+import contextlib
 import time
-import uuid
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
-from ..config.profiles import Profile, effective_share
-from ..errors import HostNotReady
-from ..host.layout import CacheLayout
-from ..host.probes import resolve_accel
-from ..image.cache import ImageCache, ImageInfo
+from ..config.profiles import Profile
+from ..config.settings import DEFAULT_ACCEL, DEFAULT_QEMU_USER, DEFAULT_REMOTE_POOL, DEFAULT_URI
+from ..image.cache import ImageCache
 from ..log import Log
-from ..transport.keys import ensure_keypair
-from ..transport.ssh import Connection
 from ..virt import domain as dom
 from ..virt import domain_xml
 from ..virt.admission import admitted
-from ..virt.qemu_user import QemuIdentity, is_local
-from ..virt.qemu_user import identity as qemu_identity
+from .parts import GuestParts
+from .plan import Plan, qemu_for, tail_file
+from .readiness import Boot, Deadline, wait_ready
 from .reaper import Reaper
-from .sweep import claim_run_dir
-
-# Deadlines for the whole boot (all phases together). Software emulation is 5-10x slower.
-BOOT_TIMEOUT = {"kvm": 120.0, "tcg": 420.0}
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:8]
+from .restore import RestoreJob, restore_guest
+from .sites import GuestFiles, LocalFiles, Site, site_for
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One guest of ``profile`` about to start: everything but the libvirt calls."""
+class Launch:
+    """How to start a guest, beyond which profile: what the caller chose."""
 
-    profile: Profile
-    cache: ImageCache
-    image: ImageInfo
-    code_dir: Path
-    accel: str  # resolved: kvm or tcg
-    run_id: str
-    workdir: Path  # this session's run dir: overlays and console logs
-    share: str  # how /code reaches the guest: the profile's, or --devbox-share's
+    uri: str = DEFAULT_URI
+    accel: str = DEFAULT_ACCEL
+    qemu_user: str = DEFAULT_QEMU_USER
+    run_id: str | None = None
+    rebuild: bool = False
+    keep: bool = False  # no AUTODESTROY: left running past the session
+    keepable: bool = False  # no AUTODESTROY, reaped if we die: `keep()` may leave it up
+    boot_timeout: float | None = None
+    share: str = ""  # every guest's share instead of the profile's; "": the profile's
+    remote_pool: str = DEFAULT_REMOTE_POOL
+    log: Log = print
 
-    @classmethod
-    def make(
-        cls,
-        profile: Profile,
-        cache: ImageCache,
-        code_dir: Path,
-        *,
-        accel: str,
-        run_id: str | None,
-        rebuild: bool,
-        share: str = "",
-    ) -> Plan:
-        code_dir = Path(code_dir).resolve()
-        if not code_dir.is_dir():
-            raise HostNotReady(f"code dir {code_dir} does not exist: pass an existing directory")
-        chosen = resolve_accel(accel)
-        image = cache.image_for(profile, rebuild=rebuild)
-        run_id = run_id or new_run_id()
-        workdir = claim_run_dir(cache.root, run_id)
-        share = effective_share(profile, share)
-        return cls(profile, cache, image, code_dir, chosen, run_id, workdir, share)
-
-    @property
-    def memory_lock(self) -> Path:
-        return CacheLayout(self.cache.root).memory_lock
-
-    def new_name(self) -> str:
-        # Unique per machine, kept or not: a session may start several of one distro.
-        return f"{domain_xml.NAME_PREFIX}{self.profile.name}-{self.run_id}-{uuid.uuid4().hex[:4]}"
-
-    def deadline_seconds(self, boot_timeout: float | None) -> float:
-        return boot_timeout or BOOT_TIMEOUT[self.accel]
-
-    def spec(
-        self, name: str, disk: Path, console: Path, qemu: QemuIdentity, *, keep: bool
-    ) -> domain_xml.DomainSpec:
-        p = self.profile
-        return domain_xml.DomainSpec(
-            name=name,
-            disk=disk,
-            code_dir=self.code_dir,
-            share=self.share,
+    def plan(self, profile: Profile, cache: ImageCache, code_dir: Path) -> Plan:
+        return Plan.make(
+            profile,
+            cache,
+            code_dir,
             accel=self.accel,
-            memory_mib=p.memory_mib,
-            vcpus=p.vcpus,
-            console_log=console,
-            metadata=self._metadata(disk, keep),
-            run_as=qemu.label,
-            qemu_is_root=qemu.is_root,
+            run_id=self.run_id,
+            rebuild=self.rebuild,
+            share=self.share,
         )
 
-    def _metadata(self, disk: Path, keep: bool) -> dict[str, str]:
-        """What the sweep and `devbox ls` need to tell whose guest this is."""
-        return {
-            "owner_pid": str(os.getpid()),
-            "owner_host": socket.gethostname(),
-            "run_id": self.run_id,
-            "started": str(int(time.time())),
-            "distro": self.profile.name,
-            "overlay": str(disk),
-            "image_key": self.image.key,
-            "keep": "1" if keep else "0",
-            # How /code reaches it: a process attaching later (--devbox-reuse) syncs a
-            # copy, not a share.
-            "share": self.share,
-        }
 
-    def reached_paths(self, *paths: Path) -> list[Path]:
-        """What QEMU must be able to open: `paths`, and the code dir when it is shared
-        (a sync guest's /code is a copy: QEMU never opens the directory)."""
-        return [*paths] if self.share == "sync" else [*paths, self.code_dir]
-
-    def connection(self, port: int) -> Connection:
-        """root's SSH connection to this guest on a port forwarded on our loopback (not
-        yet connected); sites.Link reaches a remote host's."""
-        return guest_connection(self.cache.root, port, host_key_alias(self.image))
-
-
-def guest_connection(
-    cache_root: Path,
-    port: int,
-    alias: str,
-    *,
-    username: str = "root",
-    opener: Opener | None = None,
-    via: Sequence[str] = (),
-) -> Connection:
-    """An SSH connection (not yet connected) to a guest's port forwarded on 127.0.0.1 of
-    the host running it, with our key and the host key pinned under `alias`; `opener`
-    and `via` when that loopback is another host's (sites.Link)."""
-    layout = CacheLayout(cache_root)
-    return Connection(
-        "127.0.0.1",
-        port,
-        username=username,
-        key_path=ensure_keypair(layout.ssh),
-        known_hosts=layout.known_hosts,
-        host_key_alias=alias,
-        opener=opener,
-        via=via,
+def boot(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch) -> GuestParts:
+    """Boot `profile` on a fresh overlay of its cached image; return once SSH answers
+    (and /code is mounted, for a shared /code)."""
+    began = time.monotonic()
+    plan = launch.plan(profile, cache, code_dir)
+    name = plan.new_name()
+    log = launch.log
+    virconn = dom.connect(launch.uri)
+    domain: dom.Domain | None = None
+    reaper = Reaper.for_uri(launch.uri) if launch.keepable and not launch.keep else None
+    site: Site | None = None
+    files: GuestFiles | None = None
+    try:
+        # This host, or a remote one (its pool, its loopback through a tunnel).
+        site = site_for(plan, launch.uri, virconn, launch.remote_pool, log)
+        plan = site.adapt(plan, log)
+        files = site.files(name)
+        qemu = qemu_for(virconn, launch.uri, launch.qemu_user, plan.reached_paths(files.overlay))
+        spec = plan.spec(name, files.overlay, files.console, qemu, keep=launch.keep)
+        autodestroy = not (launch.keep or launch.keepable)
+        domain = create_domain(virconn, plan, spec, reaper, autodestroy=autodestroy, log=log)
+        deadline = Deadline(plan.deadline_seconds(launch.boot_timeout))
+        watch = Boot(domain, profile.name, files.console, deadline, lambda _, n: files.tail(n))
+        ssh = wait_ready(watch, connection=site.connection, share=plan.share, probe=site.probe)
+    except BaseException:
+        # Half-started is torn down, whatever stopped us (error, Ctrl-C).
+        _undo(name, virconn, domain, files, site, reaper)
+        raise
+    return GuestParts(
+        profile=plan.profile,
+        image=plan.image,
+        accel=plan.accel,
+        virconn=virconn,
+        domain=domain,
+        ssh=ssh,
+        files=files,
+        share=plan.share,
+        code_dir=plan.code_dir,
+        site=site,
+        reaper=reaper,
+        keepable=launch.keep or launch.keepable,
+        began=began,
     )
 
 
-def qemu_for(virconn: libvirt.virConnect, uri: str, policy: str, paths: list[Path]) -> QemuIdentity:
-    """Who runs this guest's QEMU; HostNotReady naming the directory it cannot reach."""
-    qemu = qemu_identity(virconn, uri, policy)
-    problem = qemu.reach_problem(paths) if is_local(uri) else None
-    if problem:  # said plainly now, rather than as libvirt's "Permission denied"
-        raise HostNotReady(f"{problem[0]}: {problem[1]}")
-    return qemu
+def restore(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch) -> GuestParts:
+    """Like `boot`, but restore a saved booted guest of `profile` (saving one first when
+    there is none yet). RestoreUnavailable when it cannot: boot instead."""
+    began = time.monotonic()
+    plan = launch.plan(profile, cache, code_dir)
+    virconn = dom.connect(launch.uri)
+    try:
+        qemu = qemu_for(virconn, launch.uri, launch.qemu_user, plan.reached_paths(plan.workdir))
+
+        def make_spec(name: str, disk: Path, console: Path) -> domain_xml.DomainSpec:
+            # A restored guest ends with its session (it holds a slot): never kept.
+            return plan.spec(name, disk, console, qemu, keep=False)
+
+        job = RestoreJob(
+            profile=profile,
+            share=plan.share,
+            virconn=virconn,
+            image=plan.image,
+            cache_root=cache.root,
+            workdir=plan.workdir,
+            make_spec=make_spec,
+            timeout=plan.deadline_seconds(launch.boot_timeout),
+            connection=plan.connection,
+            tail=tail_file,
+            log=launch.log,
+        )
+        with admitted(
+            virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=launch.log
+        ):
+            restored = restore_guest(job)
+    except BaseException:
+        close_quietly(virconn)
+        raise
+    return GuestParts(
+        profile=plan.profile,
+        image=plan.image,
+        accel=plan.accel,
+        virconn=virconn,
+        domain=restored.domain,
+        ssh=restored.ssh,
+        files=LocalFiles(restored.overlay, restored.console),
+        share=plan.share,
+        code_dir=plan.code_dir,
+        restored=restored,
+        began=began,
+    )
 
 
 def create_domain(
@@ -186,30 +170,27 @@ def create_domain(
         return dom.Domain.create(virconn, spec, autodestroy=autodestroy)
 
 
-def host_key_alias(image: ImageInfo) -> str:
-    """The name the guest's host key is pinned under: one per image build, since host
-    keys are made when the image is built and ports change on every boot."""
-    built = re.sub(r"[^0-9A-Za-z]", "", str(image.metadata.get("built_at", "")))
-    return f"devbox-{image.path.stem}-{built}"
+def _undo(
+    name: str,
+    virconn: libvirt.virConnect,
+    domain: dom.Domain | None,
+    files: GuestFiles | None,
+    site: Site | None,
+    reaper: Reaper | None,
+) -> None:
+    """Tear down what a start that failed got as far as making."""
+    if domain is not None:
+        domain.destroy()
+    if files is not None:
+        files.remove()
+    if site is not None:
+        site.close()
+    if reaper is not None:
+        reaper.forget(name)
+    close_quietly(virconn)
 
 
-def tail_file(path: Path, lines: int) -> str:
-    """The last ``lines`` of a console log, readable (no CRs), '' if there is none."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return ""
-    return tail_text(data, lines)
-
-
-def tail_text(data: bytes, lines: int) -> str:
-    """The last ``lines`` of console output, readable (no CRs)."""
-    # Serial consoles emit CR LF and escape sequences; keep it readable.
-    text = data.decode("utf-8", "replace").replace("\r", "")
-    return "\n".join(text.splitlines()[-lines:])
-
-
-Opener = Callable[[float], Any]  # a timeout -> a connected socket-like object
+def close_quietly(virconn: libvirt.virConnect) -> None:
+    # Closing a connection that already broke is not worth an error.
+    with contextlib.suppress(libvirt.libvirtError):
+        virconn.close()

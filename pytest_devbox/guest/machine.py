@@ -8,16 +8,12 @@ The handle tests and the `devbox` command get. Usable without pytest:
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import libvirt
 
 from ..config.profiles import Profile
 from ..config.settings import (
@@ -28,19 +24,13 @@ from ..config.settings import (
     DEFAULT_URI,
 )
 from ..errors import DomainError
-from ..image.cache import ImageCache, ImageInfo
+from ..image.cache import ImageCache
 from ..log import Log
 from ..result import Result
 from ..transport.logins import Logins
-from ..transport.ssh import Connection
-from ..virt import domain as dom
-from ..virt import domain_xml
-from ..virt.admission import admitted
-from .boot import Plan, create_domain, qemu_for, tail_file
-from .readiness import Boot, Deadline, wait_ready
-from .reaper import Reaper
-from .restore import Restored, RestoreJob, restore_guest
-from .sites import GuestFiles, LocalFiles, Reach, Site, site_for
+from . import boot
+from .boot import Launch, close_quietly
+from .parts import GuestParts
 from .sync import CodeSync, SyncSummary
 
 
@@ -49,55 +39,41 @@ class Machine:
 
     def __init__(
         self,
+        parts: GuestParts,
         *,
-        profile: Profile,
-        image: ImageInfo,
-        virconn: libvirt.virConnect,
-        domain: dom.Domain,
-        ssh: Connection,
-        overlay: Path,
-        console_log: Path,
-        boot_seconds: float,
-        restored: Restored | None = None,
         exec_mode: str = DEFAULT_EXEC,
         log: Log = print,
-        keepable: bool = False,
-        reaper: Reaper | None = None,
-        share: str = "",
-        code_dir: Path | None = None,
         sync_exclude: Sequence[str] = (),
-        files: GuestFiles | None = None,
-        site: Reach | None = None,
     ) -> None:
-        self.profile = profile
-        self.share = share or profile.share
+        self.profile = parts.profile
+        self.share = parts.share or parts.profile.share
         """How /code reaches this guest: "virtiofs" or "9p" (shared) or "sync" (a copy)."""
-        self.image = image
-        self._virconn = virconn
-        self.domain = domain
-        self._logins = Logins(ssh, exec_mode, log)
-        self.overlay = overlay
-        self.console_log = console_log
-        self.boot_seconds = boot_seconds
-        self._restored = restored
-        self._files = files or LocalFiles(overlay, console_log)
-        self._site = site
+        self.image = parts.image
+        self._virconn = parts.virconn
+        self.domain = parts.domain
+        self._logins = Logins(parts.ssh, exec_mode, log)
+        self._files = parts.files
+        self.overlay = parts.files.overlay
+        self.console_log = parts.files.console
+        self.boot_seconds = 0.0
+        self._restored = parts.restored
+        self._site = parts.site
         # USER@HOST:PORT of the remote libvirt host running this guest; None on this host.
-        self.remote = site.remote.describe() if site and site.remote else None
+        self.remote = parts.site.remote.describe() if parts.site and parts.site.remote else None
         # Started without AUTODESTROY (keep, keep-failed): `keep()` may leave it running.
-        self.keepable = keepable
-        self._reaper = reaper  # watches a keepable guest until it is kept or destroyed
+        self.keepable = parts.keepable
+        self._reaper = parts.reaper  # watches a keepable guest until it is kept or destroyed
         self.closed = False
         self._code: CodeSync | None = None
         if self.share == "sync":
-            if code_dir is None:
+            if parts.code_dir is None:
                 raise ValueError("a guest with share 'sync' needs the code dir to copy")
             self._code = CodeSync(
-                code_dir,
+                parts.code_dir,
                 sync_exclude,
                 user=lambda: self._logins.login_for(None)[0].conn,
                 root=lambda: self._logins.root.conn,
-                label=profile.name,
+                label=parts.profile.name,
                 log=log,
             )
 
@@ -148,40 +124,16 @@ class Machine:
         refreshed by `sync()`, skipping files matching the gitignore-style `sync_exclude`).
         `keepable`: no AUTODESTROY, reaped if we die, so `keep()` may leave it up. On a
         remote `uri`: share "sync", disk and console in our pool at `remote_pool` there.
+        The sequence itself is boot.py's.
         """
-        plan = Plan.make(
-            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
-        )
-        name = plan.new_name()
-        t0 = time.monotonic()
-        virconn = dom.connect(uri)
-        domain: dom.Domain | None = None
-        reaper = Reaper.for_uri(uri) if keepable and not keep else None
-        site: Site | None = None
-        files: GuestFiles | None = None
-        try:
-            # This host, or a remote one (its pool, its loopback through a tunnel).
-            site = site_for(plan, uri, virconn, remote_pool, log)
-            plan = site.adapt(plan, log)
-            files = site.files(name)
-            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(files.overlay))
-            spec = plan.spec(name, files.overlay, files.console, qemu, keep=keep)
-            domain = create_domain(
-                virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
-            )
-            deadline = Deadline(plan.deadline_seconds(boot_timeout))
-            boot = Boot(domain, profile.name, files.console, deadline, lambda _, n: files.tail(n))
-            ssh = wait_ready(boot, connection=site.connection, share=plan.share, probe=site.probe)
-        except BaseException:
-            # Half-started is torn down, whatever stopped us (error, Ctrl-C).
-            _undo_start(name, virconn, domain, files, site, reaper)
-            raise
-        machine = cls._planned(
-            plan, sync_exclude, virconn=virconn, domain=domain, ssh=ssh, overlay=files.overlay,
-            console_log=files.console, exec_mode=exec_mode, log=log, keepable=keep or keepable,
-            reaper=reaper, files=files, site=site,
+        launch = Launch(
+            uri=uri, accel=accel, qemu_user=qemu_user, run_id=run_id, rebuild=rebuild,
+            keep=keep, keepable=keepable, boot_timeout=boot_timeout, share=share,
+            remote_pool=remote_pool, log=log,
         )  # fmt: skip
-        return machine._ready(plan, t0, "ready", log)
+        parts = boot.boot(profile, cache, code_dir, launch)
+        machine = cls(parts, exec_mode=exec_mode, log=log, sync_exclude=sync_exclude)
+        return machine._ready(parts, "ready", log)
 
     @classmethod
     def restore(
@@ -203,63 +155,19 @@ class Machine:
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
         when there is none yet). RestoreUnavailable when it cannot: boot instead."""
-        plan = Plan.make(
-            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
-        )
-        t0 = time.monotonic()
-        virconn = dom.connect(uri)
-        try:
-            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(plan.workdir))
-
-            def make_spec(name: str, disk: Path, console: Path) -> domain_xml.DomainSpec:
-                # A restored guest ends with its session (it holds a slot): never kept.
-                return plan.spec(name, disk, console, qemu, keep=False)
-
-            job = RestoreJob(
-                profile=profile,
-                share=plan.share,
-                virconn=virconn,
-                image=plan.image,
-                cache_root=cache.root,
-                workdir=plan.workdir,
-                make_spec=make_spec,
-                timeout=plan.deadline_seconds(boot_timeout),
-                connection=plan.connection,
-                tail=tail_file,
-                log=log,
-            )
-            with admitted(
-                virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
-            ):
-                restored = restore_guest(job)
-        except BaseException:
-            _close_quietly(virconn)
-            raise
-        machine = cls._planned(
-            plan, sync_exclude, virconn=virconn, domain=restored.domain, ssh=restored.ssh,
-            overlay=restored.overlay, console_log=restored.console, restored=restored,
-            exec_mode=exec_mode, log=log,
+        launch = Launch(
+            uri=uri, accel=accel, qemu_user=qemu_user, run_id=run_id, rebuild=rebuild,
+            boot_timeout=boot_timeout, share=share, log=log,
         )  # fmt: skip
-        return machine._ready(plan, t0, "restored", log)
+        parts = boot.restore(profile, cache, code_dir, launch)
+        machine = cls(parts, exec_mode=exec_mode, log=log, sync_exclude=sync_exclude)
+        return machine._ready(parts, "restored", log)
 
-    @classmethod
-    def _planned(cls, plan: Plan, sync_exclude: Sequence[str], **parts: Any) -> Machine:
-        """A Machine of what `plan` decided and the `parts` its start produced."""
-        return cls(
-            profile=plan.profile,
-            image=plan.image,
-            boot_seconds=0.0,
-            share=plan.share,
-            code_dir=plan.code_dir,
-            sync_exclude=sync_exclude,
-            **parts,
-        )
-
-    def _ready(self, plan: Plan, t0: float, verb: str, log: Log) -> Machine:
+    def _ready(self, parts: GuestParts, verb: str, log: Log) -> Machine:
         """The first copy of /code (share "sync"), then the time it all took, logged."""
         self._first_copy()
-        self.boot_seconds = seconds = time.monotonic() - t0
-        log(f"{self.distro}: {verb} in {seconds:.1f} s ({plan.accel}, {plan.share} /code)")
+        self.boot_seconds = seconds = time.monotonic() - parts.began
+        log(f"{self.distro}: {verb} in {seconds:.1f} s ({parts.accel}, {parts.share} /code)")
         return self
 
     # ---- using ----------------------------------------------------------------------------
@@ -340,7 +248,7 @@ class Machine:
         self._files.remove()
         if self._site is not None:
             self._site.close()
-        _close_quietly(self._virconn)
+        close_quietly(self._virconn)
 
     def keep(self) -> None:
         """Leave a keepable guest running past this process: marked kept, so the sweep
@@ -359,7 +267,7 @@ class Machine:
         self._logins.close()
         if self._site is not None:
             self._site.close()
-        _close_quietly(self._virconn)
+        close_quietly(self._virconn)
 
     def __enter__(self) -> Machine:
         return self
@@ -374,29 +282,3 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {'closed' if self.closed else 'running'}>"
-
-
-def _undo_start(
-    name: str,
-    virconn: libvirt.virConnect,
-    domain: dom.Domain | None,
-    files: GuestFiles | None,
-    site: Site | None,
-    reaper: Reaper | None,
-) -> None:
-    """Tear down what a start that failed got as far as making."""
-    if domain is not None:
-        domain.destroy()
-    if files is not None:
-        files.remove()
-    if site is not None:
-        site.close()
-    if reaper is not None:
-        reaper.forget(name)
-    _close_quietly(virconn)
-
-
-def _close_quietly(virconn: libvirt.virConnect) -> None:
-    # Closing a connection that already broke is not worth an error.
-    with contextlib.suppress(libvirt.libvirtError):
-        virconn.close()

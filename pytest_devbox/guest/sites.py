@@ -21,7 +21,7 @@ from ..log import Log
 from ..transport.ssh import Connection, probe_banner
 from ..transport.tunnel import RemoteHost, Tunnel, jump_options, parse_uri
 from ..virt import volumes
-from .boot import Plan, guest_connection, host_key_alias, tail_file, tail_text
+from .plan import Plan, guest_connection, host_key_alias, tail_file, tail_text
 
 REMOTE_SHARE = "sync"
 

@@ -14,8 +14,8 @@ from typing import Any
 from ..config.profiles import Profile, effective_share
 from ..config.settings import GUEST_USER, Settings
 from ..errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
-from ..guest.boot import new_run_id
 from ..guest.machine import Machine
+from ..guest.plan import new_run_id
 from ..guest.restore import unrestorable
 from ..guest.sweep import remove_run_dir, sweep_leftovers
 from ..host.parallel import limit, run_bounded
