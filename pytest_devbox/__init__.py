@@ -10,13 +10,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config.profiles import Profile
+    from .config.profiles import Profile, load_profiles
+    from .config.settings import Settings
     from .errors import BootTimeout, CommandFailed, CommandTimeout, DevboxError
     from .guest.machine import Machine
+    from .pool.pool import Pool
     from .result import Result
 
 _EXPORTS = {
     "Machine": "guest.machine",
+    "Pool": "pool.pool",
+    "Settings": "config.settings",
+    "load_profiles": "config.profiles",
     "Result": "result",
     "Profile": "config.profiles",
     "DevboxError": "errors",
@@ -31,8 +36,11 @@ __all__ = [
     "CommandTimeout",
     "DevboxError",
     "Machine",
+    "Pool",
     "Profile",
     "Result",
+    "Settings",
+    "load_profiles",
 ]
 
 

@@ -17,8 +17,17 @@ def test_public_names() -> None:
     assert pytest_devbox.Result is ssh.Result
     assert issubclass(pytest_devbox.CommandFailed, pytest_devbox.DevboxError)
     assert issubclass(pytest_devbox.BootTimeout, errors.DevboxError)
+    from pytest_devbox.config import profiles, settings
+    from pytest_devbox.pool import pool
+
+    assert pytest_devbox.Pool is pool.Pool
+    assert pytest_devbox.Settings is settings.Settings
+    assert pytest_devbox.load_profiles is profiles.load_profiles
     assert set(pytest_devbox.__all__) == {
         "Machine",
+        "Pool",
+        "Settings",
+        "load_profiles",
         "Result",
         "Profile",
         "DevboxError",

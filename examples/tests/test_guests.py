@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_devbox.guest.machine import Machine
+    from pytest_devbox import Machine
 
 PROJECT = Path(__file__).resolve().parent.parent
 # The Debian release behind each profile this project knows (see pyproject.toml).
