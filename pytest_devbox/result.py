@@ -1,6 +1,6 @@
 """The outcome of one command run in a guest: plain data, no SSH library behind it.
 
-Kept apart from ssh.py so that ``pytest_devbox.Result`` (and the errors that carry one)
+Kept apart from transport/ssh.py so that ``pytest_devbox.Result`` (and the errors that carry one)
 can be imported, type-checked and built in tests without loading paramiko.
 """
 

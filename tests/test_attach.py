@@ -1,4 +1,4 @@
-"""Attaching to a running guest (attach.py, sites.Link), fast tier: which way a guest's
+"""Attaching to a running guest (guest/attach.py, sites.Link), fast tier: which way a guest's
 port is reached for a URI, through a real sshd as the remote host; what the xdist
 controller hands a worker and what a kept record stores (the guest's URI, chosen by the
 hosts map); --devbox-reuse finding a guest on its distro's host; and `devbox ls` and

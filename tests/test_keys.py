@@ -1,4 +1,4 @@
-"""The client key pair and the pinned host keys (keys.py)."""
+"""The client key pair and the pinned host keys (transport/keys.py)."""
 
 from __future__ import annotations
 

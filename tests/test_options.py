@@ -145,7 +145,7 @@ def test_the_default_uri_is_written_once() -> None:
     package = Path(pytest_devbox.__file__).parent
     where = {p.name: p.read_text().count(DEFAULT_URI) for p in package.rglob("*.py")}
     assert sum(where.values()) == 1, {k: v for k, v in where.items() if v}
-    assert where["settings.py"] == 1
+    assert where["config/settings.py"] == 1
 
 
 def test_an_unwritable_cache_is_a_usage_error_before_any_test(pytester: pytest.Pytester) -> None:

@@ -1,4 +1,4 @@
-"""Bounded parallel jobs (parallel.py) and --devbox-eager as a user sees it (pytester)."""
+"""Bounded parallel jobs (host/parallel.py) and --devbox-eager as a user sees it (pytester)."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def test_header_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
 
 
 def _kvm_really_works() -> bool:
-    """The README's rule for `auto`, read off this host's facts (not host.py's code): an
+    """The README's rule for `auto`, read off this host's facts (not host/probes.py's code): an
     x86_64 host with a usable /dev/kvm from kvm_intel or kvm_amd, not PVM."""
     sysfs = Path("/sys/module")
     return (

@@ -47,7 +47,7 @@ def plan(cache: ImageCache, profile: Profile) -> str:
     image = cache.layout.image(profile.name, key)
     commands = cache.layout.commands_file(profile.name, key)
     public_key = cache.public_key()
-    # The build writes to <image>.partial and renames it (images.py _build_locked).
+    # The build writes to <image>.partial and renames it (image/cache.py _build_locked).
     argv = cache.builder.argv(
         profile, image.with_name(image.name + ".partial"), commands, public_key
     )

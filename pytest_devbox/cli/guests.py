@@ -1,4 +1,4 @@
-"""The `devbox` subcommands but `run` (cli_run.py): each takes the parsed arguments and
+"""The `devbox` subcommands but `run` (cli/run.py): each takes the parsed arguments and
 the project's resolved `Context`, prints what was asked for, returns the exit status."""
 
 from __future__ import annotations

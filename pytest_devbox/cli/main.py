@@ -1,9 +1,10 @@
 """The `devbox` command: the same guests as the pytest plugin, by hand.
 
-It reads the project's settings exactly as the plugin does (options.py's table, resolved
-from the project's pytest config file and $PYTEST_DEVBOX*, see cli_context.py), with
-its own flags on top. This module parses the command line and maps failures to exit
-statuses: 2 for what was typed wrong, 1 for what went wrong; never a traceback.
+It reads the project's settings exactly as the plugin does (config/option_table.py's
+table, resolved from the project's pytest config file and $PYTEST_DEVBOX*, see
+context.py), with its own flags on top. This module parses the command line and maps
+failures to exit statuses: 2 for what was typed wrong, 1 for what went wrong; never a
+traceback.
 """
 
 from __future__ import annotations

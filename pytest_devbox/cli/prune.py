@@ -3,7 +3,7 @@
 - cached images no profile uses: not the current key of a known profile (an older key
   of its distro, or a distro no profile has), with their metadata and commands file;
   and the restore saves made from such images;
-- run directories of dead sessions (sweep.py's owner logic), holding their overlays and
+- run directories of dead sessions (guest/sweep.py's owner logic), holding their overlays and
   console logs;
 - libvirt's per-domain logs (and virtiofsd's) of our guests that no longer exist.
 

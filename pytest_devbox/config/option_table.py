@@ -1,4 +1,4 @@
-"""The devbox options in one table (resolution.py turns them into `Settings`).
+"""The devbox options in one table (config/resolve.py turns them into `Settings`).
 
 Each `Option` knows its pytest flag, ini name, environment variable (if any), type and
 help. The table generates pytest's `addoption` and `addini` calls, and `resolve` turns

@@ -137,7 +137,7 @@ _CENTOS7_9P = (
 )
 # Every built-in whose template has SELinux (centos, centosstream, fedora: enforcing
 # from their kickstarts, `selinux --enforcing`) also gets the relabel step as the last
-# line of its commands file (recipe.py, selinux.py): Profile.relabels.
+# line of its commands file (image/recipe.py, image/selinux.py): Profile.relabels.
 
 
 def _builtin(
@@ -159,7 +159,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = MappingProxyType(
         p.name: p
         for p in (
             _builtin("centos-7", "9p", (_CENTOS7_VAULT, *_CENTOS7_9P), template="centos-7.8"),
-            # No fstab line of its own: recipe.py mounts /code the way the share says, so
+            # No fstab line of its own: image/recipe.py mounts /code the way the share says, so
             # a profile extending centos-8 with another share mounts that one.
             _builtin("centos-8", "virtiofs", (_CENTOS8_VAULT,), template="centos-8.2"),
             _builtin("centosstream-8", "virtiofs", (_CENTOSSTREAM8_VAULT,)),
@@ -167,7 +167,7 @@ BUILTIN_PROFILES: Mapping[str, Profile] = MappingProxyType(
             _builtin("debian-10", "9p"),
             _builtin("debian-11", "virtiofs"),
             _builtin("debian-12", "virtiofs"),
-            # An enforcing Debian (template_recipes.py): proves the relabel step here,
+            # An enforcing Debian (image/templates/recipes.py): proves the relabel step here,
             # where no RHEL-family template can be downloaded.
             _builtin("debian-12-selinux", "virtiofs", selinux=True),
             _builtin("debian-13", "virtiofs"),

@@ -15,7 +15,7 @@ DEFAULT_URI = SYSTEM_URI
 DEFAULT_ACCEL = "auto"
 # What a user may ask for; `auto` resolves to kvm or tcg (host.resolve_accel).
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
-# Who runs QEMU for a guest: the calling user, or libvirt's configured user (qemu_user.py).
+# Who runs QEMU for a guest: the calling user, or libvirt's configured user (virt/qemu_user.py).
 QEMU_USER_CHOICES = ("caller", "libvirt")
 DEFAULT_QEMU_USER = "caller"
 # auto: restore guests of 9p profiles from a saved booted guest, boot the rest.
@@ -24,11 +24,11 @@ RESTORE_CHOICES = ("auto", "off")
 # ssh: one SSH exec channel per command.
 EXEC_CHOICES = ("auto", "ssh")
 DEFAULT_EXEC = "auto"
-# Our storage pool's directory on a remote libvirt host (volumes.py): images uploaded
+# Our storage pool's directory on a remote libvirt host (virt/volumes.py): images uploaded
 # there once, guests' overlays and consoles. Never the local cache dir.
 DEFAULT_REMOTE_POOL = "/var/lib/pytest-devbox/pool"
 # How /code reaches a guest: a share of the host directory (virtiofs, 9p), or a copy
-# (sync: tar over SSH, no shared file system; sync.py). Each profile names its own.
+# (sync: tar over SSH, no shared file system; guest/sync.py). Each profile names its own.
 SHARE_CHOICES = ("virtiofs", "9p", "sync")
 # The unprivileged user every image has (with the caller's uid and gid), who runs the
 # commands of tests unless they ask for root.

@@ -1,6 +1,6 @@
 """Attaching to a guest another process started: a pytest-xdist worker to its
-controller's shared guest (broker.py), a session to the guest `devbox up` left running
-(reuse.py).
+controller's shared guest (plugin/broker.py), a session to the guest `devbox up` left running
+(pool/reuse.py).
 
 One way for both, and the same as the pool's own guests: the domain is looked up at the
 URI of the host it runs on (the distro's, which the hosts map may choose), and its SSH
@@ -99,7 +99,7 @@ def attach(
         ssh=ssh,
         files=LocalFiles(Path(guest.overlay), Path(guest.console_log)),
         # A sync guest's copy was made by its owner; sync() reads what was copied from
-        # the guest itself (sync.py), so this process's syncs send only what changed.
+        # the guest itself (guest/sync.py), so this process's syncs send only what changed.
         share=metadata.get("share") or guest.share or profile.share,
         code_dir=settings.code_dir,
         site=link,

@@ -2,7 +2,7 @@
 
 The phases run in order: the domain is running, SSH is forwarded, sshd sends its banner,
 our key is accepted, /code is mounted (a guest whose share is "sync" has no /code to
-mount: its files are copied over SSH once it is up, by sync.py). Whatever phase the
+mount: its files are copied over SSH once it is up, by guest/sync.py). Whatever phase the
 deadline runs out in, the error is a `BootTimeout` naming that phase with the tail of
 the serial console (the pool retries those); a guest that stops meanwhile is a
 `GuestDied` at once, not after the deadline. The SSH connection is closed on any

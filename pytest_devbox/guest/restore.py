@@ -1,7 +1,7 @@
 """Restoring instead of booting: a guest from a saved, booted guest in seconds.
 
 Once per image (and libvirt/QEMU, accel, memory...), a guest of the profile boots into
-a restore slot (snapshot.py) with `<genid/>`, /code is unmounted (9p refuses to be
+a restore slot (guest/slots.py) with `<genid/>`, /code is unmounted (9p refuses to be
 saved while mounted), SSH is closed (TCP does not survive a save) and libvirt saves it.
 Every later guest restores a slot onto an overlay of the slot's frozen disk, with its
 own console file, /code directory and metadata (all a restore may change), and then:
@@ -14,7 +14,7 @@ device at all; the save is made before anything is copied, so a restored guest g
 full copy of the code dir, as a booted one does): virtiofs (vhost-user-fs) cannot be
 saved before QEMU 8.2, and hot-plugging a virtiofs share crashed libvirt 9.0's daemon
 when tried by hand, so virtiofs guests boot. Restored guests have no AUTODESTROY: the
-reaper (reaper.py) and the sweep destroy them when their process dies.
+reaper (guest/reaper.py) and the sweep destroy them when their process dies.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Where a guest's files live and how its SSH port is reached: this host, or a remote
-libvirt host (remote.py, volumes.py). A boot asks its site for an overlay and a console
-file, a banner probe and an SSH connection, and never tests which site it has.
+libvirt host (transport/tunnel.py, virt/volumes.py). A boot asks its site for an overlay
+and a console file, a banner probe and an SSH connection, and never tests which site it
+has.
 
 On this host the overlay and console are files in the session's run dir and the port is
 on our own loopback. On a remote host they are volumes in our storage pool there (the
@@ -69,7 +70,7 @@ class Link:
     URI runs guests on: our own loopback, or the remote host's through one tunnel.
 
     A guest being started (its Site) and a process attaching to a running guest (an
-    xdist worker, --devbox-reuse, `devbox run` on a kept sync guest: attach.py) use this
+    xdist worker, --devbox-reuse, `devbox run` on a kept sync guest: guest/attach.py) use this
     same class, so the ways they reach a guest cannot drift apart.
     """
 

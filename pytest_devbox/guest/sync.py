@@ -5,7 +5,7 @@ stream built here (tarfile, written as it is read, never whole in memory) goes i
 `tar -x` in the guest over the guest user's SSH connection, so the files belong to
 `devbox` with their modes, mtimes (make compares them) and symbolic links as they are.
 
-The first sync copies every file synclist.py lists; later ones only what changed since
+The first sync copies every file guest/sync_files.py lists; later ones only what changed since
 (by size, mtime and mode), and remove from /code the files an earlier sync copied that
 are gone on the host, never a file the guest made itself. The manifest of what was
 copied is kept in the guest (in the guest user's home, not in /code): every process

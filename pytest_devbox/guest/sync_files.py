@@ -8,7 +8,7 @@ ignores); otherwise every file under the code dir. Either way the exclude patter
 Regular files and symbolic links are listed (a link as a link, never followed);
 directories are not entries of their own: they are made as the files in them arrive.
 A submodule or nested repository, which git lists as a directory, is left out.
-Everything here is host side and pure of any guest: sync.py sends what this finds.
+Everything here is host side and pure of any guest: guest/sync.py sends what this finds.
 """
 
 from __future__ import annotations

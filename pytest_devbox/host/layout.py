@@ -78,7 +78,7 @@ class CacheLayout:
 
     @property
     def memory_lock(self) -> Path:
-        """Held while counting guests' memory and creating one (memory.py)."""
+        """Held while counting guests' memory and creating one (virt/admission.py)."""
         return self.runs / "memory.lock"
 
     @property

@@ -1,10 +1,10 @@
 """The image cache: one customised qcow2 per profile recipe, built once by virt-builder.
 
 ``<root>/images/<distro>-<key>.qcow2`` where ``key`` hashes everything that shapes the
-image (recipe.py). Builds run under a FileLock on a separate ``.lock`` file, write to a
+image (image/recipe.py). Builds run under a FileLock on a separate ``.lock`` file, write to a
 temporary name in the same directory and ``os.replace`` it, so a reader never sees half
 an image and a second session (or a second process of the same session) gets a cache
-hit. Running virt-builder is virt_builder.py's job, checking qcow2 files qemu_img.py's.
+hit. Running virt-builder is image/virt_builder.py's job, checking qcow2 files image/qemu_img.py's.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ImageInfo:
 
 
 def image_lock(image: Path) -> Path:
-    """The lock file of a cached image: held while it is built, or uploaded (volumes.py)."""
+    """The lock file of a cached image: held while it is built, or uploaded (virt/volumes.py)."""
     return image.with_name(image.name + ".lock")
 
 

@@ -25,7 +25,7 @@ GuestUser = tuple[str, int, int]
 # How the guest mounts /code, by the profile's share kind; the domain XML offers the
 # matching device. nofail: a missing share must not drop the guest into emergency
 # mode, where no sshd runs and the user would see only a boot timeout. A "sync" guest
-# mounts nothing: /code is a directory of the guest user's that sync.py copies into.
+# mounts nothing: /code is a directory of the guest user's that guest/sync.py copies into.
 FSTAB_LINES = {
     "virtiofs": "/code /code virtiofs defaults,nofail 0 0",
     "9p": "/code /code 9p trans=virtio,version=9p2000.L,msize=262144,nofail 0 0",

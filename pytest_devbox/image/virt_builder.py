@@ -118,7 +118,7 @@ class VirtBuilder:
 
     @property
     def local_index(self) -> Path:
-        """The local template repository's index (built by templates.py)."""
+        """The local template repository's index (built by image/templates/repository.py)."""
         return self.layout.templates / "index"
 
     def repo_uris(self, profile: Profile | None = None) -> list[str]:
@@ -202,7 +202,7 @@ class VirtBuilder:
             str(commands),
         ]
         if profile.relabels:
-            # Our own relabel step is the commands file's last line (recipe.py).
+            # Our own relabel step is the commands file's last line (image/recipe.py).
             argv += builder_flags(self.version())
         if not profile.needs_network:
             argv.append("--no-network")

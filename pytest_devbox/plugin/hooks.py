@@ -1,8 +1,8 @@
 """pytest hooks and fixtures: the plugin wires pytest to the layers below, nothing more.
 
-Options come from one table (options.py), the session state lives in session.py, what is
-printed in report.py. Nothing here talks to libvirt: the session creates its `Pool` the
-first time a fixture needs a guest.
+Options come from one table (config/option_table.py), the session state lives in
+session.py, what is printed in report.py. Nothing here talks to libvirt: the session
+creates its `Pool` the first time a fixture needs a guest.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def pytest_runtest_makereport(
         fresh: list[Machine] = item.stash.get(_used_key, [])
         machines += fresh
         # By name, with the report (through xdist too): the pool that owns them keeps
-        # them with --devbox-keep-failed (session.py).
+        # them with --devbox-keep-failed (plugin/session.py).
         test_report.devbox_guests = [m.name for m in machines]  # type: ignore[attr-defined]
         report.add_guest_sections(test_report, machines)
         if state is not None and state.settings.keep_failed and machines:

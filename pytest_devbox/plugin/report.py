@@ -103,7 +103,7 @@ def add_kept_section(
 def add_artifacts(
     report: pytest.TestReport, machines: Sequence[Machine], root: Path, nodeid: str
 ) -> None:
-    """Save the guests' evidence under `root` (forensics.py) and name the files in the
+    """Save the guests' evidence under `root` (plugin/forensics.py) and name the files in the
     failed test's report."""
     from .forensics import artifacts_dir_for, collect
 

@@ -64,7 +64,7 @@ class DevboxSession:
         self.remaining: dict[str, int] = {}
         self._warmed = False
         self._pool: Pool | None = None
-        # pytest-xdist: the controller's broker, or a worker's way to it (broker.py).
+        # pytest-xdist: the controller's broker, or a worker's way to it (plugin/broker.py).
         self.broker: Broker | None = None
         self.broker_path: str | None = None
         self.attached: dict[str, Machine] = {}  # a worker's view of the shared guests

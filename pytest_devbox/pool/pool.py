@@ -254,7 +254,7 @@ class Pool:
 
     def share_for(self, profile: Profile) -> str:
         """How /code reaches this session's guests of `profile` (--devbox-share, else the
-        profile's own share; a remote host's guests sync whatever this says: sites.py)."""
+        profile's own share; a remote host's guests sync whatever this says: guest/sites.py)."""
         return effective_share(profile, self.settings.share)
 
     def _launch_args(self, profile: Profile, rebuild: bool) -> dict[str, Any]:

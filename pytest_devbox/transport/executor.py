@@ -1,5 +1,5 @@
 """The resident executor, host side: one long-lived SSH channel per login runs
-executor_guest.py, and every command of that login is multiplexed over it.
+transport/executor_guest.py, and every command of that login is multiplexed over it.
 
 A command over its own exec channel pays for sshd's session set-up (PAM, a logind
 session, the login shell) every time; through the executor it pays for one fork and

@@ -1,7 +1,7 @@
 # devbox-executor: runs in the guest, started once per login over one SSH channel.
 """The resident executor's guest side: a small stdlib-only Python 3.6+ program.
 
-The host imports it for its constants only: executor.py sends this file's text as
+The host imports it for its constants only: transport/executor.py sends this file's text as
 ``python3 -c``'s argument. It reads frames on stdin and writes frames on stdout; each
 frame is a 9-byte header (call id, kind, payload length: ``>IBI``) and its payload. It
 forks each command in its own session (so its own process group) and streams the

@@ -7,7 +7,7 @@ argument away (``user="root"``); any other guest user is reached through sudo fr
 root's login. Each login is its own SSH connection (the devbox one opened on first
 use), so no command pays for a sudo.
 
-Each login runs its commands through its own resident executor (executor.py) when the
+Each login runs its commands through its own resident executor (transport/executor.py) when the
 exec mode is ``auto`` and the guest has a Python 3, else one SSH exec channel per
 command (mode ``ssh``, or a guest without Python 3: said once in the log).
 """

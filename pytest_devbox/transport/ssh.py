@@ -1,6 +1,6 @@
 """SSH to guests: one reused paramiko Transport per machine, its channels and files.
 
-Threads may share a Connection: channels.py keeps its channels in flight below what
+Threads may share a Connection: transport/channel_slots.py keeps its channels in flight below what
 the guest's sshd allows. A refused channel open is retried, not a lost connection,
 which is declared only when the transport itself is gone.
 """

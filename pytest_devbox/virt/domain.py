@@ -1,5 +1,5 @@
 """libvirt: the connection and the lifecycle of one transient guest (its XML comes from
-domxml.py, re-exported here so `domain.DomainSpec` and `domain.build_xml` keep working).
+virt/domain_xml.py, re-exported here so `domain.DomainSpec` and `domain.build_xml` keep working).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Domain:
     def restore(cls, conn: libvirt.virConnect, save: Path, xml: str) -> Domain:
         """Start a guest from a save image with `xml` (see restore.restore_xml). libvirt has no
         AUTODESTROY for a restore: the caller must see to it that the guest goes away
-        with its process (reaper.py)."""
+        with its process (guest/reaper.py)."""
         name = ET.fromstring(xml).findtext("name", "")
         try:
             # Flags 0: the guest resumes as it was saved (running, for every save of ours).

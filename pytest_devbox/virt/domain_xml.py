@@ -1,7 +1,7 @@
 """The libvirt domain XML of a devbox guest, as an ElementTree object model.
 
 One small builder per element (never formatted strings), serialised pretty and
-deterministic so golden files are stable. domain.py hands the result to libvirt.
+deterministic so golden files are stable. virt/domain.py hands the result to libvirt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ NAME_PREFIX = "devbox-"
 METADATA_NS = "https://pytest-devbox.invalid/xmlns/1"
 METADATA_PREFIX = "devbox"
 SHARE_TAG = "/code"
-# sync: no device at all, /code is a copy made over SSH (sync.py).
+# sync: no device at all, /code is a copy made over SSH (guest/sync.py).
 ACCELS = ("kvm", "tcg")
 # The netdev id libvirt derives from a user-set alias: "host" + alias. Setting the alias
 # ourselves keeps the id the monitor commands need independent of device numbering.
@@ -41,7 +41,7 @@ class DomainSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)  # owner pid, run id, ...
     memory_mib: int = 1024
     vcpus: int = 2
-    # Run QEMU as this (uid, gid) instead of libvirt's configured user (qemu_user.py).
+    # Run QEMU as this (uid, gid) instead of libvirt's configured user (virt/qemu_user.py).
     run_as: tuple[int, int] | None = None
     # Whether QEMU runs as root: only then can 9p keep the guest's file ownership.
     qemu_is_root: bool = True
@@ -120,7 +120,7 @@ def _filesystem(devices: ET.Element, share: str, code_dir: Path, qemu_is_root: b
     # 9p served by a QEMU that is not root cannot chown what the guest creates: with
     # passthrough every write of guest root fails (EPERM); squash ignores the chown, so
     # whatever the guest writes belongs to QEMU's user, who is the calling user
-    # (qemu_user.py). virtiofsd is started by libvirt as root: passthrough always works.
+    # (virt/qemu_user.py). virtiofsd is started by libvirt as root: passthrough always works.
     mode = "passthrough" if qemu_is_root or share == "virtiofs" else "squash"
     fs = _sub(devices, "filesystem", type="mount", accessmode=mode)
     if share == "virtiofs":

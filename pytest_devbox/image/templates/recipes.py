@@ -1,7 +1,7 @@
 """What a local template is made of: suite, packages, the mmdebstrap hook and the
 guestfish script, and the hash of all that. Pure: nothing here runs a tool.
 
-A template is a bootable qcow2 disk made in four steps (template_build.py): ``mmdebstrap``
+A template is a bootable qcow2 disk made in four steps (image/templates/build.py): ``mmdebstrap``
 writes a minbase root file system as a tarball, ``guestfish`` lays it on a partitioned
 disk (ext4 + extlinux), ``qemu-img`` converts it to qcow2 and ``xz`` compresses it.
 

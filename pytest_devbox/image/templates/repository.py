@@ -2,8 +2,8 @@
 
 The repository directory holds the templates, a virt-builder ``index`` and a repos.d
 ``.conf`` pointing at it, so ``virt-builder debian-12`` works with no network but the
-mirror. What a template is made of lives in template_recipes.py, the tool runs that
-make it in template_build.py; this module decides when to build and publishes.
+mirror. What a template is made of lives in image/templates/recipes.py, the tool runs that
+make it in image/templates/build.py; this module decides when to build and publishes.
 
 Every template records a *recipe* hash (suite, mirror, packages, scripts, disk size,
 build-script version) in a sidecar JSON file; a template whose recipe is unchanged is
