@@ -135,6 +135,7 @@ def test_real_autodestroy_survives_sigkill(qemuconn: libvirt.virConnect, tmp_pat
         import sys, time
         from pathlib import Path
         from pytest_devbox.virt import domain as dom
+        from pytest_devbox.virt import domain_xml
         spec = domain_xml.DomainSpec(name={spec.name!r}, disk=Path({str(spec.disk)!r}),
             code_dir=Path({str(spec.code_dir)!r}), share="9p", accel="tcg",
             console_log=Path({str(spec.console_log)!r}), memory_mib=128, vcpus=1)
