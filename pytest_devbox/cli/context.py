@@ -138,7 +138,11 @@ def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None)
     project = project_files.locate(start)
     cli = _command_line(args, project_files.pytest_args(project, env))
     places = Places(cwd=Path.cwd(), ini_dir=project.ini_dir, rootdir=project.rootdir)
-    resolved = resolve(cli, project.read, places, env=env, flags=COMMAND_FLAGS)
+    # Every command but doctor (which reports it) trusts the cache: checked here.
+    cache_used = getattr(args, "command", None) != "doctor"
+    resolved = resolve(
+        cli, project.read, places, env=env, flags=COMMAND_FLAGS, cache_used=cache_used
+    )
     profiles = load_profiles(project.rootdir)
     return Context(resolved.settings, profiles, resolved.distros, project)
 
