@@ -97,9 +97,11 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
     s = ctx.settings
     cache = ctx.pool(list(ctx.profiles.values())).cache
     current = prune.current_keys(ctx.profiles, lambda n: cache.key_for(ctx.profiles[n]), log)
-    used = prune.in_use(s.uri, s.cache_dir, log)  # first: what runs must stay
+    used = prune.in_use(ctx.uris(), s.cache_dir, log)  # first: what runs must stay
     log_dir = args.log_dir or prune.libvirt_log_dir(s.uri)
-    found = prune.find(s.cache_dir, current, used, log_dir, log, unknown=args.unknown)
+    found = prune.find(
+        s.cache_dir, current, used, log_dir, log, unknown=args.unknown, project=s.rootdir
+    )
     done = prune.remove(found, log, dry_run=args.dry_run)
     print("\n".join(prune.report(done, dry_run=args.dry_run)))
     return 0

@@ -173,6 +173,7 @@ def resolve(
             values[opt.key] = _convert(opt, *picked, places, flag)
     distros: list[str] = values.pop("distros", [])
     values.setdefault("code_dir", places.rootdir)
+    values["rootdir"] = places.rootdir
     try:
         values["hosts"] = load_hosts(places.rootdir)
     except ProfileError as e:

@@ -90,6 +90,7 @@ class Pool:
                 tcg=self.accel == "tcg",
                 log=self.log,
                 guest_user=("devbox", os.getuid(), os.getgid()),
+                project=s.rootdir,
             )
         return self._cache
 
