@@ -14,14 +14,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
+import libvirt
+import paramiko
 import pytest
-from local_sshd import HAVE_SSHD
+from local_sshd import HAVE_SSHD, Sshd, host_key, run_sshd
 from seeded_cache import dead_pid, leftover_run_dir, seed_cache
 from test_domain import spec_for
 
@@ -29,8 +36,12 @@ from pytest_devbox.cli.main import main
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.resolve import Places, resolve
 from pytest_devbox.config.settings import Settings
+from pytest_devbox.guest.boot import guest_connection
 from pytest_devbox.host.layout import CacheLayout
+from pytest_devbox.pool import kept
 from pytest_devbox.pool.pool import Pool
+from pytest_devbox.transport.keys import ensure_keypair, pin_host_key, public_key_line
+from pytest_devbox.virt import domain as dom
 from pytest_devbox.virt.domain_xml import build_xml
 
 TEST_URI = "test:///default"
@@ -56,11 +67,155 @@ def devbox(
     )
 
 
+@dataclass
+class Host:
+    """A cache whose key a real sshd admits, its host key pinned under ALIAS."""
+
+    cache: Path
+    sshd: Sshd
+
+    def logins(self) -> str:
+        time.sleep(0.2)  # sshd writes its log line as the login ends
+        return self.sshd.log.read_text()
+
+    def stored_ssh(self) -> tuple[str, ...]:
+        """The root ssh line a Machine records (what `devbox ls` shows)."""
+        conn = guest_connection(self.cache, self.sshd.port, ALIAS)
+        return tuple(conn.ssh_command())
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    if not HAVE_SSHD:
+        pytest.skip("needs OpenSSH's sshd and ssh-keygen")
+    cache = tmp_path / "cache"
+    layout = CacheLayout(cache)
+    key = ensure_keypair(layout.ssh)
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(public_key_line(key) + "\n")
+    hk = host_key(tmp_path / "host_key")
+    with run_sshd(tmp_path / "sshd", authorized, hk) as sshd:
+        pin_host_key(layout.known_hosts, ALIAS, paramiko.Ed25519Key(filename=str(hk)), "sshd")
+        yield Host(cache, sshd)
+
+
+def new_name() -> str:
+    return f"devbox-debian-12-{uuid.uuid4().hex[:8]}"
+
+
 def node(path: Path, *guests: tuple[str, dict[str, str]]) -> str:
     """A test driver file running a devbox domain per (name, metadata); its URI."""
     xml = "".join(build_xml(spec_for("9p", "tcg", name=n, metadata=m)) for n, m in guests)
     path.write_text(f"<node>{xml}</node>")
     return f"test://{path}"
+
+
+def kept_guests(
+    cache: Path, path: Path, *records: tuple[Path, tuple[str, ...], str]
+) -> tuple[str, list[kept.KeptGuest]]:
+    """Kept guests of debian-12, one per (code dir, ssh line, failed test), running in
+    the test driver file `path` and recorded in `cache`; the file's URI."""
+    names = [new_name() for _ in records]
+    uri = node(path, *((n, {"distro": "debian-12", "keep": "1"}) for n in names))
+    guests = []
+    for name, (code_dir, ssh, failed) in zip(names, records):
+        guest = kept.KeptGuest(name, "debian-12", uri, "", ssh, str(code_dir), failed)
+        kept.save(cache, guest)
+        guests.append(guest)
+    return uri, guests
+
+
+@pytest.fixture
+def virt() -> Iterator[libvirt.virConnect]:
+    """Held for the test: the test driver forgets its domains with its last connection."""
+    conn = dom.connect(TEST_URI)
+    yield conn
+    conn.close()
+
+
+def running(virt: libvirt.virConnect) -> set[str]:
+    return {name for name, _ in dom.list_devbox_domains(virt)}
+
+
+# --- finding 2: run, ssh and up use this project's guests only --------------------------
+
+
+@needs_sshd
+def test_finding2_run_ssh_up_use_only_this_projects_guests(
+    host: Host, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = project(tmp_path / "a"), project(tmp_path / "b")
+    ssh = host.stored_ssh()
+    # A's workspace, and B's own guest kept as a failed test's evidence.
+    uri, (theirs, _) = kept_guests(
+        host.cache, tmp_path / "node.xml", (a, ssh, ""), (b, ssh, "tests/test_x.py::test_y")
+    )
+    where = ["--uri", uri, "--cache", str(host.cache)]
+
+    r = devbox("ssh", "debian-12", *where, "--project", str(b), "--", "true")
+    assert r.returncode == 1, r.stderr
+    assert "no debian-12 guest of this project is up" in r.stderr and theirs.name in r.stderr
+    assert main(["run", "--all-up", *where, "--project", str(b), "--", "true"]) == 1
+    assert "no guest of this project is up" in capsys.readouterr().err
+    # A distro name boots a guest of its own (here it cannot: no template, offline).
+    for command, tail in (("run", ["--", "true"]), ("up", [])):
+        assert main([command, "debian-12", *where, "--offline", "--project", str(b), *tail]) == 1
+        out, err = capsys.readouterr()
+        assert "could not start: template 'debian-12'" in err and "already up" not in out
+    assert "Accepted publickey" not in host.logins()  # nothing ran in A's guest
+
+    assert main(["up", "debian-12", *where, "--project", str(a)]) == 0  # A's own: up
+    assert f"debian-12: {theirs.name} is already up" in capsys.readouterr().out
+    # Named in full, another project's guest is reachable on purpose.
+    assert main(["run", "--root", theirs.name, *where, "--project", str(b), "--", "true"]) == 1
+    assert f"{theirs.name} shares {a} as /code" in capsys.readouterr().err
+    assert "Accepted publickey for root" in host.logins()
+
+
+# --- findings 25 and 22: the login is rebuilt from the record, as devbox --------------
+
+
+@needs_sshd
+def test_finding25_run_and_ssh_log_in_as_devbox_and_as_root_on_request(
+    host: Host, tmp_path: Path
+) -> None:
+    a = project(tmp_path / "a")
+    uri, _ = kept_guests(host.cache, tmp_path / "node.xml", (a, host.stored_ssh(), ""))
+    where = ["--uri", uri, "--cache", str(host.cache), "--project", str(a)]
+    # This host has no user devbox (a guest has, with the caller's uid): sshd says who
+    # was asked for, and turns that login away.
+    assert main(["run", "debian-12", *where, "--", "true"]) == 255
+    assert host.logins().count("Invalid user devbox") == 1
+    assert "Accepted publickey for root" not in host.logins()
+    assert devbox("ssh", "debian-12", *where, "--", "true").returncode == 255
+    assert host.logins().count("Invalid user devbox") == 2
+    # --root: root's login, which runs the line (this host has no /code: exit 1).
+    assert main(["run", "--root", "debian-12", *where, "--", "true"]) == 1
+    assert host.logins().count("Accepted publickey for root") == 1
+    assert devbox("ssh", "--root", "debian-12", *where, "--", "true").returncode == 1
+    assert host.logins().count("Accepted publickey for root") == 2
+
+
+@needs_sshd
+def test_finding22_a_records_ssh_line_is_never_run(host: Host, tmp_path: Path) -> None:
+    a = project(tmp_path / "a")
+    planted = tmp_path / "planted"
+    # What another user who could write the record would leave: their program, with
+    # the fields a rebuilt line takes (port, host key alias) around it.
+    ssh = ("sh", "-c", f"touch {planted}", "-p", str(host.sshd.port), "-o", f"HostKeyAlias={ALIAS}")
+    uri, (guest,) = kept_guests(host.cache, tmp_path / "node.xml", (a, ssh, ""))
+    where = ["--uri", uri, "--cache", str(host.cache), "--project", str(a)]
+    ran = main(["run", "debian-12", *where, "--", "true"])
+    sshed = devbox("ssh", "debian-12", *where, "--", "true").returncode
+    assert not planted.exists()
+    # What ran was ssh, to the record's port, pinned to its alias: sshd saw both logins.
+    assert (ran, sshed) == (255, 255)
+    assert host.logins().count("Invalid user devbox") == 2
+    # A record without a usable port says what to do, and runs nothing either.
+    bad = ("sh", "-c", f"touch {planted}", "-p", "22; true")
+    kept.save(host.cache, replace(guest, ssh=bad))
+    r = devbox("ssh", guest.name, *where, "--", "true")
+    assert r.returncode == 1 and "no usable port" in r.stderr and not planted.exists()
 
 
 # --- finding 22: the cache is private, and refused when it is not ------------------------
@@ -108,6 +263,74 @@ def test_finding22_filelock_floor_excludes_cve_2025_68146() -> None:
     assert re.findall(r'"filelock\b[^"]*"', pyproject) == ['"filelock>=3.20.1"']
     installed = tuple(int(p) for p in re.findall(r"\d+", version("filelock"))[:3])
     assert installed >= (3, 20, 1)
+
+
+# --- finding 3: destroy and rebuild ------------------------------------------------------
+
+
+def test_finding3_destroy_and_rebuild_act_on_this_projects_recorded_guests(
+    virt: libvirt.virConnect, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = project(tmp_path / "a"), project(tmp_path / "b")
+    cache = tmp_path / "cache"
+    ssh = ("ssh", "-p", "40022", "-o", f"HostKeyAlias={ALIAS}", "root@127.0.0.1")
+
+    def up(code_dir: Path, *, recorded: bool = True) -> str:
+        name = f"devbox-debian-12-{uuid.uuid4().hex[:8]}"
+        meta = {"distro": "debian-12", "keep": "1"}
+        dom.Domain.create(virt, spec_for("9p", "tcg", name=name, metadata=meta), autodestroy=False)
+        if recorded:
+            kept.save(cache, kept.KeptGuest(name, "debian-12", TEST_URI, "", ssh, str(code_dir)))
+        return name
+
+    theirs, mine = up(a), up(b)
+    session = up(b, recorded=False)  # --devbox-keep, or another user's: no record here
+    where = ["--uri", TEST_URI, "--cache", str(cache), "--project", str(b)]
+    try:
+        assert main(["destroy", "debian-12", *where]) == 0
+        assert running(virt) >= {theirs, session} and mine not in running(virt)
+        mine, older = up(b), up(b)
+        assert main(["rebuild", "debian-12", "--offline", *where]) == 1  # no template here
+        assert running(virt) >= {theirs, session} and not {mine, older} & running(virt)
+        assert main(["destroy", "--all", *where]) == 0  # every guest recorded in this cache
+        assert theirs not in running(virt) and session in running(virt)
+        assert main(["destroy", session, *where]) == 0  # named in full: any guest
+        assert session not in running(virt)
+    finally:
+        capsys.readouterr()
+        main(["destroy", theirs, mine, session, *where])
+
+
+def test_finding3_another_users_guest_is_no_traceback(tmp_path: Path) -> None:
+    """Bob (nobody) and Alice (root, this test) share one libvirt."""
+    shared = Path(tempfile_dir(tmp_path))
+    try:
+        alice_run = shared / "alice" / "run" / "r1"
+        alice_run.mkdir(parents=True)
+        for d in (shared / "alice", shared / "alice" / "run", alice_run):
+            d.chmod(0o755)
+        overlay = alice_run / "devbox-debian-12-r1-0001.qcow2"
+        overlay.write_bytes(b"alice's disk")
+        meta = {"distro": "debian-12", "keep": "1", "overlay": str(overlay)}
+        uri = node(shared / "node.xml", ("devbox-debian-12-r1-0001", meta))
+        (shared / "node.xml").chmod(0o644)
+        bob = shared / "bob"
+        subprocess.run([*NOBODY, "mkdir", "-m", "0700", str(bob)], check=True)
+        bob_project = Path(bob / "project")
+        where = ["--uri", uri, "--cache", str(bob / "cache"), "--project", str(bob_project)]
+        subprocess.run([*NOBODY, "sh", "-c", f"mkdir {bob_project}; :> {bob_project}/pytest.ini"])
+
+        r = devbox("destroy", "--all", *where, cwd=shared, user=NOBODY)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "no kept devbox guest to destroy\n", "")
+        r = devbox("destroy", "devbox-debian-12-r1-0001", *where, cwd=shared, user=NOBODY)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr == (
+            f"cannot remove devbox-debian-12-r1-0001's overlay {overlay} (Permission denied): "
+            "its owner or root can remove it\n"
+        )
+        assert overlay.exists()
+    finally:
+        shutil.rmtree(shared)
 
 
 # --- finding 4 (prune): every URI the project uses ----------------------------------------

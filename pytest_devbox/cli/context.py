@@ -23,6 +23,7 @@ from ..config.resolve import Places, resolve
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
 from ..pool import kept
+from ..pool.kept import KeptGuest
 
 if TYPE_CHECKING:
     from ..guest.machine import Machine
@@ -71,9 +72,9 @@ class Context:
 
         return Pool(profiles, replace(self.settings, **changes), log=log)
 
-    def remember(self, machine: Machine) -> kept.KeptGuest:
-        """Record a guest left running, so later commands find it."""
-        guest = kept.KeptGuest(
+    def record(self, machine: Machine) -> kept.KeptGuest:
+        """What a kept record of `machine` holds (not saved)."""
+        return kept.KeptGuest(
             machine.name,
             machine.distro,
             self.settings.uri_for(machine.distro),  # the hosts map may put it elsewhere
@@ -82,6 +83,10 @@ class Context:
             code_dir=str(self.settings.code_dir),
             share=machine.share,
         )
+
+    def remember(self, machine: Machine) -> kept.KeptGuest:
+        """Record a guest left running, so later commands find it."""
+        guest = self.record(machine)
         kept.save(self.settings.cache_dir, guest)
         return guest
 
@@ -114,6 +119,22 @@ class Context:
     def kept(self) -> list[kept.KeptGuest]:
         """Guests `devbox up` left running (oldest first); stale records are dropped."""
         return kept.load_all(self.settings.cache_dir, running, log)
+
+    def ours(self) -> dict[str, KeptGuest]:
+        """This project's guests of `devbox up` by distro, the newest of each: kept in
+        this cache, sharing this code dir, not a failed test's evidence. Any other kept
+        guest is used only when named in full (`named`), as --devbox-reuse does."""
+        here = self.settings.code_dir.resolve()
+        return {g.distro: g for g in self.kept() if not g.failed and shares_code_dir(g, here)}
+
+    def named(self, name: str) -> KeptGuest | None:
+        """The kept guest whose domain is called `name`, of any project."""
+        return next((g for g in self.kept() if g.name == name), None)
+
+
+def shares_code_dir(guest: KeptGuest, code_dir: Path) -> bool:
+    """Whether `guest` shares `code_dir` (resolved) as /code: then it is that project's."""
+    return Path(guest.code_dir or "/nonexistent").resolve() == code_dir
 
 
 def _command_line(args: argparse.Namespace, pytest_args: Mapping[str, Any]) -> dict[str, Any]:
