@@ -12,12 +12,12 @@ project dirs stand for two projects of one user.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -221,12 +221,13 @@ def test_finding22_a_records_ssh_line_is_never_run(host: Host, tmp_path: Path) -
 # --- finding 22: the cache is private, and refused when it is not ------------------------
 
 
-def test_finding22_the_cache_is_made_0700_and_refused_when_not_ours(tmp_path: Path) -> None:
+def test_finding22_the_cache_is_made_0700_and_refused_when_not_ours(
+    tmp_path: Path, shared: Path
+) -> None:
     fresh = tmp_path / "fresh" / "cache"
     assert main(["ls", "--uri", TEST_URI, "--cache", str(fresh)]) == 0
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700  # not 0755 from the umask
     # Another user plants the cache dir first (a shared /tmp, $PYTEST_DEVBOX_CACHE).
-    shared = Path(tempfile_dir(tmp_path))
     planted = shared / "devbox"
     subprocess.run([*NOBODY, "mkdir", str(planted)], check=True)
     r = devbox("ls", "--uri", TEST_URI, "--cache", str(planted))
@@ -249,13 +250,13 @@ def test_finding22_the_cache_is_made_0700_and_refused_when_not_ours(tmp_path: Pa
     assert "[FAIL] cache" in r.stdout and "writable by others" in r.stdout
 
 
-def tempfile_dir(tmp_path: Path) -> str:
+@pytest.fixture
+def shared() -> Iterator[Path]:
     """A directory like /tmp that another user can reach (tmp_path is root's only)."""
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="devbox-owners-")
-    os.chmod(path, 0o1777)  # like /tmp
-    return path
+    path = Path(tempfile.mkdtemp(prefix="devbox-owners-"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path)
 
 
 def test_finding22_filelock_floor_excludes_cve_2025_68146() -> None:
@@ -301,36 +302,34 @@ def test_finding3_destroy_and_rebuild_act_on_this_projects_recorded_guests(
         main(["destroy", theirs, mine, session, *where])
 
 
-def test_finding3_another_users_guest_is_no_traceback(tmp_path: Path) -> None:
+def test_finding3_another_users_guest_is_no_traceback(shared: Path) -> None:
     """Bob (nobody) and Alice (root, this test) share one libvirt."""
-    shared = Path(tempfile_dir(tmp_path))
-    try:
-        alice_run = shared / "alice" / "run" / "r1"
-        alice_run.mkdir(parents=True)
-        for d in (shared / "alice", shared / "alice" / "run", alice_run):
-            d.chmod(0o755)
-        overlay = alice_run / "devbox-debian-12-r1-0001.qcow2"
-        overlay.write_bytes(b"alice's disk")
-        meta = {"distro": "debian-12", "keep": "1", "overlay": str(overlay)}
-        uri = node(shared / "node.xml", ("devbox-debian-12-r1-0001", meta))
-        (shared / "node.xml").chmod(0o644)
-        bob = shared / "bob"
-        subprocess.run([*NOBODY, "mkdir", "-m", "0700", str(bob)], check=True)
-        bob_project = Path(bob / "project")
-        where = ["--uri", uri, "--cache", str(bob / "cache"), "--project", str(bob_project)]
-        subprocess.run([*NOBODY, "sh", "-c", f"mkdir {bob_project}; :> {bob_project}/pytest.ini"])
+    alice_run = shared / "alice" / "run" / "r1"
+    alice_run.mkdir(parents=True)
+    for d in (shared / "alice", shared / "alice" / "run", alice_run):
+        d.chmod(0o755)
+    overlay = alice_run / "devbox-debian-12-r1-0001.qcow2"
+    overlay.write_bytes(b"alice's disk")
+    meta = {"distro": "debian-12", "keep": "1", "overlay": str(overlay)}
+    uri = node(shared / "node.xml", ("devbox-debian-12-r1-0001", meta))
+    (shared / "node.xml").chmod(0o644)
+    bob = shared / "bob"
+    subprocess.run([*NOBODY, "mkdir", "-m", "0700", str(bob)], check=True)
+    bob_project = bob / "project"
+    where = ["--uri", uri, "--cache", str(bob / "cache"), "--project", str(bob_project)]
+    subprocess.run(
+        [*NOBODY, "sh", "-c", f"mkdir {bob_project}; :> {bob_project}/pytest.ini"], check=True
+    )
 
-        r = devbox("destroy", "--all", *where, cwd=shared, user=NOBODY)
-        assert (r.returncode, r.stdout, r.stderr) == (0, "no kept devbox guest to destroy\n", "")
-        r = devbox("destroy", "devbox-debian-12-r1-0001", *where, cwd=shared, user=NOBODY)
-        assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert r.stderr == (
-            f"cannot remove devbox-debian-12-r1-0001's overlay {overlay} (Permission denied): "
-            "its owner or root can remove it\n"
-        )
-        assert overlay.exists()
-    finally:
-        shutil.rmtree(shared)
+    r = devbox("destroy", "--all", *where, cwd=shared, user=NOBODY)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "no kept devbox guest to destroy\n", "")
+    r = devbox("destroy", "devbox-debian-12-r1-0001", *where, cwd=shared, user=NOBODY)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr == (
+        f"cannot remove devbox-debian-12-r1-0001's overlay {overlay} (Permission denied): "
+        "its owner or root can remove it\n"
+    )
+    assert overlay.exists()
 
 
 # --- finding 4 (prune): every URI the project uses ----------------------------------------
