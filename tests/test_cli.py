@@ -186,14 +186,16 @@ def virt() -> Iterator[libvirt.virConnect]:
     conn.close()
 
 
-def _kept_domain(conn: libvirt.virConnect, cache: Path, distro: str, *, keep: bool = True) -> str:
+def _kept_domain(
+    conn: libvirt.virConnect, cache: Path, distro: str, *, keep: bool = True, code_dir: str = "/src"
+) -> str:
     name = f"devbox-{distro}-{uuid.uuid4().hex[:8]}"
     meta = {"distro": distro, "keep": "1" if keep else "0", "started": str(int(time.time()) - 600)}
     meta |= {"image_key": "0123456789abcdef", "owner_pid": "1"}
     dom.Domain.create(conn, spec_for("9p", "tcg", name=name, metadata=meta), autodestroy=False)
     if keep:
         ssh = ("ssh", "-i", "key", "-p", "40022", "root@127.0.0.1")
-        kept.save(cache, kept.KeptGuest(name, distro, URI, "", ssh, code_dir="/src"))
+        kept.save(cache, kept.KeptGuest(name, distro, URI, "", ssh, code_dir=code_dir))
     return name
 
 
@@ -223,9 +225,11 @@ def test_ls_shows_state_port_uptime_image_and_ssh_line(
 def test_destroy_by_distro_spares_session_guests(
     virt: libvirt.virConnect, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = _kept_domain(virt, tmp_path, "debian-12")
+    project = tmp_path / "project"
+    project.mkdir()
+    name = _kept_domain(virt, tmp_path, "debian-12", code_dir=str(project))
     busy = _kept_domain(virt, tmp_path, "debian-12", keep=False)
-    argv = ["--uri", URI, "--cache", str(tmp_path)]
+    argv = ["--uri", URI, "--cache", str(tmp_path), "--project", str(project)]
     try:
         assert main(["destroy", "debian-12", *argv]) == 0
         assert f"destroyed {name} (debian-12)" in capsys.readouterr().out

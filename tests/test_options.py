@@ -42,7 +42,7 @@ INI = {
 def test_nothing_set_gives_the_settings_defaults(places: Places) -> None:
     resolved = resolve({}, reader({}), places, env={})
     assert resolved.distros == []
-    assert resolved.settings == Settings(code_dir=places.rootdir)
+    assert resolved.settings == Settings(code_dir=places.rootdir, rootdir=places.rootdir)
     assert resolved.settings.uri == DEFAULT_URI
 
 

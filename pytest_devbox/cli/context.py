@@ -22,6 +22,7 @@ from ..config.resolve import Places, resolve
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
 from ..pool import kept
+from ..pool.kept import KeptGuest
 
 if TYPE_CHECKING:
     from ..guest.machine import Machine
@@ -70,9 +71,9 @@ class Context:
 
         return Pool(profiles, replace(self.settings, **changes), log=log)
 
-    def remember(self, machine: Machine) -> kept.KeptGuest:
-        """Record a guest left running, so later commands find it."""
-        guest = kept.KeptGuest(
+    def record(self, machine: Machine) -> kept.KeptGuest:
+        """What a kept record of `machine` holds (not saved)."""
+        return kept.KeptGuest(
             machine.name,
             machine.distro,
             self.settings.uri_for(machine.distro),  # the hosts map may put it elsewhere
@@ -81,6 +82,10 @@ class Context:
             code_dir=str(self.settings.code_dir),
             share=machine.share,
         )
+
+    def remember(self, machine: Machine) -> kept.KeptGuest:
+        """Record a guest left running, so later commands find it."""
+        guest = self.record(machine)
         kept.save(self.settings.cache_dir, guest)
         return guest
 
@@ -114,6 +119,22 @@ class Context:
         """Guests `devbox up` left running (oldest first); stale records are dropped."""
         return kept.load_all(self.settings.cache_dir, running, log)
 
+    def ours(self) -> dict[str, KeptGuest]:
+        """This project's guests of `devbox up` by distro, the newest of each: kept in
+        this cache, sharing this code dir, not a failed test's evidence. Any other kept
+        guest is used only when named in full (`named`), as --devbox-reuse does."""
+        here = self.settings.code_dir.resolve()
+        return {g.distro: g for g in self.kept() if not g.failed and shares_code_dir(g, here)}
+
+    def named(self, name: str) -> KeptGuest | None:
+        """The kept guest whose domain is called `name`, of any project."""
+        return next((g for g in self.kept() if g.name == name), None)
+
+
+def shares_code_dir(guest: KeptGuest, code_dir: Path) -> bool:
+    """Whether `guest` shares `code_dir` (resolved) as /code: then it is that project's."""
+    return Path(guest.code_dir or "/nonexistent").resolve() == code_dir
+
 
 def _command_line(args: argparse.Namespace, pytest_args: Mapping[str, Any]) -> dict[str, Any]:
     """Values by option key: the command's own flags on top of pytest's addopts."""
@@ -137,6 +158,10 @@ def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None)
     project = project_files.locate(start)
     cli = _command_line(args, project_files.pytest_args(project, env))
     places = Places(cwd=Path.cwd(), ini_dir=project.ini_dir, rootdir=project.rootdir)
-    resolved = resolve(cli, project.read, places, env=env, flags=COMMAND_FLAGS)
+    # Every command but doctor (which reports it) trusts the cache: checked here.
+    cache_used = getattr(args, "command", None) != "doctor"
+    resolved = resolve(
+        cli, project.read, places, env=env, flags=COMMAND_FLAGS, cache_used=cache_used
+    )
     profiles = load_profiles(project.rootdir)
     return Context(resolved.settings, profiles, resolved.distros, project)

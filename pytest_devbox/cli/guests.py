@@ -19,9 +19,9 @@ from ..config.profiles import select
 from ..errors import DevboxError
 from ..host.parallel import run_bounded
 from ..pool import kept
-from ..pool.kept import KeptGuest
-from .context import Context, UsageProblem, log
-from .run import remote_line
+from ..pool.kept import KeptGuest, login_argv
+from .context import Context, UsageProblem, log, shares_code_dir
+from .run import login_user, remote_line
 
 if TYPE_CHECKING:
     import libvirt
@@ -82,9 +82,11 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
     s = ctx.settings
     cache = ctx.pool(list(ctx.profiles.values())).cache
     current = prune.current_keys(ctx.profiles, lambda n: cache.key_for(ctx.profiles[n]), log)
-    used = prune.in_use(s.uri, s.cache_dir, log)  # first: what runs must stay
+    used = prune.in_use(ctx.uris(), s.cache_dir, log)  # first: what runs must stay
     log_dir = args.log_dir or prune.libvirt_log_dir(s.uri)
-    found = prune.find(s.cache_dir, current, used, log_dir, log, unknown=args.unknown)
+    found = prune.find(
+        s.cache_dir, current, used, log_dir, log, unknown=args.unknown, project=s.rootdir
+    )
     done = prune.remove(found, log, dry_run=args.dry_run)
     print("\n".join(prune.report(done, dry_run=args.dry_run)))
     return 0
@@ -112,7 +114,7 @@ def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
 
 def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
     profiles = ctx.selected("up")
-    up = {g.distro: g for g in ctx.kept() if not g.failed}  # not a failed test's guest
+    up = ctx.ours()  # this project's: not another's, nor a failed test's guest
     todo = []
     for p in profiles:
         guest = up.get(p.name)
@@ -126,19 +128,33 @@ def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_rebuild(args: argparse.Namespace, ctx: Context) -> int:
     profiles = ctx.selected("rebuild")
     names = {p.name for p in profiles}
-    for row in guest_rows(ctx):
-        if row.kept and row.distro in names:
-            destroy(ctx, row)
-    return start_kept(ctx, profiles, rebuild=True)
+    here = ctx.settings.code_dir.resolve()
+    # This project's guests of `devbox up`: not another's, nor a failed test's evidence.
+    ours = {g.name for g in ctx.kept() if not g.failed and shares_code_dir(g, here)}
+    rows = [r for r in guest_rows(ctx) if r.name in ours and r.distro in names]
+    cleaned = all([destroy(ctx, r) for r in rows])  # a list: every one is destroyed
+    status = start_kept(ctx, profiles, rebuild=True)
+    return status if status or cleaned else 1
 
 
-def find_kept(ctx: Context, distro: str) -> KeptGuest:
-    """The guest `devbox up` left running for `distro`, or an error saying how to start one."""
-    select([distro], ctx.profiles)  # an unknown name is a usage error first
-    guest = {g.distro: g for g in ctx.kept()}.get(distro)
-    if guest is None:
-        raise DevboxError(f"no {distro} guest is up: start one with `devbox up {distro}`")
-    return guest
+def find_kept(ctx: Context, word: str) -> KeptGuest:
+    """This project's guest `devbox up` left running for the distro `word`, or the kept
+    guest named `word` in full; else an error saying how to start one."""
+    named = None if word in ctx.profiles else ctx.named(word)
+    if named is not None:
+        return named
+    select([word], ctx.profiles)  # an unknown name is a usage error first
+    guest = ctx.ours().get(word)
+    if guest is not None:
+        return guest
+    start = f"start one with `devbox up {word}`"
+    others = [g.name for g in ctx.kept() if g.distro == word]
+    if not others:
+        raise DevboxError(f"no {word} guest is up: {start}")
+    raise DevboxError(
+        f"no {word} guest of this project is up: {start}, or name one of another project "
+        f"or failed test in full: {', '.join(others)}"
+    )
 
 
 def cmd_ssh(args: argparse.Namespace, ctx: Context) -> int:
@@ -146,7 +162,7 @@ def cmd_ssh(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageProblem("name one distro: devbox ssh debian-12")
     guest = find_kept(ctx, ctx.distros[0])
     ctx.refresh(guest)
-    argv = list(guest.ssh)
+    argv = login_argv(guest, ctx.settings.cache_dir, login_user(args))
     if args.command:  # like ssh: the words are one line of shell code (run in /code)
         argv.append(remote_line(args.command))
     else:  # a login shell that starts where the code is
@@ -295,9 +311,10 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def destroy(ctx: Context, row: GuestRow) -> None:
+def destroy(ctx: Context, row: GuestRow) -> bool:
     """Destroy `row`'s domain at its URI, then its disk: a file here, or on a remote
-    host the overlay and console volumes in our pool there."""
+    host the overlay and console volumes in our pool there. False (said why) when its
+    overlay here could not be removed."""
     import libvirt
 
     from ..virt import domain as dom
@@ -310,10 +327,18 @@ def destroy(ctx: Context, row: GuestRow) -> None:
             _delete_volumes(conn, Path(row.overlay))
     finally:
         conn.close()
-    if row.overlay and row.host == "local":
-        Path(row.overlay).unlink(missing_ok=True)
     kept.forget(ctx.settings.cache_dir, row.name)
     print(f"destroyed {row.name} ({row.distro})")
+    if row.overlay and row.host == "local":
+        try:
+            Path(row.overlay).unlink(missing_ok=True)
+        except OSError as e:  # another user's guest, named in full
+            log(
+                f"cannot remove {row.name}'s overlay {row.overlay} ({e.strerror}): its owner "
+                "or root can remove it"
+            )
+            return False
+    return True
 
 
 def _delete_volumes(conn: libvirt.virConnect, overlay: Path) -> None:
@@ -330,17 +355,20 @@ def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
     if not args.names and not args.all:
         raise UsageProblem("name guests or distros to destroy, or give --all")
     rows = guest_rows(ctx)
-    # A distro name or --all means kept guests only: a running pytest session's guest
-    # goes only when named in full.
+    here = ctx.settings.code_dir.resolve()
+    # --all means the guests kept in this cache, a distro name this project's of them;
+    # any other guest (a pytest session's, another user's) goes only when named in full.
     targets = [
-        r for r in rows if r.name in args.names or (r.kept and (args.all or r.distro in args.names))
+        r
+        for r in rows
+        if r.name in args.names
+        or (r.record and (args.all or (r.distro in args.names and shares_code_dir(r.record, here))))
     ]
     unmatched = [n for n in args.names if not any(n in (r.name, r.distro) for r in targets)]
     for name in unmatched:
         where = ", ".join(ctx.uris())
         log(f"no kept devbox guest named {name} or of distro {name} at {where}")
-    for row in targets:
-        destroy(ctx, row)
+    cleaned = all([destroy(ctx, row) for row in targets])  # a list: every one goes
     if not targets and args.all:
         print("no kept devbox guest to destroy")
-    return 1 if unmatched else 0
+    return 1 if unmatched or not cleaned else 0

@@ -29,7 +29,8 @@ Command = Callable[[argparse.Namespace, Context], int]
 # project's config and the environment).
 WHERE = ("uri", "cache_dir")
 BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos", "share")
-RUN_USAGE = "devbox run [options] [DISTRO[,DISTRO...] ... | --all-up] -- COMMAND..."
+RUN_USAGE = "devbox run [options] [DISTRO[,DISTRO...] ... | NAME | --all-up] -- COMMAND..."
+ROOT_HELP = "as root, not as the guest user devbox (whose files in /code are yours)"
 DISTRO_WORDS = "DISTRO[,DISTRO...]; none: the project's own selection (devbox ini option)"
 
 
@@ -133,23 +134,30 @@ def _add_guest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
              "devbox run debian-11,debian-12 -- make test\n"
              "devbox run --all-up -- git status --short", cmd_run, (*BOOT, "keep", "exec_mode"),
              usage=RUN_USAGE)  # fmt: skip
-    p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS)
-    p.add_argument("--all-up", action="store_true", help="on every guest that is up")
+    p.add_argument("words", nargs="*", metavar="DISTRO", help=DISTRO_WORDS + "; or the "
+                   "full NAME of any kept guest")  # fmt: skip
+    p.add_argument("--all-up", action="store_true",
+                   help="on every guest of this project that is up")  # fmt: skip
+    p.add_argument("--root", action="store_true", help=ROOT_HELP)
 
     p = _sub(sub, "ssh", "log in to a guest started by `devbox up` (in /code)",
              "devbox ssh debian-12\ndevbox ssh debian-12 -- 'cat /etc/os-release'",
              c.cmd_ssh, WHERE,
-             usage="devbox ssh [options] DISTRO [-- COMMAND...]")  # fmt: skip
-    p.add_argument("words", nargs="*", metavar="DISTRO", help="one distro that is up")
+             usage="devbox ssh [options] DISTRO|NAME [-- COMMAND...]")  # fmt: skip
+    p.add_argument("words", nargs="*", metavar="DISTRO",
+                   help="one distro this project has up, or the full NAME of a kept "
+                   "guest")  # fmt: skip
+    p.add_argument("--root", action="store_true", help=ROOT_HELP)
 
     p = _sub(sub, "ls", "list devbox guests: state, uptime, image, how to reach them",
              "devbox ls --json", c.cmd_ls, WHERE)  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = _sub(sub, "destroy", "destroy kept guests by distro, or any devbox guest by name",
-             "devbox destroy debian-12\ndevbox destroy --all", c.cmd_destroy, WHERE)  # fmt: skip
+    p = _sub(sub, "destroy", "destroy this project's kept guests by distro, or any devbox "
+             "guest by name", "devbox destroy debian-12\ndevbox destroy --all",
+             c.cmd_destroy, WHERE)  # fmt: skip
     p.add_argument("names", nargs="*", metavar="NAME|DISTRO")
-    p.add_argument("--all", action="store_true", help="every kept guest")
+    p.add_argument("--all", action="store_true", help="every guest kept in this cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

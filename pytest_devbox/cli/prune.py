@@ -15,11 +15,12 @@ two builders hold "the" lock at once (filelock keeps them for the same reason).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ class InUse:
 
     names: frozenset[str]
     disks: frozenset[Path] = field(default_factory=frozenset)
+    # URIs whose guests could not be listed: a guest there may run on a run dir or log
+    # here, so neither is removed.
+    unreachable: tuple[str, ...] = ()
 
 
 def _walk(path: Path) -> list[Path]:
@@ -94,18 +98,31 @@ def libvirt_log_dir(uri: str) -> Path | None:
     return None
 
 
-def in_use(uri: str, cache_dir: Path, warn: Log) -> InUse:
-    """Our domains at `uri` and their disks, and the disks of kept guests anywhere."""
+def in_use(uris: Sequence[str], cache_dir: Path, warn: Log) -> InUse:
+    """Our domains at each of `uris` (every one the project uses) and their disks, and
+    the disks of kept guests anywhere. A URI that cannot be reached is skipped with a
+    warning (and recorded: see `InUse.unreachable`), unless it is the only one."""
     from ..virt import domain as dom
 
-    conn = dom.connect(uri)
-    try:
-        domains = dom.list_devbox_domains(conn)
-    finally:
-        conn.close()
+    domains: list[tuple[str, dict[str, str]]] = []
+    unreachable = []
+    for uri in dict.fromkeys(uris):
+        try:
+            conn = dom.connect(uri)
+        except DevboxError as e:
+            if len(uris) == 1:
+                raise
+            warn(f"cannot list the guests at {uri}: {str(e).splitlines()[0]}")
+            unreachable.append(uri)
+            continue
+        try:
+            domains += dom.list_devbox_domains(conn)
+        finally:
+            conn.close()
     disks = {Path(m["overlay"]) for _, m in domains if m.get("overlay")}
     disks |= {Path(g.overlay) for g in kept.load_all(cache_dir, kept.running_names, warn)}
-    return InUse(frozenset(n for n, _ in domains), frozenset(d.resolve() for d in disks))
+    names = frozenset(n for n, _ in domains)
+    return InUse(names, frozenset(d.resolve() for d in disks), tuple(unreachable))
 
 
 def find(
@@ -116,41 +133,70 @@ def find(
     note: Log,
     *,
     unknown: bool = False,
+    project: Path | None = None,
 ) -> list[Stale]:
     """Everything stale. `current`: each known profile's image key (None: unknown now,
     so all of its images stay). `note` says what stays that might look stale. Images of
-    distros no profile here names go only with `unknown`: the cache is per user, and
-    another project's profiles are unknown to this one."""
+    distros no profile here names, and images another project than `project` (its
+    rootdir) built, go only with `unknown`: the cache is per user, and another project's
+    profiles are unknown to this one, even where they share a name."""
     layout = CacheLayout(cache_dir)
-    stale_keys = _stale_keys(layout, current, unknown, note)
+    stale_keys = _stale_keys(layout, current, unknown, note, project)
     saves = _stale_saves(layout, stale_keys)
     runs = _stale_runs(layout, used)
+    logs = _stale_logs(log_dir, used.names, note) if log_dir is not None else []
+    if used.unreachable:
+        where = ", ".join(used.unreachable)
+        note(f"keeping every run dir and libvirt log: which guests run at {where} is unknown")
+        runs, logs = [], []
     gone = {p for s in (*saves, *runs) for p in s.paths}
     backing = _backing(layout, used, gone)
     images = _stale_images(layout, stale_keys, current, backing, note)
-    logs = _stale_logs(log_dir, used.names, note) if log_dir is not None else []
     return [*images, *saves, *runs, *logs]
 
 
 def _stale_keys(
-    layout: CacheLayout, current: Mapping[str, str | None], unknown: bool, note: Log
+    layout: CacheLayout,
+    current: Mapping[str, str | None],
+    unknown: bool,
+    note: Log,
+    project: Path | None,
 ) -> set[tuple[str, str]]:
     found, others = set(), set()
+    theirs: dict[str, str | None] = {}
     for path in sorted(layout.images.glob("*")) if layout.images.is_dir() else []:
         m = _IMAGE.fullmatch(path.name)
         if m is None:
             continue
         distro, key = m["distro"], m["key"]
-        if distro not in current and not unknown:
+        if distro in current and current[distro] in (None, key):
+            continue  # its current image, or all stay
+        image = layout.image(distro, key)
+        if unknown:
+            found.add((distro, key))
+        elif distro not in current:
             others.add(distro)
-        elif distro not in current or current[distro] not in (None, key):
+        elif project is not None and (builder := _built_by(image)) not in (None, str(project)):
+            theirs[image.name] = builder  # a same-named profile of another project
+        else:
             found.add((distro, key))
     for distro in sorted(others):
         note(
             f"keeping every image of {distro}: no profile of this project is named so "
             "(another project's?); --unknown removes them"
         )
+    for name, builder in sorted(theirs.items()):
+        note(f"keeping {name}: another project's ({builder}); --unknown removes it")
     return found
+
+
+def _built_by(image: Path) -> str | None:
+    """The project (rootdir) that built `image`, from its metadata; None if unrecorded."""
+    try:
+        project = json.loads(image.with_suffix(".json").read_text()).get("project")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(project) if project else None
 
 
 def _why_image(distro: str, current: Mapping[str, str | None]) -> str:

@@ -1,10 +1,12 @@
 """`devbox run`: one line of shell code, in /code, on one or several guests at once.
 
 Like ssh, the command's words are joined with spaces and the guest's shell reads the
-result, so `devbox run debian-12 -- 'ls | head -3; pwd'` runs a pipeline there. Guests
-that are up (`devbox up`) are used; the others are booted for this command, in parallel,
-and destroyed afterwards (unless --keep). With several distros every line of output is
-shown as it arrives, prefixed by its distro, and each distro ends with a result line.
+result, so `devbox run debian-12 -- 'ls | head -3; pwd'` runs a pipeline there, as the
+guest user `devbox` (root with --root). This project's guests that are up (`devbox up`
+in the same code dir) are used, and any kept guest named in full; the others are booted
+for this command, in parallel, and destroyed afterwards (unless --keep). With several
+distros every line of output is shown as it arrives, prefixed by its distro, and each
+distro ends with a result line.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 from ..config.option_table import spell_for_command
+from ..config.profiles import select
 from ..errors import DevboxError
 from ..host.parallel import run_bounded
+from ..pool.kept import login_argv
 from .context import Context, UsageProblem, log
 
 if TYPE_CHECKING:
@@ -75,12 +79,19 @@ class Prefixed:
 
 
 def _targets(args: argparse.Namespace, ctx: Context, up: dict[str, KeptGuest]) -> list[str]:
+    """What to run on: distros (this project's guest of each when up, else one booted),
+    or any kept guest named in full (added to `up`)."""
     if not args.all_up:
-        return [p.name for p in ctx.selected("run")]  # checks every name before any boot
+        named = {n: g for n in ctx.distros if n not in ctx.profiles and (g := ctx.named(n))}
+        if not named:
+            return [p.name for p in ctx.selected("run")]  # checks every name before any boot
+        up.update(named)
+        rest = select([n for n in ctx.distros if n not in named], ctx.profiles)
+        return [*named, *(p.name for p in rest)]
     if args.words:
         raise UsageProblem("--all-up runs on every guest that is up: name no distro with it")
     if not up:
-        raise DevboxError("no guest is up: start some with `devbox up DISTRO...`")
+        raise DevboxError("no guest of this project is up: start some with `devbox up DISTRO...`")
     return sorted(up)
 
 
@@ -90,29 +101,37 @@ def _note_other_code(ctx: Context, guest: KeptGuest) -> None:
         log(f"{guest.distro}: note: {guest.name} shares {guest.code_dir} as /code, not {here}")
 
 
+def login_user(args: argparse.Namespace) -> str:
+    """`devbox`, whose uid is the caller's (what it writes in /code is theirs); root
+    only when asked for (--root)."""
+    from ..config.settings import GUEST_USER
+    from ..transport.logins import ROOT
+
+    return ROOT if getattr(args, "root", False) else GUEST_USER
+
+
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     if not args.command:
         raise UsageProblem("nothing to run: devbox run DISTRO -- COMMAND...")
     line = remote_line(args.command)
-    up = {g.distro: g for g in ctx.kept()}
+    up = ctx.ours()
     names = _targets(args, ctx, up)
     to_boot = [ctx.profiles[n] for n in names if n not in up]
     pool: Pool | None = ctx.pool(to_boot) if to_boot else None
     several = len(names) > 1
     out = Prefixed(names)
+    user, cache_dir = login_user(args), ctx.settings.cache_dir
 
     def one(name: str) -> Outcome:
         guest = up.get(name)
         if guest is not None:
             _note_other_code(ctx, guest)
             ctx.refresh(guest)
-            argv = list(guest.ssh)
         else:
             assert pool is not None
             machine = pool.get(name)
-            argv = machine.ssh_argv()
-            if ctx.settings.keep:
-                ctx.remember(machine)
+            guest = ctx.remember(machine) if ctx.settings.keep else ctx.record(machine)
+        argv = login_argv(guest, cache_dir, user)
         t0 = time.monotonic()
         if several:
             status = out.run(name, [*argv, line])

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import pytest
 
 from ..errors import ProfileError
+from ..host.probes import cache_problem
 from .option_table import OPTIONS, IniReader, Option
 from .profiles import load_hosts
 from .settings import Settings
@@ -119,7 +120,7 @@ def _to_dir(opt: Option, value: Any, source: Source, places: Places, flag: str) 
         raise _usage(source, value, f"{path} is not a directory")
     if opt.writable:
         try:  # a real write: access() says yes to root even where writes fail
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)  # the cache: private
             tempfile.TemporaryFile(dir=path).close()
         except OSError as e:
             raise pytest.UsageError(
@@ -157,10 +158,12 @@ def resolve(
     *,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, str] | None = None,
+    cache_used: bool = False,
 ) -> Resolved:
     """Every option's value: `cli` (by option key; None = not given), then `env`, then
     `ini`, then the `Settings` default. `flags` renames flags in messages (by key), for
-    a face whose flags differ from pytest's."""
+    a face whose flags differ from pytest's. The cache dir is made and checked when
+    distros are selected or `cache_used` (a session that selects none never touches it)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for opt in OPTIONS:
@@ -170,11 +173,16 @@ def resolve(
             values[opt.key] = _convert(opt, *picked, places, flag)
     distros: list[str] = values.pop("distros", [])
     values.setdefault("code_dir", places.rootdir)
+    values["rootdir"] = places.rootdir
     try:
         values["hosts"] = load_hosts(places.rootdir)
     except ProfileError as e:
         raise pytest.UsageError(str(e)) from None
-    return Resolved(Settings(**values), distros)
+    settings = Settings(**values)
+    problem = cache_problem(settings.cache_dir) if distros or cache_used else None
+    if problem is not None:
+        raise pytest.UsageError(f"devbox: {problem}")
+    return Resolved(settings, distros)
 
 
 def resolve_config(config: pytest.Config) -> Resolved:

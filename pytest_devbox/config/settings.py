@@ -59,6 +59,7 @@ class Settings:
     remote_pool: str = DEFAULT_REMOTE_POOL  # our pool's directory on a remote libvirt host
     # The project's [tool.pytest-devbox.hosts]: (distro or "*", URI) pairs (hosts.py).
     hosts: tuple[tuple[str, str], ...] = ()
+    rootdir: Path | None = None  # the project's (pytest's rootdir): recorded in its images
 
     def uri_for(self, distro: str) -> str:
         """The libvirt URI of the host that runs ``distro`` (hosts, else ``uri``)."""

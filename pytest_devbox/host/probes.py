@@ -67,10 +67,19 @@ def host_kernel() -> str | None:
 
 
 def cache_problem(cache_dir: Path) -> str | None:
+    """Why `cache_dir` cannot be this user's cache (one line, with what to do), or None.
+    Made 0700 if missing. What it holds is trusted (kept records, the SSH key, images),
+    so it must be ours and writable by nobody else."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = cache_dir.stat()
     except OSError as e:
         return f"cannot create {cache_dir}: {e.strerror}"
+    elsewhere = "use a cache of your own (--devbox-cache DIR or $PYTEST_DEVBOX_CACHE)"
+    if st.st_uid != os.geteuid():
+        return f"{cache_dir} belongs to uid {st.st_uid}, not to you: {elsewhere}"
+    if st.st_mode & 0o022:
+        return f"{cache_dir} is writable by others: `chmod go-w {cache_dir}`, or {elsewhere}"
     if not os.access(cache_dir, os.W_OK | os.X_OK):
-        return f"{cache_dir} is not writable by this user"
+        return f"{cache_dir} is not writable by this user: {elsewhere}"
     return None

@@ -80,6 +80,7 @@ class ImageCache:
         lock_timeout: float = 1800,
         guest_user: recipe.GuestUser | None = None,
         public_key: Path | None = None,
+        project: Path | None = None,
     ) -> None:
         self.root = Path(root)
         self.layout = CacheLayout(self.root)
@@ -88,6 +89,9 @@ class ImageCache:
         self.lock_timeout = lock_timeout
         self.guest_user = guest_user or (GUEST_USER, os.getuid(), os.getgid())
         self._public_key = public_key
+        # Recorded in what it builds: `devbox prune` of another project, whose profile of
+        # the same name may differ, leaves such an image alone.
+        self.project = project
         self._keys: dict[Profile, tuple[str, Revisions]] = {}
 
     # --- the key --------------------------------------------------------------------
@@ -263,6 +267,7 @@ class ImageCache:
             "virt_builder": self.builder.version(),
             "image_format": recipe.IMAGE_FORMAT_VERSION,
             "image_size": tmp.stat().st_size,
+            "project": None if self.project is None else str(self.project),
         }
 
     def _build_locked(

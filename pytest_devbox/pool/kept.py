@@ -8,6 +8,7 @@ corrupt record is skipped with a warning, and a record whose domain no longer ru
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 from ..errors import DevboxError
 from ..host.atomic import atomic_write
 from ..host.layout import CacheLayout
+
+# What boot.host_key_alias makes: the only aliases a record may name (it is data).
+_ALIAS = re.compile(r"devbox-[0-9A-Za-z._-]+")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,37 @@ class KeptGuest:
 
     @property
     def port(self) -> str:
-        """The forwarded SSH port on 127.0.0.1, read from the ssh line ("" if none)."""
+        """The forwarded SSH port on 127.0.0.1, read from the ssh line ("" if none or
+        not a port number)."""
         argv = list(self.ssh)
-        return argv[argv.index("-p") + 1] if "-p" in argv[:-1] else ""
+        port = argv[argv.index("-p") + 1] if "-p" in argv[:-1] else ""
+        return port if port.isascii() and port.isdigit() and 0 < int(port) < 65536 else ""
+
+    @property
+    def host_key_alias(self) -> str:
+        """The name its host key is pinned under, read from the ssh line ("" if none or
+        not one we make)."""
+        found = [a.partition("=")[2] for a in self.ssh if a.startswith("HostKeyAlias=")]
+        return found[-1] if found and _ALIAS.fullmatch(found[-1]) else ""
+
+
+def login_argv(guest: KeptGuest, cache_dir: Path, user: str) -> list[str]:
+    """The OpenSSH command line that logs in to ``guest`` as ``user``, made afresh from
+    the record's port, host key alias and URI with this cache's key and known_hosts.
+    The stored ``ssh`` line is for people to read: anyone who could write a record
+    could make it run anything, so it is never run."""
+    from ..guest.plan import guest_connection
+    from ..transport.tunnel import jump_options, parse_uri
+
+    port, alias = guest.port, guest.host_key_alias
+    if not port or not alias:
+        raise DevboxError(
+            f"the record of {guest.name} has no usable port and host key alias: "
+            f"`devbox destroy {guest.name}` and start it again"
+        )
+    remote = parse_uri(guest.uri)
+    via = jump_options(remote) if remote is not None else ()
+    return guest_connection(cache_dir, int(port), alias, username=user, via=via).ssh_command()
 
 
 def running_names(uri: str) -> list[str]:

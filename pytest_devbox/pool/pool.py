@@ -89,6 +89,7 @@ class Pool:
                 tcg=self.accel == "tcg",
                 log=self.log,
                 guest_user=(GUEST_USER, os.getuid(), os.getgid()),
+                project=s.rootdir,
             )
         return self._cache
 
