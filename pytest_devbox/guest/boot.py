@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,15 @@ class Plan:
     @property
     def memory_lock(self) -> Path:
         return CacheLayout(self.cache.root).memory_lock
+
+    def admitted(
+        self, virconn: libvirt.virConnect, timeout: float, log: Log
+    ) -> AbstractContextManager[None]:
+        """Held around the libvirt call that creates this guest: its memory fits."""
+        p = self.profile
+        return admitted(
+            virconn, p.memory_mib, self.memory_lock, label=p.name, log=log, timeout=timeout
+        )
 
     def new_name(self) -> str:
         # Unique per machine, kept or not: a session may start several of one distro.
@@ -173,12 +183,12 @@ def create_domain(
     reaper: Reaper | None,
     *,
     autodestroy: bool,
+    timeout: float,
     log: Log,
 ) -> dom.Domain:
-    """The domain, created once its memory fits; watched by `reaper` from before it exists."""
-    with admitted(
-        virconn, plan.profile.memory_mib, plan.memory_lock, label=plan.profile.name, log=log
-    ):
+    """The domain, created once its memory fits (waiting at most `timeout` s for that);
+    watched by `reaper` from before it exists."""
+    with plan.admitted(virconn, timeout, log):
         if reaper is not None:
             reaper.watch(spec.name)
         return dom.Domain.create(virconn, spec, autodestroy=autodestroy)

@@ -33,7 +33,6 @@ from ..result import Result
 from ..transport.logins import Logins
 from ..transport.ssh import Connection
 from ..virt import domain as dom
-from ..virt.admission import admitted
 from .boot import Log, Plan, create_domain, qemu_for, tail_file
 from .readiness import Boot, Deadline, wait_ready
 from .reaper import Reaper
@@ -165,8 +164,9 @@ class Machine:
             qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(files.overlay))
             spec = plan.spec(name, files.overlay, files.console, qemu, keep=keep)
             domain = create_domain(
-                virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
-            )
+                virconn, plan, spec, reaper, autodestroy=not (keep or keepable),
+                timeout=plan.deadline_seconds(boot_timeout), log=log,
+            )  # fmt: skip
             deadline = Deadline(plan.deadline_seconds(boot_timeout))
             boot = Boot(domain, profile.name, files.console, deadline, lambda _, n: files.tail(n))
             ssh = wait_ready(boot, connection=site.connection, share=plan.share, probe=site.probe)
@@ -225,11 +225,11 @@ class Machine:
                 connection=plan.connection,
                 tail=tail_file,
                 log=log,
+                # Around the create/restore call only, not the whole restore (a save's
+                # build boots a guest: minutes every other start would wait).
+                admit=lambda: plan.admitted(virconn, plan.deadline_seconds(boot_timeout), log),
             )
-            with admitted(
-                virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=log
-            ):
-                restored = restore_guest(job)
+            restored = restore_guest(job)
         except BaseException:
             _close_quietly(virconn)
             raise
