@@ -67,6 +67,7 @@ class DevboxSession:
         # pytest-xdist: the controller's broker, or a worker's way to it (broker.py).
         self.broker: Broker | None = None
         self.broker_path: str | None = None
+        self.worker_id = ""  # a worker's xdist id ("gw0"): the broker counts who uses what
         self.attached: dict[str, Machine] = {}  # a worker's view of the shared guests
 
     @property
@@ -134,7 +135,7 @@ class DevboxSession:
 
         machine = self.attached.get(distro)
         if machine is None or machine.closed:
-            info = ask(self.broker_path, distro)
+            info = ask(self.broker_path, distro, self.worker_id)
             machine = attach(self.profiles[distro], info, self.settings)
             self.attached[distro] = machine
         return machine
@@ -144,7 +145,18 @@ class DevboxSession:
         from .broker import Broker, describe
 
         pool = self.pool  # created here, in one thread, before any worker asks
-        self.broker = Broker(lambda d: describe(pool.get(d), self.settings.uri_for(d)))
+        self.broker = Broker(
+            lambda d: describe(pool.get(d), self.settings.uri_for(d)), self._release_shared
+        )
+
+    def _release_shared(self, distro: str) -> None:
+        """The controller's: no worker needs `distro`'s shared guest any more."""
+        if self._pool is None:
+            return
+        try:
+            self._pool.release(distro)
+        except DevboxError as e:
+            self.close_error = self.close_error or str(e)
 
     def shared_machine(self, distro: str) -> Machine | None:
         """The running shared guest of `distro`, or None (never starts one)."""
@@ -155,10 +167,12 @@ class DevboxSession:
 
     def release(self, distro: str) -> None:
         """`distro`'s tests are done: stop its shared guest (kept with --devbox-keep).
-        A worker only lets go of it: the controller stops it at its own end."""
+        A worker lets go of it and tells the controller, which stops it once no worker
+        needs it any more (a worker that gets more of its tests later asks again)."""
         attached = self.attached.pop(distro, None)
         if attached is not None:
             attached.detach()
+            self._tell_done(distro)
             return
         if self._pool is None or self.broker is not None:
             return
@@ -171,11 +185,22 @@ class DevboxSession:
         except DevboxError as e:
             self.close_error = self.close_error or str(e)
 
+    def _tell_done(self, distro: str) -> None:
+        if self.broker_path is None:
+            return
+        from .broker import tell_done
+
+        try:
+            tell_done(self.broker_path, distro, self.worker_id)
+        except DevboxError as e:  # the controller stops the guest at its end anyway
+            self.log(f"{distro}: could not tell the pytest-xdist controller we are done: {e}")
+
     def close(self) -> None:
         """Stop every guest (idempotent); with keep, remember how to reach them."""
-        for machine in self.attached.values():
+        attached, self.attached = self.attached, {}
+        for distro, machine in attached.items():
             machine.detach()
-        self.attached.clear()
+            self._tell_done(distro)
         if self.broker is not None:
             self.broker.close()
             self.broker = None
