@@ -6,6 +6,8 @@ fixture needs a guest, so a session that selects no distro never opens a connect
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -69,6 +71,9 @@ class DevboxSession:
         self.broker_path: str | None = None
         self.worker_id = ""  # a worker's xdist id ("gw0"): the broker counts who uses what
         self.attached: dict[str, Machine] = {}  # a worker's view of the shared guests
+        # The controller's: how many shared guests workers let go of, to wait on.
+        self._releases = threading.Condition()
+        self._released = 0
 
     @property
     def selected_names(self) -> list[str]:
@@ -146,8 +151,30 @@ class DevboxSession:
 
         pool = self.pool  # created here, in one thread, before any worker asks
         self.broker = Broker(
-            lambda d: describe(pool.get(d), self.settings.uri_for(d)), self._release_shared
+            lambda d: describe(self._shared_when_room(pool, d), self.settings.uri_for(d)),
+            self._release_shared,
         )
+
+    def _shared_when_room(self, pool: Pool, distro: str) -> Machine:
+        """The controller's: `distro`'s shared guest. When the controller's own guests
+        leave no room, it waits (at most a boot deadline) for workers to let one go."""
+        from ..guest.boot import BOOT_TIMEOUT
+        from ..virt.admission import NoMemory
+
+        deadline = time.monotonic() + (self.settings.boot_timeout or BOOT_TIMEOUT[self.accel])
+        while True:
+            seen = self._released
+            try:
+                return pool.get(distro)
+            except NoMemory as e:
+                if not e.own:
+                    raise
+                with self._releases:
+                    while self._released == seen:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise
+                        self._releases.wait(left)
 
     def _release_shared(self, distro: str) -> None:
         """The controller's: no worker needs `distro`'s shared guest any more."""
@@ -157,6 +184,9 @@ class DevboxSession:
             self._pool.release(distro)
         except DevboxError as e:
             self.close_error = self.close_error or str(e)
+        with self._releases:
+            self._released += 1
+            self._releases.notify_all()
 
     def shared_machine(self, distro: str) -> Machine | None:
         """The running shared guest of `distro`, or None (never starts one)."""

@@ -39,7 +39,12 @@ POLL_SECONDS = 2.0
 
 
 class NoMemory(DevboxError):
-    """A guest does not fit in its host's memory beside the running ones, and will not."""
+    """A guest does not fit in its host's memory beside the running ones, and will not.
+    `own`: because of this process's own guests (which it may still let go of)."""
+
+    def __init__(self, message: str, *, own: bool = False) -> None:
+        super().__init__(message)
+        self.own = own
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,8 @@ def admitted(
             raise NoMemory(
                 f"{fits}; those of this session stop only when its tests are done, so "
                 "waiting cannot help: give the profile less memory_mib, use its devbox and "
-                "devbox_fresh in separate tests, or run fewer distros at once"
+                "devbox_fresh in separate tests, or run fewer distros at once",
+                own=True,
             )
         left = deadline - time.monotonic()
         if left <= 0:
