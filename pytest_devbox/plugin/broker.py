@@ -11,8 +11,9 @@ One JSON line each way over a Unix socket in a private directory of the controll
 distro that failed to start (any exception) is remembered: the other workers fail fast
 with its error instead of booting it again. A worker done with a distro says so; when
 every worker that asked for it is done, the controller stops its guest, making room in
-memory for the next distros (a worker that gets more of its tests later asks again). On Ctrl-C a guest still starting for a worker goes with the
-controller's process, as every guest does (libvirt destroys it with our connection).
+memory for the next distros (a worker that gets more of its tests later asks again).
+On Ctrl-C a guest still starting for a worker goes with the controller's process, as
+every guest does (libvirt destroys it with our connection).
 """
 
 from __future__ import annotations
