@@ -20,7 +20,7 @@ BAD_URI = "qemu:///system?socket=/nonexistent"
 def test_a_node_id_is_one_safe_directory_name(tmp_path: Path) -> None:
     d = artifacts_dir_for(tmp_path, "tests/test_x.py::TestY::test_z[debian-12-a b]")
     assert d.parent == tmp_path
-    assert d.name == "tests_test_x.py_TestY_test_z_debian-12-a_b"
+    assert d.name.startswith("tests_test_x.py_TestY_test_z_debian-12-a_b-")
 
 
 def test_the_distro_is_a_junit_property(

@@ -143,7 +143,10 @@ def test_the_table_is_what_pytest_offers(pytester: pytest.Pytester) -> None:
 
 def test_the_default_uri_is_written_once() -> None:
     package = Path(pytest_devbox.__file__).parent
-    where = {p.name: p.read_text().count(DEFAULT_URI) for p in package.rglob("*.py")}
+    where = {
+        p.relative_to(package).as_posix(): p.read_text().count(DEFAULT_URI)
+        for p in package.rglob("*.py")
+    }
     assert sum(where.values()) == 1, {k: v for k, v in where.items() if v}
     assert where["config/settings.py"] == 1
 

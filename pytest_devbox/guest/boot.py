@@ -22,7 +22,6 @@ from ..image.cache import ImageCache
 from ..log import Log
 from ..virt import domain as dom
 from ..virt import domain_xml
-from ..virt.admission import admitted
 from .parts import GuestParts
 from .plan import Plan, qemu_for, tail_file
 from .readiness import Boot, Deadline, wait_ready
@@ -79,8 +78,11 @@ def boot(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch) ->
         qemu = qemu_for(virconn, launch.uri, launch.qemu_user, plan.reached_paths(files.overlay))
         spec = plan.spec(name, files.overlay, files.console, qemu, keep=launch.keep)
         autodestroy = not (launch.keep or launch.keepable)
-        domain = create_domain(virconn, plan, spec, reaper, autodestroy=autodestroy, log=log)
-        deadline = Deadline(plan.deadline_seconds(launch.boot_timeout))
+        seconds = plan.deadline_seconds(launch.boot_timeout)
+        domain = create_domain(
+            virconn, plan, spec, reaper, autodestroy=autodestroy, timeout=seconds, log=log
+        )
+        deadline = Deadline(seconds)
         watch = Boot(domain, profile.name, files.console, deadline, lambda _, n: files.tail(n))
         ssh = wait_ready(watch, connection=site.connection, share=plan.share, probe=site.probe)
     except BaseException:
@@ -129,11 +131,13 @@ def restore(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch)
             connection=plan.connection,
             tail=tail_file,
             log=launch.log,
+            # Around the create/restore call only, not the whole restore (a save's
+            # build boots a guest: minutes every other start would wait).
+            admit=lambda: plan.admitted(
+                virconn, plan.deadline_seconds(launch.boot_timeout), launch.log
+            ),
         )
-        with admitted(
-            virconn, profile.memory_mib, plan.memory_lock, label=profile.name, log=launch.log
-        ):
-            restored = restore_guest(job)
+        restored = restore_guest(job)
     except BaseException:
         close_quietly(virconn)
         raise
@@ -159,12 +163,12 @@ def create_domain(
     reaper: Reaper | None,
     *,
     autodestroy: bool,
+    timeout: float,
     log: Log,
 ) -> dom.Domain:
-    """The domain, created once its memory fits; watched by `reaper` from before it exists."""
-    with admitted(
-        virconn, plan.profile.memory_mib, plan.memory_lock, label=plan.profile.name, log=log
-    ):
+    """The domain, created once its memory fits (waiting at most `timeout` s for that);
+    watched by `reaper` from before it exists."""
+    with plan.admitted(virconn, timeout, log):
         if reaper is not None:
             reaper.watch(spec.name)
         return dom.Domain.create(virconn, spec, autodestroy=autodestroy)

@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from ..errors import HostNotReady
 from ..host.layout import CacheLayout
 from ..host.probes import resolve_accel
 from ..image.cache import ImageCache, ImageInfo
+from ..log import Log
 from ..transport.keys import ensure_keypair
 from ..transport.ssh import Connection
 from ..virt import domain_xml
+from ..virt.admission import admitted
 from ..virt.qemu_user import QemuIdentity, is_local
 from ..virt.qemu_user import identity as qemu_identity
 from .sweep import claim_run_dir
@@ -77,6 +80,15 @@ class Plan:
     @property
     def memory_lock(self) -> Path:
         return CacheLayout(self.cache.root).memory_lock
+
+    def admitted(
+        self, virconn: libvirt.virConnect, timeout: float, log: Log
+    ) -> AbstractContextManager[None]:
+        """Held around the libvirt call that creates this guest: its memory fits."""
+        p = self.profile
+        return admitted(
+            virconn, p.memory_mib, self.memory_lock, label=p.name, log=log, timeout=timeout
+        )
 
     def new_name(self) -> str:
         # Unique per machine, kept or not: a session may start several of one distro.

@@ -27,6 +27,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from ..log import Log
 from ..transport.ssh import Connection
 from ..virt import domain as dom
 from ..virt import domain_xml
+from ..virt.admission import NoMemory
 from .readiness import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
 from .reaper import Reaper
 from .slots import MAX_SLOTS, Lease, SaveCache, save_key
@@ -141,6 +143,8 @@ class RestoreJob:
     connection: Callable[[int], Connection]
     tail: Callable[[Path, int], str]
     log: Log
+    # Held around each libvirt call that creates a guest (memory admission), only that.
+    admit: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
 
 def restore_guest(job: RestoreJob) -> Restored:
@@ -162,6 +166,9 @@ def restore_guest(job: RestoreJob) -> Restored:
             job.log(f"{job.profile.name}: saved in {time.monotonic() - t0:.1f} s")
             saves.prune(job.profile.name, key)
         return _restore(job, lease)
+    except NoMemory:
+        lease.release()
+        raise  # a boot instead would not fit either
     except DevboxError as e:
         lease.release()
         raise RestoreUnavailable(str(e)) from e
@@ -194,7 +201,8 @@ def _save_booted(job: RestoreJob, lease: Lease, state: Path, disk: Path) -> None
     qemu_img.create_overlay(job.image.path, disk)
     spec = dataclasses.replace(job.make_spec(slot.name, disk, slot.build_console), genid=True)
     _clear_leftover(job, slot.name)
-    domain = dom.Domain.create(job.virconn, spec, autodestroy=True)
+    with job.admit():
+        domain = dom.Domain.create(job.virconn, spec, autodestroy=True)
     try:
         boot = Boot(domain, job.profile.name, slot.build_console, Deadline(job.timeout), job.tail)
         ssh = wait_ready(boot, connection=job.connection, share=job.share)
@@ -228,7 +236,8 @@ def _restore(job: RestoreJob, lease: Lease) -> Restored:
     domain: dom.Domain | None = None
     try:
         reaper.watch(slot.name)  # before the guest exists: never unwatched
-        domain = dom.Domain.restore(job.virconn, slot.state, xml)
+        with job.admit():
+            domain = dom.Domain.restore(job.virconn, slot.state, xml)
         boot = Boot(domain, job.profile.name, console, Deadline(job.timeout), job.tail)
         ssh = _ready(boot, job)
     except BaseException:

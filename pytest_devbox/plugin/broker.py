@@ -8,13 +8,17 @@ guest's lifetime follows the controller, so a crashed worker leaks nothing, and 
 controller's libvirt connection (autodestroy) takes every guest with it, even on kill -9.
 
 One JSON line each way over a Unix socket in a private directory of the controller. A
-distro that failed to start is remembered: the other workers fail fast with its error
-instead of booting it again. On Ctrl-C a guest still starting for a worker goes with the
-controller's process, as every guest does (libvirt destroys it with our connection).
+distro that failed to start (any exception) is remembered: the other workers fail fast
+with its error instead of booting it again. A worker done with a distro says so; when
+every worker that asked for it is done, the controller stops its guest, making room in
+memory for the next distros (a worker that gets more of its tests later asks again).
+On Ctrl-C a guest still starting for a worker goes with the controller's process, as
+every guest does (libvirt destroys it with our connection).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,11 +44,20 @@ Info = dict[str, Any]
 
 
 class Broker:
-    """Serves `start(distro) -> Info` to workers; see the module docstring."""
+    """Serves `start(distro) -> Info` to workers; see the module docstring. A worker that
+    is done with a distro says so: once no worker that asked for it still needs it,
+    `release(distro)` lets its shared guest go (memory for the next distros)."""
 
-    def __init__(self, start: Callable[[str], Info]) -> None:
+    def __init__(
+        self, start: Callable[[str], Info], release: Callable[[str], None] = lambda _: None
+    ) -> None:
         self._start = start
+        self._release = release
         self._failed: dict[str, str] = {}
+        self._users: dict[str, set[str]] = {}  # distro -> workers using its guest now
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._closed = False
         self._dir = Path(tempfile.mkdtemp(prefix="devbox-broker-"))  # 0700: ours alone
         self.path = self._dir / "sock"
         broker = self
@@ -52,11 +65,16 @@ class Broker:
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
                 try:
-                    distro = str(json.loads(self.rfile.readline())["distro"])
-                    reply = broker.answer(distro)
-                except (ValueError, KeyError, TypeError) as e:
+                    request = json.loads(self.rfile.readline())
+                    distro, worker = str(request["distro"]), str(request.get("worker", ""))
+                    if request.get("done"):
+                        reply = broker.done(distro, worker)
+                    else:
+                        reply = broker.answer(distro, worker)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
                     reply = {"error": f"bad request: {e}"}
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                with contextlib.suppress(OSError):  # the worker went away: nobody to tell
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
 
         self._server = socketserver.ThreadingUnixStreamServer(str(self.path), Handler)
         self._server.daemon_threads = True
@@ -65,41 +83,91 @@ class Broker:
         )
         self._thread.start()
 
-    def answer(self, distro: str) -> Info:
+    def _lock(self, distro: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(distro, threading.Lock())
+
+    def answer(self, distro: str, worker: str = "") -> Info:
         """{"guest": info} or {"error": why}; a failure is given to every later asker."""
-        if distro in self._failed:
-            return {"error": self._failed[distro]}
-        try:
-            return {"guest": self._start(distro)}
-        except DevboxError as e:
-            self._failed.setdefault(distro, str(e))
-            return {"error": self._failed[distro]}
+        with self._lock(distro):
+            if self._closed:
+                return {"error": "the pytest-xdist controller is ending its session"}
+            if distro in self._failed:
+                return {"error": self._failed[distro]}
+            try:
+                info = self._start(distro)
+            except Exception as e:  # any failure is this distro's, remembered and told
+                why = str(e) if isinstance(e, DevboxError) else unexpected(distro, e)
+                self._failed.setdefault(distro, why)
+                return {"error": self._failed[distro]}
+            self._users.setdefault(distro, set()).add(worker)
+            return {"guest": info}
+
+    def done(self, distro: str, worker: str) -> Info:
+        """`worker` needs `distro`'s guest no more: the last one out releases it."""
+        with self._lock(distro):
+            users = self._users.get(distro)
+            if users is None or worker not in users:
+                return {"done": False}
+            users.discard(worker)
+            if users or self._closed:
+                return {"done": False}
+            del self._users[distro]
+            try:
+                self._release(distro)
+            except Exception as e:  # told to the worker, not lost in a handler thread
+                return {"error": unexpected(distro, e)}
+            return {"done": True}
 
     def close(self) -> None:
+        """Stop serving: asks from now on get an error instead of starting a guest (one
+        still starting is stopped by the pool it lands in, which is closed: pool.py)."""
+        self._closed = True
         self._server.shutdown()
         self._server.server_close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def ask(path: str, distro: str) -> Info:
+def unexpected(distro: str, e: Exception) -> str:
+    """What a worker is told of a failure that is not a DevboxError."""
+    return (
+        f"{distro}: the pytest-xdist controller failed to start its shared guest: "
+        f"{type(e).__name__}: {e} (run without -n to see where)"
+    )
+
+
+def ask(path: str, distro: str, worker: str = "") -> Info:
     """The controller's shared guest of `distro` (started now if need be), as `Info`.
 
-    Waits as long as the controller takes (an image build can take many minutes); a
-    controller that went away closes the socket, which ends the wait."""
+    Waits as long as the controller takes (an image build can take many minutes, a
+    guest's memory admission at most its boot deadline); a controller that went away
+    closes the socket, which ends the wait."""
+    reply = _request(path, {"distro": distro, "worker": worker})
+    if "error" in reply:
+        raise DevboxError(str(reply["error"]))
+    guest: Info = reply["guest"]
+    return guest
+
+
+def tell_done(path: str, distro: str, worker: str) -> None:
+    """Tell the controller this worker is done with `distro`'s shared guest."""
+    reply = _request(path, {"distro": distro, "worker": worker, "done": True})
+    if "error" in reply:
+        raise DevboxError(str(reply["error"]))
+
+
+def _request(path: str, request: Info) -> Info:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(path)
-            s.sendall(json.dumps({"distro": distro}).encode() + b"\n")
+            s.sendall(json.dumps(request).encode() + b"\n")
             line = s.makefile("rb").readline()
     except OSError as e:
         raise DevboxError(f"cannot reach the pytest-xdist controller at {path}: {e}") from e
     if not line:
         raise DevboxError("the pytest-xdist controller closed the connection without an answer")
     reply: Info = json.loads(line)
-    if "error" in reply:
-        raise DevboxError(str(reply["error"]))
-    guest: Info = reply["guest"]
-    return guest
+    return reply
 
 
 def describe(machine: Machine, uri: str) -> Info:

@@ -9,6 +9,7 @@ a broken guest must not hide the failure it is evidence for.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from collections.abc import Sequence
@@ -35,33 +36,53 @@ COMMANDS = {
     ),
 }
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# A file name has at most 255 bytes: a long parametrized id is cut, and a hash of the
+# whole id keeps cut or same-after-cleaning ids ([a/b] and [a_b]) apart.
+NAME_CHARS = 120
+HASH_CHARS = 10
 
 
 def artifacts_dir_for(root: Path, nodeid: str) -> Path:
-    """The directory of one test's artifacts: its node id made a file name."""
-    return root / _UNSAFE.sub("_", nodeid).strip("_")
+    """The directory of one test's artifacts: its node id made a short file name."""
+    safe = _UNSAFE.sub("_", nodeid).strip("_")[:NAME_CHARS]
+    digest = hashlib.sha256(nodeid.encode()).hexdigest()[:HASH_CHARS]
+    return root / f"{safe}-{digest}"
 
 
-def collect(machines: Sequence[Machine], dest: Path) -> list[Path]:
-    """Save each guest's evidence under `dest/<guest name>/`; the files written."""
+def collect(machines: Sequence[Machine], dest: Path) -> tuple[list[Path], list[str]]:
+    """Save each guest's evidence under `dest/<guest name>/`: the files written, and a
+    line for each that could not be (a full disk must not end the session)."""
     written: list[Path] = []
+    problems: list[str] = []
     for machine in machines:
         where = dest / machine.name
-        where.mkdir(parents=True, exist_ok=True)
-        console = where / "console.log"
         try:
-            if machine.remote is None:
-                shutil.copyfile(machine.console_log, console)
-            else:  # the file is on the remote host: its last 64 KiB, through libvirt
-                console.write_text(machine.console_tail(100_000) + "\n")
+            where.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            console.write_text(f"(console log unavailable: {e})\n")
-        written.append(console)
-        for name, command in COMMANDS.items():
+            problems.append(f"could not save {machine.name}'s artifacts in {where}: {e}")
+            continue
+        for name in ("console.log", *COMMANDS):
             path = where / name
-            path.write_text(_output(machine, command))
+            try:
+                if name == "console.log":
+                    _save_console(machine, path)
+                else:
+                    path.write_text(_output(machine, COMMANDS[name]))
+            except OSError as e:
+                problems.append(f"could not save {path}: {e}")
+                continue
             written.append(path)
-    return written
+    return written, problems
+
+
+def _save_console(machine: Machine, path: Path) -> None:
+    try:
+        if machine.remote is None:
+            shutil.copyfile(machine.console_log, path)
+        else:  # the file is on the remote host: its last 64 KiB, through libvirt
+            path.write_text(machine.console_tail(100_000) + "\n")
+    except (OSError, DevboxError) as e:
+        path.write_text(f"(console log unavailable: {e})\n")
 
 
 def _output(machine: Machine, command: str) -> str:

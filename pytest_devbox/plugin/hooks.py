@@ -60,6 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
         state.broker_path = workerinput.get(WORKER_INPUT_KEY)
+        state.worker_id = str(workerinput.get("workerid", ""))
     elif getattr(config.option, "dist", "no") != "no":
         # pytest-xdist's controller: it owns the shared guests, its workers borrow them.
         state.start_broker()

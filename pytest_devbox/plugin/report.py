@@ -109,8 +109,9 @@ def add_artifacts(
 
     unique = list({id(m): m for m in machines}.values())
     dest = artifacts_dir_for(root, nodeid)
-    files = collect(unique, dest)
-    report.sections.append(("devbox artifacts", "\n".join(str(f) for f in files)))
+    files, problems = collect(unique, dest)
+    lines = [*map(str, files), *(f"warning: {p}" for p in problems)]
+    report.sections.append(("devbox artifacts", "\n".join(lines)))
 
 
 # --- the terminal summary -------------------------------------------------------------

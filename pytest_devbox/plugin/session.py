@@ -6,6 +6,8 @@ fixture needs a guest, so a session that selects no distro never opens a connect
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -67,7 +69,11 @@ class DevboxSession:
         # pytest-xdist: the controller's broker, or a worker's way to it (plugin/broker.py).
         self.broker: Broker | None = None
         self.broker_path: str | None = None
+        self.worker_id = ""  # a worker's xdist id ("gw0"): the broker counts who uses what
         self.attached: dict[str, Machine] = {}  # a worker's view of the shared guests
+        # The controller's: how many shared guests workers let go of, to wait on.
+        self._releases = threading.Condition()
+        self._released = 0
 
     @property
     def selected_names(self) -> list[str]:
@@ -134,7 +140,7 @@ class DevboxSession:
 
         machine = self.attached.get(distro)
         if machine is None or machine.closed:
-            info = ask(self.broker_path, distro)
+            info = ask(self.broker_path, distro, self.worker_id)
             machine = attach(self.profiles[distro], info, self.settings)
             self.attached[distro] = machine
         return machine
@@ -144,7 +150,43 @@ class DevboxSession:
         from .broker import Broker, describe
 
         pool = self.pool  # created here, in one thread, before any worker asks
-        self.broker = Broker(lambda d: describe(pool.get(d), self.settings.uri_for(d)))
+        self.broker = Broker(
+            lambda d: describe(self._shared_when_room(pool, d), self.settings.uri_for(d)),
+            self._release_shared,
+        )
+
+    def _shared_when_room(self, pool: Pool, distro: str) -> Machine:
+        """The controller's: `distro`'s shared guest. When the controller's own guests
+        leave no room, it waits (at most a boot deadline) for workers to let one go."""
+        from ..guest.plan import BOOT_TIMEOUT
+        from ..virt.admission import NoMemory
+
+        deadline = time.monotonic() + (self.settings.boot_timeout or BOOT_TIMEOUT[self.accel])
+        while True:
+            seen = self._released
+            try:
+                return pool.get(distro)
+            except NoMemory as e:
+                if not e.own:
+                    raise
+                with self._releases:
+                    while self._released == seen:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise
+                        self._releases.wait(left)
+
+    def _release_shared(self, distro: str) -> None:
+        """The controller's: no worker needs `distro`'s shared guest any more."""
+        if self._pool is None:
+            return
+        try:
+            self._pool.release(distro)
+        except DevboxError as e:
+            self.close_error = self.close_error or str(e)
+        with self._releases:
+            self._released += 1
+            self._releases.notify_all()
 
     def shared_machine(self, distro: str) -> Machine | None:
         """The running shared guest of `distro`, or None (never starts one)."""
@@ -155,10 +197,12 @@ class DevboxSession:
 
     def release(self, distro: str) -> None:
         """`distro`'s tests are done: stop its shared guest (kept with --devbox-keep).
-        A worker only lets go of it: the controller stops it at its own end."""
+        A worker lets go of it and tells the controller, which stops it once no worker
+        needs it any more (a worker that gets more of its tests later asks again)."""
         attached = self.attached.pop(distro, None)
         if attached is not None:
             attached.detach()
+            self._tell_done(distro)
             return
         if self._pool is None or self.broker is not None:
             return
@@ -171,11 +215,22 @@ class DevboxSession:
         except DevboxError as e:
             self.close_error = self.close_error or str(e)
 
+    def _tell_done(self, distro: str) -> None:
+        if self.broker_path is None:
+            return
+        from .broker import tell_done
+
+        try:
+            tell_done(self.broker_path, distro, self.worker_id)
+        except DevboxError as e:  # the controller stops the guest at its end anyway
+            self.log(f"{distro}: could not tell the pytest-xdist controller we are done: {e}")
+
     def close(self) -> None:
         """Stop every guest (idempotent); with keep, remember how to reach them."""
-        for machine in self.attached.values():
+        attached, self.attached = self.attached, {}
+        for distro, machine in attached.items():
             machine.detach()
-        self.attached.clear()
+            self._tell_done(distro)
         if self.broker is not None:
             self.broker.close()
             self.broker = None

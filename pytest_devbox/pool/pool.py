@@ -66,6 +66,10 @@ class Pool:
         # from starting a second guest while a thread is starting the first.
         self._locks = {name: threading.Lock() for name in self.profiles}
         self._sweep_lock = threading.Lock()
+        # close() vs a start still under way in another thread (an xdist broker handler,
+        # prepare()): a guest that comes up after close() is stopped, never left behind.
+        self._closed = False
+        self._state_lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._log = log
         self.log = self._log_serialised
@@ -104,8 +108,26 @@ class Pool:
             machine = self._machines.get(distro)
             if machine is None or machine.closed:
                 machine = self._reuse(distro) or self._start(distro)
-                self._machines[distro] = machine
+                self._adopt(machine, shared=True)
             return machine
+
+    def _adopt(self, machine: Machine, *, shared: bool) -> None:
+        """Take a just-started machine in, or stop it if the pool closed meanwhile."""
+        with self._state_lock:
+            if not self._closed:
+                if shared:
+                    self._machines[machine.distro] = machine
+                else:
+                    self._fresh.append(machine)
+                return
+        if machine.name in self._reused:
+            machine.detach()  # it belongs to `devbox up`
+        else:
+            machine.close()
+        raise DevboxError(
+            f"{machine.distro}: the session ended while {machine.name} was starting: "
+            "it was stopped again (nothing is left running)"
+        )
 
     def _reuse(self, distro: str) -> Machine | None:
         """With --devbox-reuse, the running guest `devbox up` started for `distro`."""
@@ -194,7 +216,7 @@ class Pool:
     def fresh(self, distro: str) -> Iterator[Machine]:
         """A machine of its own for one test, destroyed at exit (kept with keep=True)."""
         machine = self._start(distro)
-        self._fresh.append(machine)
+        self._adopt(machine, shared=False)
         try:
             yield machine
         finally:
@@ -333,10 +355,12 @@ class Pool:
 
     def close(self) -> list[str]:
         """Stop every machine. With keep, leave them running and say how to reach them."""
-        machines = [*self._machines.values(), *self._fresh]
-        shared = {id(m) for m in self._machines.values()}
-        self._machines.clear()
-        self._fresh.clear()
+        with self._state_lock:
+            self._closed = True
+            machines = [*self._machines.values(), *self._fresh]
+            shared = {id(m) for m in self._machines.values()}
+            self._machines.clear()
+            self._fresh.clear()
         lines: list[str] = []
         errors: list[DevboxError] = []
         for m in machines:

@@ -7,21 +7,24 @@ configuration, and after a libvirtd restart the next session defines it again ov
 same directory, whose files (uploaded images) libvirt finds again on creation.
 
 Names say whose a file is, so no database is needed:
-  <distro>-<key>-<built>.qcow2             an uploaded image: the local cache's name plus
-                                           its build stamp (a rebuild has new host keys)
-  <distro>-<key>-<built>.qcow2.complete    its completion marker, made after the upload:
-                                           an image without one is an interrupted upload
+  <distro>-<key>-<built>.qcow2~<token>     an upload of a cached image: the local cache's
+                                           name, its build stamp (a rebuild has new host
+                                           keys) and a token of that upload alone
+  <distro>-<key>-<built>.qcow2~<token>.complete  its marker, made after the upload: an
+                                           image without one is in progress or interrupted
   <domain>@<host>@<pid>.qcow2 / .console   a guest's overlay and serial console, with the
                                            process that owns them (the sweep's test)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import socket
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -175,44 +178,74 @@ def upload_image(
     source: Upload,
     log: Log,
 ) -> libvirt.virStorageVol:
-    """The volume ``source.name`` on the pool's host, uploaded now if it is missing.
+    """A complete volume of ``source`` on the pool's host, uploaded now if there is none.
 
-    Uploads of one image from this host are serialised by the local image's own lock;
-    the marker is made only once every byte is in, so an interrupted upload is redone.
+    Each upload goes to a name of its own (``<name>~<token>``) and is published by its
+    marker (``<name>~<token>.complete``), made once every byte is in: two hosts uploading
+    one image never touch each other's volume, and no upload is ever deleted but by the
+    process that made it. A marker is trusted only when its volume has the source's size.
+    Uploads of one image from this host are serialised by the local image's own lock.
     """
-    name = source.name
-    vol = _complete(pool, name)
+    size = source.path.stat().st_size
+    vol = _complete(pool, source.name, size)
     if vol is not None:
         return vol
     with FileLock(str(source.lock)):
-        vol = _complete(pool, name)
+        vol = _complete(pool, source.name, size)
         if vol is not None:
             return vol
-        if delete(pool, name):
-            log(f"{name}: removing an interrupted upload on {conn.getURI()}")
-        delete(pool, name + MARKER)
+        staged = f"{source.name}~{uuid.uuid4().hex[:12]}"
         t0 = time.monotonic()
-        vol = _upload(conn, pool, source)
-        pool.createXML(_raw_xml(name + MARKER), 0)
+        try:
+            vol = _upload(conn, pool, source, staged)
+            pool.createXML(_raw_xml(staged + MARKER), 0)
+        except BaseException:
+            with contextlib.suppress(DomainError, libvirt.libvirtError):
+                delete(pool, staged)  # ours alone: nobody else uses a name with our token
+            raise
         seconds = time.monotonic() - t0
-        size = source.path.stat().st_size
         log(
-            f"uploaded {source.path.name} to {conn.getURI()} as {name}: "
+            f"uploaded {source.path.name} to {conn.getURI()} as {staged}: "
             f"{size / 1e6:.0f} MB in {seconds:.1f} s ({size / 1e6 / max(seconds, 1e-3):.0f} MB/s)"
         )
         return vol
 
 
-def _complete(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
-    if lookup(pool, name + MARKER) is None:
-        return None
-    return lookup(pool, name)
+def _complete(pool: libvirt.virStoragePool, name: str, size: int) -> libvirt.virStorageVol | None:
+    """A published upload of ``name`` whose file has ``size`` bytes (the oldest scheme's
+    ``<name>`` with ``<name>.complete`` too), else None."""
+    try:
+        pool.refresh(0)
+        names = set(pool.listVolumes())
+    except libvirt.libvirtError as e:
+        raise DomainError(f"cannot list the volumes of our storage pool: {_err(e)}") from e
+    staged = sorted(n[: -len(MARKER)] for n in names if n.endswith(MARKER))
+    for candidate in staged:
+        if candidate != name and not candidate.startswith(name + "~"):
+            continue
+        vol = lookup(pool, candidate) if candidate in names else None
+        if vol is not None and _file_size(vol) == size:
+            return vol
+    return None
+
+
+def _file_size(vol: libvirt.virStorageVol) -> int | None:
+    """The length of a volume's file (not its qcow2 virtual size); None if unknown."""
+    try:
+        try:
+            return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise
+            return int(vol.info()[2])  # a libvirt without it: the allocation
+    except libvirt.libvirtError:
+        return None  # gone meanwhile
 
 
 def _upload(
-    conn: libvirt.virConnect, pool: libvirt.virStoragePool, source: Upload
+    conn: libvirt.virConnect, pool: libvirt.virStoragePool, source: Upload, name: str
 ) -> libvirt.virStorageVol:
-    name, path = source.name, source.path
+    path = source.path
     size = path.stat().st_size
     try:
         vol = pool.createXML(volume_xml(name, source.capacity), 0)
