@@ -162,7 +162,9 @@ class Machine:
             site = site_for(plan, uri, virconn, remote_pool, log)
             plan = site.adapt(plan, log)
             files = site.files(name)
-            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(files.overlay))
+            qemu = qemu_for(
+                virconn, uri, qemu_user, plan.reached_paths(files.overlay), plan.workdir
+            )
             spec = plan.spec(name, files.overlay, files.console, qemu, keep=keep)
             domain = create_domain(
                 virconn, plan, spec, reaper, autodestroy=not (keep or keepable), log=log
@@ -207,7 +209,7 @@ class Machine:
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         try:
-            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(plan.workdir))
+            qemu = qemu_for(virconn, uri, qemu_user, plan.reached_paths(plan.workdir), plan.workdir)
 
             def make_spec(name: str, disk: Path, console: Path) -> dom.DomainSpec:
                 # A restored guest ends with its session (it holds a slot): never kept.
