@@ -15,6 +15,8 @@ import subprocess
 from pathlib import Path
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
+from pytest_devbox.guest.sweep import claim_run_dir
+from pytest_devbox.host import owner
 from pytest_devbox.host.layout import CacheLayout
 from pytest_devbox.image.cache import ImageCache
 
@@ -49,8 +51,12 @@ def dead_pid() -> int:
 
 def leftover_run_dir(root: Path, run_id: str, pid: int) -> Path:
     """A run dir as a session of ``pid`` on this host leaves it (an overlay inside)."""
-    rdir = CacheLayout(root).run(run_id)
-    rdir.mkdir(parents=True)
-    (rdir / "owner").write_text(f"{pid}\n{socket.gethostname()}\n")
+    if pid == os.getpid():
+        rdir = claim_run_dir(root, run_id)  # ours: claimed for real, its lock held
+    else:
+        rdir = CacheLayout(root).run(run_id)
+        rdir.mkdir(parents=True)
+        token = owner.Owner(owner.scope(), pid, owner.start_time(pid) or 0).token
+        (rdir / "owner").write_text(f"{pid}\n{socket.gethostname()}\n{token}\n")
     (rdir / f"devbox-debian-12-{run_id}-0000.qcow2").write_bytes(b"overlay")
     return rdir

@@ -28,7 +28,7 @@ def testconn() -> Iterator[libvirt.virConnect]:
     conn.close()
 
 
-def _guest(conn: libvirt.virConnect, name: str, owner: str, overlay: Path) -> None:
+def _guest(conn: libvirt.virConnect, name: str, owner: str, overlay: Path, keep: str = "0") -> None:
     overlay.write_bytes(b"qcow2")
     spec = domain_xml.DomainSpec(
         name=name,
@@ -37,7 +37,7 @@ def _guest(conn: libvirt.virConnect, name: str, owner: str, overlay: Path) -> No
         share="9p",
         accel="tcg",
         console_log=overlay.with_suffix(".log"),
-        metadata={"owner_pid": owner, "overlay": str(overlay)},
+        metadata={"owner": owner, "overlay": str(overlay), "keep": keep},
     )
     dom.Domain.create(conn, spec, autodestroy=False)
 
@@ -45,10 +45,11 @@ def _guest(conn: libvirt.virConnect, name: str, owner: str, overlay: Path) -> No
 def test_reap_destroys_only_what_its_owner_still_runs(
     testconn: libvirt.virConnect, tmp_path: Path
 ) -> None:
-    _guest(testconn, "devbox-a-s0-1", "100", tmp_path / "a.qcow2")
+    ours, theirs = "0123456789ab-100-5", "0123456789ab-200-7"
+    _guest(testconn, "devbox-a-s0-1", ours, tmp_path / "a.qcow2")
     # The slot's next guest, restored by another process after ours died: not ours.
-    _guest(testconn, "devbox-a-s1-1", "200", tmp_path / "b.qcow2")
-    done = reap(testconn, "100", {"devbox-a-s0-1", "devbox-a-s1-1", "devbox-gone"})
+    _guest(testconn, "devbox-a-s1-1", theirs, tmp_path / "b.qcow2")
+    done = reap(testconn, ours, {"devbox-a-s0-1", "devbox-a-s1-1", "devbox-gone"})
     assert done == ["devbox-a-s0-1"]
     assert [n for n, _ in dom.list_devbox_domains(testconn)] == ["devbox-a-s1-1"]
     assert not (tmp_path / "a.qcow2").exists()

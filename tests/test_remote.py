@@ -4,7 +4,6 @@ person would paste run for real."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -16,6 +15,7 @@ import pytest
 from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, username
 
 from pytest_devbox.errors import HostNotReady, SSHError
+from pytest_devbox.host import owner
 from pytest_devbox.transport.ssh import Connection
 from pytest_devbox.transport.tunnel import RemoteHost, Tunnel, jump_options, parse_uri
 from pytest_devbox.virt import volumes
@@ -106,7 +106,7 @@ def test_a_guest_volume_names_its_domain_and_owner() -> None:
     assert volumes.parse_guest_volume(name) == (
         "devbox-debian-12-abcd1234-ef01",
         socket.gethostname(),
-        os.getpid(),
+        owner.me().token,  # boot, PID namespace, pid and start time: not (host, pid)
         "qcow2",
     )
     assert volumes.parse_guest_volume("debian-12-0123.qcow2") is None

@@ -110,11 +110,9 @@ def test_only_9p_profiles_are_restored() -> None:
 
 
 def test_freshen_sets_the_clock_and_reseeds() -> None:
-    cmd = freshen_command(now=1795865612.5, seed=b"\x01\x02")
+    cmd = freshen_command(now=1795865612.5)
     assert cmd.startswith("date -s @1795865612.500 ")
-    assert cmd.count("0102") == 2  # reseeded with python3, else mixed into /dev/urandom
     compile(_RESEED_PY, "reseed", "exec")  # the guest runs it with python3
-    assert freshen_command() != freshen_command()  # fresh host bytes every time
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, "auto"), ("off", "off"), ("auto", "auto")])

@@ -32,6 +32,8 @@ def test_save_key_follows_what_a_save_depends_on(tmp_path: Path) -> None:
         "domain_xml": "<domain/>",
         "libvirt_version": 9000000,
         "qemu_version": 7002022,
+        "host": '{"cpu": "a"}',
+        "cache_id": "abcdef",
     }
     key = save_key(**base)  # type: ignore[arg-type]
     assert len(key) == 16 and key == save_key(**base)  # type: ignore[arg-type]
@@ -41,6 +43,8 @@ def test_save_key_follows_what_a_save_depends_on(tmp_path: Path) -> None:
         "qemu_version": 8002000,
         "libvirt_version": 10000000,
         "cache_root": tmp_path / "other",
+        "host": '{"cpu": "b"}',  # another CPU, microcode or host kernel
+        "cache_id": "012345",
     }
     for field, value in changes.items():
         assert save_key(**{**base, field: value}) != key, field  # type: ignore[arg-type]
@@ -49,7 +53,11 @@ def test_save_key_follows_what_a_save_depends_on(tmp_path: Path) -> None:
 def test_slot_names_are_libvirt_names_of_their_own(tmp_path: Path) -> None:
     saves = SaveCache(tmp_path)
     names = [s.name for s in saves.slots("debian-11-9p", KEY)]
-    assert names[0] == "devbox-debian-11-9p-s0-01234567"
+    cache_id = saves.cache_id()
+    assert names[0] == f"devbox-debian-11-9p-s0-{cache_id}-01234567"
+    # Made once and kept in the cache; another cache has another id.
+    assert SaveCache(tmp_path).cache_id() == cache_id
+    assert SaveCache(tmp_path / "other").cache_id() != cache_id
     assert len(set(names)) == saves.max_slots
 
 

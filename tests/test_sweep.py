@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_devbox.guest.sweep import claim_run_dir, read_owner, sweep_leftovers
+from pytest_devbox.host import owner
 from pytest_devbox.virt import domain as dom
 from pytest_devbox.virt import domain_xml
 
@@ -23,6 +24,11 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid  # reaped: nothing runs under this pid any more
+
+
+def token_of(pid: int) -> str:
+    """The owner token a process of ours with `pid` has (or had)."""
+    return owner.Owner(owner.scope(), pid, owner.start_time(pid) or 0).token
 
 
 def _leftover(tmp_path: Path, owner_pid: int, keep: bool) -> tuple[dom.Domain, Path]:
@@ -42,6 +48,7 @@ def _leftover(tmp_path: Path, owner_pid: int, keep: bool) -> tuple[dom.Domain, P
         vcpus=1,
         metadata={
             "owner_pid": str(owner_pid),
+            "owner": token_of(owner_pid),
             "overlay": str(overlay),
             "keep": "1" if keep else "0",
         },
@@ -61,7 +68,8 @@ def cleanup() -> Iterator[list[dom.Domain]]:
 def test_dead_owners_guest_and_overlay_are_swept(tmp_path: Path, cleanup: list[dom.Domain]) -> None:
     d, overlay = _leftover(tmp_path, _dead_pid(), keep=False)
     cleanup.append(d)
-    (tmp_path / "run" / "r1" / "owner").write_text(f"{_dead_pid()}\n")
+    pid = _dead_pid()
+    (tmp_path / "run" / "r1" / "owner").write_text(f"{pid}\nh\n{token_of(pid)}\n")
     done = sweep_leftovers(URI, tmp_path)
     assert not d.is_running()
     assert not overlay.exists()

@@ -75,7 +75,8 @@ def boot(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch) ->
         site = site_for(plan, launch.uri, virconn, launch.remote_pool, log)
         plan = site.adapt(plan, log)
         files = site.files(name)
-        qemu = qemu_for(virconn, launch.uri, launch.qemu_user, plan.reached_paths(files.overlay))
+        reached = plan.reached_paths(files.overlay)
+        qemu = qemu_for(virconn, launch.uri, launch.qemu_user, reached, plan.workdir)
         spec = plan.spec(name, files.overlay, files.console, qemu, keep=launch.keep)
         autodestroy = not (launch.keep or launch.keepable)
         seconds = plan.deadline_seconds(launch.boot_timeout)
@@ -113,7 +114,8 @@ def restore(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch)
     plan = launch.plan(profile, cache, code_dir)
     virconn = dom.connect(launch.uri)
     try:
-        qemu = qemu_for(virconn, launch.uri, launch.qemu_user, plan.reached_paths(plan.workdir))
+        reached = plan.reached_paths(plan.workdir)
+        qemu = qemu_for(virconn, launch.uri, launch.qemu_user, reached, plan.workdir)
 
         def make_spec(name: str, disk: Path, console: Path) -> domain_xml.DomainSpec:
             # A restored guest ends with its session (it holds a slot): never kept.

@@ -22,6 +22,7 @@ import libvirt
 
 from ..config.profiles import Profile, effective_share
 from ..errors import HostNotReady
+from ..host import owner
 from ..host.layout import CacheLayout
 from ..host.probes import resolve_accel
 from ..image.cache import ImageCache, ImageInfo
@@ -120,6 +121,8 @@ class Plan:
         return {
             "owner_pid": str(os.getpid()),
             "owner_host": socket.gethostname(),
+            # What the sweep, the reaper and a restore's leftover check trust (owner.py).
+            "owner": owner.me().token,
             "run_id": self.run_id,
             "started": str(int(time.time())),
             "distro": self.profile.name,
@@ -167,10 +170,13 @@ def guest_connection(
     )
 
 
-def qemu_for(virconn: libvirt.virConnect, uri: str, policy: str, paths: list[Path]) -> QemuIdentity:
-    """Who runs this guest's QEMU; HostNotReady naming the directory it cannot reach."""
+def qemu_for(
+    virconn: libvirt.virConnect, uri: str, policy: str, paths: list[Path], run_dir: Path
+) -> QemuIdentity:
+    """Who runs this guest's QEMU; HostNotReady naming the directory it cannot reach.
+    `run_dir` (ours, new each session) is made searchable for QEMU when it needs that."""
     qemu = qemu_identity(virconn, uri, policy)
-    problem = qemu.reach_problem(paths) if is_local(uri) else None
+    problem = qemu.reach_problem(paths, own=[run_dir]) if is_local(uri) else None
     if problem:  # said plainly now, rather than as libvirt's "Permission denied"
         raise HostNotReady(f"{problem[0]}: {problem[1]}")
     return qemu

@@ -35,6 +35,7 @@ import libvirt
 
 from ..config.profiles import Profile
 from ..errors import DevboxError, DomainError, RestoreUnavailable
+from ..host.layout import CacheLayout
 from ..image import qemu_img
 from ..image.cache import ImageInfo
 from ..log import Log
@@ -44,21 +45,36 @@ from ..virt import domain_xml
 from ..virt.admission import NoMemory
 from .readiness import Boot, Deadline, authenticate, mount_code, wait_banner, wait_ready
 from .reaper import Reaper
-from .slots import MAX_SLOTS, Lease, SaveCache, save_key
+from .slots import MAX_SLOTS, Lease, SaveCache, host_fingerprint, save_key
+from .sweep import owner_dead
 
 # QEMU >= 8.2 can migrate vhost-user-fs (with a virtiofsd that supports it); that is
 # untested here, so virtiofs profiles always boot.
 RESTORE_SHARES = ("9p", "sync")
 # The guest's RNG gets host bytes and is reseeded at once (RNDADDENTROPY credits them,
-# RNDRESEEDCRNG reseeds; Linux >= 4.17). Kernels without vmgenid reseeding (< 5.18, e.g.
-# debian-11's 5.10) would otherwise give every clone of one save the same random bytes
-# until their next periodic reseed. Without python3 the bytes are only mixed in.
+# RNDRESEEDCRNG reseeds; Linux >= 4.17), or the kernel's vmgenid driver (Linux >= 5.18)
+# reseeded it when the restore changed the <genid>. Without either, every clone of one
+# save would give the same random bytes until its next periodic reseed, so a guest whose
+# reseed is not proven is refused (booted instead). The seed comes on stdin: the command
+# line is kept in the history that failure reports print.
 _RESEED_PY = (
-    "import fcntl,os,struct,sys;b=bytes.fromhex(sys.argv[1]);"
+    "import fcntl,os,struct,sys;b=bytes.fromhex(sys.stdin.read().strip());"
     "fd=os.open('/dev/random',os.O_WRONLY);"
     "fcntl.ioctl(fd,0x40085203,struct.pack('ii',len(b)*8,len(b))+b);"
     "fcntl.ioctl(fd,0x5207)"
 )
+_RESEED_SH = (
+    "for py in python3 /usr/libexec/platform-python; do "
+    "command -v $py >/dev/null 2>&1 || continue; "
+    f"$py -c {shlex.quote(_RESEED_PY)} 2>/dev/null && {{ echo reseed=ioctl; exit 0; }}; "
+    "break; done; "
+    "set -- $(uname -r | tr '.-' '  '); "
+    'if [ "${1:-0}" -gt 5 ] || { [ "${1:-0}" -eq 5 ] && [ "${2:-0}" -ge 18 ]; }; then '
+    "ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -q : "
+    "&& { echo reseed=vmgenid; exit 0; }; "
+    "fi; echo reseed=none"
+)
+RESEEDED = ("reseed=ioctl", "reseed=vmgenid")
 MakeSpec = Callable[[str, Path, Path], domain_xml.DomainSpec]  # (name, disk, console) -> spec
 
 
@@ -100,15 +116,23 @@ def restore_xml(
     return ET.tostring(root, encoding="unicode")
 
 
-def freshen_command(now: float | None = None, seed: bytes | None = None) -> str:
-    """Step the clock to the host's and reseed the RNG: what a restored guest needs first."""
+def freshen_command(now: float | None = None) -> str:
+    """Step the clock to the host's and reseed the RNG from a seed on stdin: what a
+    restored guest needs first. Prints one of RESEEDED when the reseed is proven."""
     now = time.time() if now is None else now
-    hexseed = (seed or secrets.token_bytes(64)).hex()
-    return (
-        f"date -s @{now:.3f} >/dev/null && "
-        f"{{ python3 -c {shlex.quote(_RESEED_PY)} {hexseed} 2>/dev/null "
-        f"|| echo {hexseed} >/dev/urandom; }}"
-    )
+    return f"date -s @{now:.3f} >/dev/null && {{ {_RESEED_SH}; }}"
+
+
+def new_seed() -> str:
+    return secrets.token_bytes(64).hex() + "\n"
+
+
+class SlotBusy(RestoreUnavailable):
+    """A live guest of another owner has the slot's name: the slot itself is fine."""
+
+
+class Unseeded(RestoreUnavailable):
+    """The restored guest's RNG reseed cannot be proven: its slot is refused."""
 
 
 @dataclass
@@ -158,6 +182,10 @@ def restore_guest(job: RestoreJob) -> Restored:
     lease = saves.lease(job.profile.name, key)
     if lease is None:
         raise RestoreUnavailable(f"all {MAX_SLOTS} restore slots are in use")
+    refused = saves.refused(lease.slot) if saves.valid(lease.slot) else ""
+    if refused:
+        lease.release()
+        raise RestoreUnavailable(refused)
     try:
         if not saves.valid(lease.slot):
             t0 = time.monotonic()
@@ -170,11 +198,26 @@ def restore_guest(job: RestoreJob) -> Restored:
         lease.release()
         raise  # a boot instead would not fit either
     except DevboxError as e:
+        _after_failure(job, saves, lease, e)
         lease.release()
         raise RestoreUnavailable(str(e)) from e
     except BaseException:
         lease.release()
         raise
+
+
+def _after_failure(job: RestoreJob, saves: SaveCache, lease: Lease, e: DevboxError) -> None:
+    """A slot that failed to restore is rebuilt next time (bit rot, a QEMU that rejects
+    it); one whose guests cannot be reseeded is refused for good; a busy name is no
+    fault of the slot's."""
+    if isinstance(e, SlotBusy) or not saves.valid(lease.slot):
+        return
+    if isinstance(e, Unseeded):
+        saves.refuse(lease.slot, str(e))
+        job.log(f"{job.profile.name}: restore refused for this image: {e}")
+    else:
+        saves.invalidate(lease.slot)
+        job.log(f"{job.profile.name}: restore slot {lease.slot.index} failed: rebuilt next time")
 
 
 def _key(job: RestoreJob) -> str:
@@ -192,6 +235,8 @@ def _key(job: RestoreJob) -> str:
         domain_xml=domain_xml.build_xml(spec),
         libvirt_version=job.virconn.getLibVersion(),
         qemu_version=job.virconn.getVersion(),
+        host=host_fingerprint(job.virconn.getCapabilities()),
+        cache_id=SaveCache(job.cache_root).cache_id(),
     )
 
 
@@ -232,7 +277,7 @@ def _restore(job: RestoreJob, lease: Lease) -> Restored:
         metadata=spec.metadata,
     )
     _clear_leftover(job, slot.name)
-    reaper = Reaper.for_uri(job.virconn.getURI())
+    reaper = Reaper.for_uri(job.virconn.getURI(), CacheLayout(job.cache_root).reaper_log)
     domain: dom.Domain | None = None
     try:
         reaper.watch(slot.name)  # before the guest exists: never unwatched
@@ -258,7 +303,15 @@ def _ready(boot: Boot, job: RestoreJob) -> Connection:
     ssh = job.connection(port)
     try:
         authenticate(boot, ssh)
-        ssh.run(freshen_command(), cwd=None, timeout=boot.deadline.cap(30.0))
+        fresh = ssh.run(
+            freshen_command(), cwd=None, timeout=boot.deadline.cap(30.0), stdin=new_seed()
+        )
+        if not any(word in fresh.stdout for word in RESEEDED):
+            raise Unseeded(
+                "a restored guest's RNG reseed cannot be proven (it needs python3 and "
+                "Linux >= 4.17, or Linux >= 5.18 with vmgenid): without it every guest "
+                "restored from one save shares its random numbers"
+            )
         if job.share != "sync":
             mount_code(boot, ssh, job.share)
     except BaseException:
@@ -269,7 +322,19 @@ def _ready(boot: Boot, job: RestoreJob) -> Connection:
 
 def _clear_leftover(job: RestoreJob, name: str) -> None:
     """A domain with the slot's name while we hold its lease is a leftover of a dead
-    process (its reaper or the sweep has not got to it yet): destroy it."""
+    process (its reaper or the sweep has not got to it yet), or a live guest of another
+    cache with the same id (a copied cache) or of a process we cannot see: destroyed
+    only when its owner is provably dead, else SlotBusy."""
+    try:
+        virdom = job.virconn.lookupByName(name)
+        meta = domain_xml.read_metadata(virdom.XMLDesc(0))
+    except libvirt.libvirtError:
+        return  # none: the usual case
+    if not owner_dead(meta):
+        raise SlotBusy(
+            f"the restore slot's guest name {name} is taken by a running guest whose owner "
+            f"({meta.get('owner') or 'unknown'}) may be alive"
+        )
     with contextlib.suppress(libvirt.libvirtError):
-        job.virconn.lookupByName(name).destroy()
+        virdom.destroy()
         job.log(f"{job.profile.name}: destroyed leftover guest {name}")

@@ -9,6 +9,8 @@
 <root>/run/<run id>/                 one session's overlays and console logs
 <root>/kept/                         records of guests kept past their session
 <root>/saves/<distro>-<key>/<slot>/  saved running guests (restore slots): state + disk
+<root>/saves/cache-id                this cache's random id, made once (in slot names)
+<root>/reaper.log                    what reapers could not do (guest/reaper.py)
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ class CacheLayout:
     @property
     def saves(self) -> Path:
         return self.root / "saves"
+
+    @property
+    def cache_id(self) -> Path:
+        return self.saves / "cache-id"
+
+    @property
+    def reaper_log(self) -> Path:
+        return self.root / "reaper.log"
 
     def save_dir(self, distro: str, key: str) -> Path:
         """The restore slots of one profile under one save key."""

@@ -349,9 +349,11 @@ class Pool:
                 return
             self._swept = True
             s = self.settings
-            for uri in s.uris(self.profiles):  # every host this session's distros run on
-                for line in sweep_leftovers(uri, s.cache_dir, remote_pool=s.remote_pool):
-                    self.log(line)
+            # Every host this session's distros run on at once: run dirs are swept after
+            # the kept guests of all of them are known.
+            uris = s.uris(self.profiles)
+            for line in sweep_leftovers(uris, s.cache_dir, remote_pool=s.remote_pool):
+                self.log(line)
 
     def close(self) -> list[str]:
         """Stop every machine. With keep, leave them running and say how to reach them."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shlex
 import stat
 import struct
 import xml.etree.ElementTree as ET
@@ -49,18 +50,43 @@ class QemuIdentity:
         how = "you, by a per-domain label" if self.label else "libvirt's configured user"
         return f"{self.name} (uid {self.uid}, gid {self.gid}; {how})"
 
-    def reach_problem(self, paths: Iterable[Path]) -> tuple[str, str] | None:
-        """(what stops QEMU from reaching one of ``paths``, the fix), or None."""
+    def reach_problem(
+        self, paths: Iterable[Path], own: Iterable[Path] = ()
+    ) -> tuple[str, str] | None:
+        """(what stops QEMU from reaching one of ``paths``, the fix), or None. The
+        directories in ``own`` (this session's run dir: new each session) are made
+        searchable for QEMU here, so the fix names only stable directories."""
+        for d in own:
+            self.grant_search(d)
         for path in paths:
-            blocked = unreachable(path, self.uid, self.gid)
-            if blocked is not None:
+            blocked = unreachable_dirs(path, self.uid, self.gid)
+            if blocked:
                 return (
-                    f"QEMU runs as {self.describe()} and cannot reach {blocked} (on the way "
-                    f"to {path})",
+                    f"QEMU runs as {self.describe()} and cannot reach {blocked[0]} (on the "
+                    f"way to {path})",
                     "run QEMU as yourself (devbox_qemu_user = caller, the default), or let "
-                    f"{self.name} search it: setfacl -m u:{self.name}:x {blocked}",
+                    f"{self.name} search these directories once: setfacl -m "
+                    f"u:{self.name}:x {' '.join(shlex.quote(str(b)) for b in blocked)}",
                 )
         return None
+
+    def grant_search(self, directory: Path) -> None:
+        """Let QEMU's user traverse ``directory`` (ours): an ACL entry for it alone where
+        the filesystem has ACLs, else mode 0711 (list it: nobody; enter it: anyone)."""
+        if self.uid == os.getuid() or self.is_root:
+            return
+        try:
+            st = directory.stat()
+            if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+                return
+            if _can(directory, st, self.uid, groups_of(self.uid, self.gid), 1):
+                return
+            try:
+                os.setxattr(directory, _ACL_XATTR, _search_acl(st.st_mode, self.uid))
+            except OSError:
+                os.chmod(directory, stat.S_IMODE(st.st_mode) | 0o711)
+        except OSError:
+            return  # the reach check that follows says what is wrong
 
 
 def is_local(uri: str) -> bool:
@@ -144,15 +170,37 @@ def groups_of(uid: int, gid: int) -> set[int]:
 def unreachable(path: Path, uid: int, gid: int) -> Path | None:
     """The first directory on the way to ``path`` (itself included) that ``uid`` cannot
     search, or None when QEMU running as ``uid`` reaches it."""
+    blocked = unreachable_dirs(path, uid, gid)
+    return blocked[0] if blocked else None
+
+
+def unreachable_dirs(path: Path, uid: int, gid: int) -> list[Path]:
+    """Every directory on the way to ``path`` (itself included) that ``uid`` cannot
+    search: what one setfacl must name."""
     gids = groups_of(uid, gid)
     path = path.resolve()
+    blocked: list[Path] = []
     for d in [*reversed(path.parents), path]:
         try:
             st = d.stat()
         except FileNotFoundError:
-            return None  # nothing further to reach yet
+            break  # nothing further to reach yet
         except OSError:
-            return d
+            blocked.append(d)
+            break
         if stat.S_ISDIR(st.st_mode) and not _can(d, st, uid, gids, 1):
-            return d
-    return None
+            blocked.append(d)
+    return blocked
+
+
+def _search_acl(mode: int, uid: int) -> bytes:
+    """An access ACL: the mode's owner, group and other bits, plus search for ``uid``."""
+    none = 0xFFFFFFFF  # ACL_UNDEFINED_ID
+    entries = [
+        (_USER_OBJ, (mode >> 6) & 7, none),
+        (_USER, 1, uid),
+        (_GROUP_OBJ, (mode >> 3) & 7, none),
+        (_MASK, ((mode >> 3) & 7) | 1, none),
+        (_OTHER, mode & 7, none),
+    ]
+    return struct.pack("<I", 2) + b"".join(_ACL_ENTRY.pack(*e) for e in entries)

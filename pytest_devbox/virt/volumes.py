@@ -12,15 +12,15 @@ Names say whose a file is, so no database is needed:
                                            keys) and a token of that upload alone
   <distro>-<key>-<built>.qcow2~<token>.complete  its marker, made after the upload: an
                                            image without one is in progress or interrupted
-  <domain>@<host>@<pid>.qcow2 / .console   a guest's overlay and serial console, with the
-                                           process that owns them (the sweep's test)
+  <domain>@<host>@<owner>.qcow2 / .console a guest's overlay and serial console, with the
+                                           process that owns them (host/owner.py's token,
+                                           the sweep's test; the host is for humans)
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import socket
 import time
@@ -34,12 +34,13 @@ import libvirt
 from filelock import FileLock
 
 from ..errors import DomainError
+from ..host import owner
 from ..log import Log
 
 MARKER = ".complete"
 OVERLAY, CONSOLE = "qcow2", "console"
 _GUEST_VOLUME = re.compile(
-    r"(?P<domain>devbox-[^@/]+)@(?P<host>[^@/]+)@(?P<pid>\d+)\.(?P<kind>\w+)"
+    rf"(?P<domain>devbox-[^@/]+)@(?P<host>[^@/]+)@(?P<owner>{owner.TOKEN_PATTERN})\.(?P<kind>\w+)"
 )
 _CHUNK = 1 << 20  # stream upload block
 
@@ -74,13 +75,14 @@ def image_volume(image: Path, built_at: str) -> str:
 
 def guest_volume(domain: str, kind: str) -> str:
     """A guest's overlay (OVERLAY) or console (CONSOLE) volume, owned by this process."""
-    return f"{domain}@{socket.gethostname()}@{os.getpid()}.{kind}"
+    return f"{domain}@{socket.gethostname()}@{owner.me().token}.{kind}"
 
 
-def parse_guest_volume(name: str) -> tuple[str, str, int, str] | None:
-    """(domain, owner host, owner pid, kind) of a guest volume's name, else None."""
+def parse_guest_volume(name: str) -> tuple[str, str, str, str] | None:
+    """(domain, owner host, owner token, kind) of a guest volume's name, else None (an
+    older name of (host, pid) too: it proves no owner dead, so it is never swept)."""
     m = _GUEST_VOLUME.fullmatch(name)
-    return (m["domain"], m["host"], int(m["pid"]), m["kind"]) if m else None
+    return (m["domain"], m["host"], m["owner"], m["kind"]) if m else None
 
 
 # --- XML --------------------------------------------------------------------------------
@@ -292,10 +294,10 @@ def read_tail(conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str)
 
 
 def sweep(
-    pool: libvirt.virStoragePool, live: Iterable[str], alive: Callable[[int], bool]
+    pool: libvirt.virStoragePool, live: Iterable[str], dead: Callable[[str], bool]
 ) -> list[str]:
-    """Delete guest volumes whose domain is not in ``live`` and whose owner (a process
-    of this host) is dead; another host's volumes are left alone."""
+    """Delete guest volumes whose domain is not in ``live`` and whose owner token is
+    ``dead`` (provably: another host's or container's volumes are left alone)."""
     live = set(live)
     done: list[str] = []
     pool.refresh(0)
@@ -303,9 +305,9 @@ def sweep(
         parsed = parse_guest_volume(name)
         if parsed is None:
             continue
-        domain, host, pid, _kind = parsed
-        if domain in live or host != socket.gethostname() or alive(pid):
+        domain, _host, token, _kind = parsed
+        if domain in live or not dead(token):
             continue
         if delete(pool, name):
-            done.append(f"removed leftover volume {name} (owner pid {pid} is gone)")
+            done.append(f"removed leftover volume {name} (owner {token} is gone)")
     return done
