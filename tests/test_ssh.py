@@ -403,3 +403,60 @@ def test_ssh_command_works_with_openssh(conn: Connection) -> None:
         [*argv, "-o", "BatchMode=yes", "echo", "hi"], capture_output=True, text=True, timeout=30
     )
     assert out.stdout == "hi\n"
+
+
+def _ssh_config(ssh_argv: list[str], config: Path) -> dict[str, list[str]]:
+    """What real OpenSSH makes of ``ssh_argv`` with ``config`` as the user's ssh config."""
+    done = subprocess.run(
+        ["ssh", "-G", "-F", str(config), *ssh_argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    seen: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        seen.setdefault(key, []).append(value)
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
+def test_finding_8_the_ssh_line_forwards_nothing_of_the_users_session(
+    conn: Connection, tmp_path: Path
+) -> None:
+    # A common ~/.ssh/config: the user's agent and X display to every host, and more.
+    config = tmp_path / "config"
+    config.write_text(
+        "Host *\n  ForwardAgent yes\n  ForwardX11 yes\n  LocalForward 5555 127.0.0.1:22\n"
+        "  RemoteForward 6666 127.0.0.1:22\n  PermitLocalCommand yes\n  LocalCommand touch x\n"
+    )
+    seen = _ssh_config(conn.ssh_command(), config)
+    assert seen["forwardagent"] == ["no"] and seen["forwardx11"] == ["no"]
+    assert seen["clearallforwardings"] == ["yes"] and seen["permitlocalcommand"] == ["no"]
+    assert "localforward" not in seen and "remoteforward" not in seen
+    # Without the line's options that config does forward (the test's premise).
+    plain = _ssh_config(["ssh", f"{conn.username}@{conn.host}"], config)
+    assert plain["forwardagent"] == ["yes"] and "localforward" in plain
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
+def test_finding_27_a_known_hosts_path_with_whitespace_stays_one_file(
+    sshd: Sshd, client_key: Path, tmp_path: Path
+) -> None:
+    known_hosts = tmp_path / "cache dir" / "100% pinned" / "known_hosts"
+    known_hosts.parent.mkdir(parents=True)
+    c = _connection(sshd.port, client_key, known_hosts, alias="spaced")
+    c.connect(timeout=10)  # pins the key there
+    c.close()
+    argv = c.ssh_command()
+    seen = _ssh_config(argv, Path("/dev/null"))
+    assert seen["userknownhostsfile"] == [str(known_hosts)]
+    # StrictHostKeyChecking=yes: only the pinned file lets real ssh in.
+    done = subprocess.run(
+        [*argv, "-F", "/dev/null", "-o", "BatchMode=yes", "echo", "in"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout == "in\n", done.stderr
