@@ -19,7 +19,7 @@ import paramiko
 
 from ..result import Result
 
-__all__ = ["execute", "shell_argv", "stop_script", "wire_command"]
+__all__ = ["execute", "no_nul", "shell_argv", "stop_script", "wire_command"]
 
 _CHUNK = 65536
 _PID_MARKER = b"devbox-pid:"
@@ -147,7 +147,11 @@ def shell_argv(
     user: str | None,
 ) -> list[str]:
     """``sh -c`` (through ``sudo -n`` for ``user``) running ``command`` in ``cwd`` with
-    ``env`` exported: the same argv over SSH and through the executor."""
+    ``env`` exported: the same argv over SSH and through the executor.
+
+    ValueError for a NUL byte anywhere: a C string would end there in the guest, which
+    then runs a truncated command, or (the executor) cannot run it at all."""
+    no_nul("the command", command, cwd or "", user or "", *(env or {}).values())
     lines = []
     for name, value in (env or {}).items():
         if not _ENV_NAME.match(name):
@@ -160,6 +164,12 @@ def shell_argv(
     if user is not None:
         argv = ["sudo", "-n", "-u", user, "-H", "--", *argv]
     return argv
+
+
+def no_nul(what: str, *texts: str) -> None:
+    """ValueError when one of ``texts`` holds a NUL byte, which no guest argv can."""
+    if any("\0" in t for t in texts):
+        raise ValueError(f"{what} holds a NUL byte, which no command line can carry")
 
 
 def strip_pid_header(out: bytearray) -> tuple[bool, int | None]:

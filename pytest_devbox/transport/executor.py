@@ -24,6 +24,7 @@ import paramiko
 from ..errors import SSHError
 from ..result import Result, shorten
 from . import executor_guest as wire
+from .exec_channel import no_nul
 from .ssh import Connection
 
 __all__ = ["NO_PYTHON", "Executor", "ExecutorLost"]
@@ -138,6 +139,7 @@ class Executor:
         On a timeout or Ctrl-C the command's process group is stopped first (SIGTERM,
         SIGKILL a second later). Raises :class:`ExecutorLost` if the executor ends.
         """
+        no_nul(f"`{shorten(command, 200)}`", *argv, user or "")  # before a byte is sent
         start = time.monotonic()
         call = _Call()
         with self._lock:
