@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest_session import pytest_on_debian12
@@ -530,3 +531,38 @@ def test_finding_29_a_sigkilled_executor_leaves_no_command_running(
     os.kill(guest_program.pid, signal.SIGKILL)
     assert guest_program.proc.wait(30) == -signal.SIGKILL
     assert _gone(marker), "a command outlived its SIGKILLed executor"
+
+
+class _CutShort:
+    """The executor's real channel, but its first big sendall sends part of the frame
+    and then raises, as a SIGALRM (pytest-timeout) or Ctrl-C would in the middle."""
+
+    def __init__(self, channel: Any) -> None:
+        self._real = channel
+        self.cut = False
+
+    def sendall(self, data: bytes) -> None:
+        if not self.cut and len(data) > 4096:
+            self.cut = True
+            self._real.sendall(data[:1000])
+            raise KeyboardInterrupt
+        self._real.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@needs_sshd
+def test_finding_17_a_frame_cut_short_ends_that_executor_not_the_next_command(
+    login: Login,
+) -> None:
+    first = login.executor()
+    assert first is not None
+    first._channel = _CutShort(first._channel)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        login.run("cat", stdin=b"x" * 100_000, cwd=None)
+    assert first.dead is not None and "cut short" in first.dead
+    # A torn stream would hang this or make it fail; a new executor runs it.
+    assert login.run("echo next", cwd=None, timeout=20).stdout == "next\n"
+    second = login.executor()
+    assert second is not None and second is not first and second.pid != first.pid

@@ -182,11 +182,18 @@ class Executor:
 
     def _send(self, call_id: int, kind: int, payload: bytes = b"") -> None:
         frame = wire.HEADER.pack(call_id, kind, len(payload)) + payload
-        try:
-            with self._send_lock:
+        with self._send_lock:
+            try:
                 self._channel.sendall(frame)
-        except _TRANSPORT_ERRORS as e:
-            self._die(f"sending to it failed ({e!r})")
+            except _TRANSPORT_ERRORS as e:
+                self._die(f"sending to it failed ({e!r})")
+            except BaseException as e:
+                # Ctrl-C, pytest-timeout's SIGALRM: part of the frame may be on the wire,
+                # and the guest would read the rest of the stream as headers. This
+                # executor is done; the next command starts a new one.
+                self._die(f"a frame to it was cut short ({e!r})")
+                self._channel.close()
+                raise
 
     def _lost(self, command: str, call: _Call) -> ExecutorLost:
         out = Result(command, None, call.out.decode(errors="replace"), "", 0).tails(5)
