@@ -18,6 +18,7 @@ from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, local_connection, r
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
 from pytest_devbox.result import Result
+from pytest_devbox.transport.exec_channel import OUTPUT_LIMIT
 from pytest_devbox.transport.keys import ensure_keypair, public_key_line
 from pytest_devbox.transport.logins import Login
 from pytest_devbox.transport.ssh import Connection, probe_banner
@@ -159,6 +160,21 @@ def test_ten_megabytes_of_output_do_not_deadlock(runner: Login) -> None:
         runner.run(cmd, cwd=None, timeout=60)
     assert info.value.result.exit_status == 3
     assert "exited with status 3" in str(info.value)
+
+
+def test_finding_18_output_keeps_its_head_and_tail_within_the_limit(runner: Login) -> None:
+    # 10000 bytes of stdout, numbered lines, and 3000 of stderr: a limit of 1000 each.
+    cmd = "seq -w 0 1999 | head -c 10000; head -c 3000 /dev/zero | tr '\\0' e >&2"
+    r = runner.run(cmd, cwd=None, timeout=60, output_limit=1000)
+    lines = "".join(f"{i:04d}\n" for i in range(2000))
+    assert r.stdout == lines[:500] + "\n... 9000 bytes dropped ...\n" + lines[-500:]
+    assert r.stderr == "e" * 500 + "\n... 2000 bytes dropped ...\n" + "e" * 500
+    assert runner.run("echo small", cwd=None, output_limit=1000).stdout == "small\n"
+    # By default 64 MiB a stream: a `dd` to stdout cannot exhaust the pytest process.
+    r = runner.run("head -c 70000000 /dev/zero", cwd=None, timeout=120)
+    dropped = 70_000_000 - OUTPUT_LIMIT
+    assert len(r.stdout) == OUTPUT_LIMIT + len(f"\n... {dropped} bytes dropped ...\n")
+    assert f"... {dropped} bytes dropped ..." in r.stdout
 
 
 def test_invalid_utf8_is_replaced(runner: Login) -> None:

@@ -19,9 +19,20 @@ import paramiko
 
 from ..result import Result
 
-__all__ = ["execute", "no_nul", "shell_argv", "stop_script", "wire_command"]
+__all__ = [
+    "OUTPUT_LIMIT",
+    "Capped",
+    "execute",
+    "no_nul",
+    "shell_argv",
+    "stop_script",
+    "wire_command",
+]
 
+OUTPUT_LIMIT = 64 * 1024 * 1024
+"""Bytes of each output stream a command's Result keeps by default (head and tail)."""
 _CHUNK = 65536
+_HEADER_MAX = 4096  # a first line longer than this is no pid header
 _PID_MARKER = b"devbox-pid:"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -33,15 +44,17 @@ def execute(
     stdin: bytes | None,
     timeout: float | None,
     stop: Callable[[int | None], None],
+    output_limit: int | None = OUTPUT_LIMIT,
 ) -> tuple[Result, bool]:
     """Run ``wire`` on ``channel``; the :class:`Result` and whether ``timeout`` expired.
 
     ``stop(pgid)`` is called with the remote process group (None if not yet known)
     when the deadline passes or on Ctrl-C, before the rest of the output is taken.
+    Each stream keeps ``output_limit`` bytes at most (None: all), see :class:`Capped`.
     """
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
-    output = Output()
+    output = Output(output_limit)
     channel.exec_command(wire)
     if not stdin:
         channel.shutdown_write()
@@ -60,8 +73,8 @@ def execute(
     result = Result(
         command=command,
         exit_status=status,
-        stdout=output.out.decode("utf-8", errors="replace"),
-        stderr=output.err.decode("utf-8", errors="replace"),
+        stdout=output.stdout(),
+        stderr=output.err.text(),
         duration=time.monotonic() - start,
     )
     return result, timed_out
@@ -77,23 +90,71 @@ def stop_script(pgid: int) -> str:
     )
 
 
+class Capped:
+    """One output stream as kept: its first and last ``limit / 2`` bytes, and how many
+    were dropped between (a `dd` to stdout must not exhaust the pytest process)."""
+
+    def __init__(self, limit: int | None = OUTPUT_LIMIT) -> None:
+        self.limit = limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        if self.limit is None:
+            self.head += data
+            return
+        room = max(0, self.limit // 2 - len(self.head))
+        self.head += data[:room]
+        self.tail += data[room:]
+        excess = len(self.tail) - (self.limit - self.limit // 2)
+        if excess > 0:
+            del self.tail[:excess]
+            self.dropped += excess
+
+    def text(self) -> str:
+        """The stream decoded (bad UTF-8 replaced), a marker where bytes were dropped."""
+        head = self.head.decode("utf-8", errors="replace")
+        if not self.dropped and not self.tail:
+            return head
+        marker = f"\n... {self.dropped} bytes dropped ...\n" if self.dropped else ""
+        return head + marker + self.tail.decode("utf-8", errors="replace")
+
+
 class Output:
     """A command's output so far, and the remote pid its first line announced."""
 
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
+    def __init__(self, limit: int | None = OUTPUT_LIMIT) -> None:
+        self.out = Capped(limit)
+        self.err = Capped(limit)
+        self._first = bytearray()  # stdout until the pid line is complete
         self.pgid: int | None = None
         self.header_done = False
 
     def drain(self, channel: paramiko.Channel) -> None:
         """Take whatever both streams hold now; strip the pid line once it is complete."""
         while channel.recv_ready():
-            self.out += channel.recv(_CHUNK)
+            self._take(channel.recv(_CHUNK))
         while channel.recv_stderr_ready():
-            self.err += channel.recv_stderr(_CHUNK)
-        if not self.header_done:
-            self.header_done, self.pgid = strip_pid_header(self.out)
+            self.err.add(channel.recv_stderr(_CHUNK))
+
+    def _take(self, data: bytes) -> None:
+        if self.header_done:
+            self.out.add(data)
+            return
+        self._first += data
+        self.header_done, self.pgid = strip_pid_header(self._first)
+        if self.header_done or len(self._first) > _HEADER_MAX:
+            self.header_done = True
+            self.out.add(bytes(self._first))
+            self._first.clear()
+
+    def stdout(self) -> str:
+        """What the command wrote on stdout, without the pid line."""
+        if self._first:  # never completed: it ended before a newline
+            self.out.add(bytes(self._first))
+            self._first.clear()
+        return self.out.text()
 
 
 def _pump(

@@ -24,7 +24,7 @@ from ..errors import CommandFailed, CommandTimeout, SSHError
 from ..result import Result, shorten
 from .banner import probe_banner
 from .channel_slots import MAX_CHANNELS, ChannelSlots
-from .exec_channel import execute, stop_script, wire_command
+from .exec_channel import OUTPUT_LIMIT, execute, stop_script, wire_command
 from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
 
 __all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
@@ -286,6 +286,7 @@ class Connection:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         stdin: str | bytes | None = None,
+        output_limit: int | None = OUTPUT_LIMIT,
     ) -> Result:
         """Run ``cmd`` in the guest under ``sh -c`` and return its :class:`Result`.
 
@@ -295,7 +296,9 @@ class Connection:
         ``sudo -n``. ``stdin`` is fed to the command, which otherwise reads end-of-file.
         Raises :class:`CommandFailed` on a non-zero exit when ``check`` is true, and
         :class:`CommandTimeout` after ``timeout`` seconds, once the remote command's
-        whole process group has been stopped.
+        whole process group has been stopped. Of each output stream the Result keeps
+        ``output_limit`` bytes at most (None: all): the first and the last half, with
+        a "... N bytes dropped ..." line between.
         """
         command = cmd if isinstance(cmd, str) else shlex.join(cmd)
         wire = wire_command(command, cwd, env, user)
@@ -303,7 +306,7 @@ class Connection:
         with self._channel() as channel:
             try:
                 result, timed_out = execute(
-                    channel, command, wire, data, timeout, self._stop_remote
+                    channel, command, wire, data, timeout, self._stop_remote, output_limit
                 )
             except _TRANSPORT_ERRORS as e:
                 raise self._lost(channel, f"running `{shorten(command, 200)}`", e) from e
