@@ -18,7 +18,7 @@ from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, local_connection, r
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
 from pytest_devbox.result import Result
-from pytest_devbox.transport.exec_channel import OUTPUT_LIMIT
+from pytest_devbox.transport.exec_channel import HISTORY_KEEP, OUTPUT_LIMIT
 from pytest_devbox.transport.keys import ensure_keypair, public_key_line
 from pytest_devbox.transport.logins import Login
 from pytest_devbox.transport.ssh import Connection, probe_banner
@@ -175,6 +175,12 @@ def test_finding_18_output_keeps_its_head_and_tail_within_the_limit(runner: Logi
     dropped = 70_000_000 - OUTPUT_LIMIT
     assert len(r.stdout) == OUTPUT_LIMIT + len(f"\n... {dropped} bytes dropped ...\n")
     assert f"... {dropped} bytes dropped ..." in r.stdout
+    # The login's history (20 Results, for failure reports) keeps a short copy of it.
+    kept = runner.history[-1]
+    assert kept.command == r.command and kept.stdout.endswith(r.stdout[-HISTORY_KEEP:])
+    assert len(kept.stdout) < HISTORY_KEEP + 100
+    small = runner.run("echo small", cwd=None)
+    assert runner.history[-1] is small
 
 
 def test_invalid_utf8_is_replaced(runner: Login) -> None:

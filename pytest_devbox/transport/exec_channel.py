@@ -9,6 +9,7 @@ pty-less remote command running. ssh.Connection opens the channels.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import select
 import shlex
@@ -23,6 +24,7 @@ __all__ = [
     "OUTPUT_LIMIT",
     "Capped",
     "execute",
+    "for_history",
     "no_nul",
     "shell_argv",
     "stop_script",
@@ -33,6 +35,8 @@ OUTPUT_LIMIT = 64 * 1024 * 1024
 """Bytes of each output stream a command's Result keeps by default (head and tail)."""
 _CHUNK = 65536
 _HEADER_MAX = 4096  # a first line longer than this is no pid header
+HISTORY_KEEP = 256 * 1024
+"""Characters of each stream a login's history keeps of a Result (the tails it shows)."""
 _PID_MARKER = b"devbox-pid:"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -119,6 +123,22 @@ class Capped:
             return head
         marker = f"\n... {self.dropped} bytes dropped ...\n" if self.dropped else ""
         return head + marker + self.tail.decode("utf-8", errors="replace")
+
+
+def for_history(result: Result) -> Result:
+    """``result`` as a login's history keeps it: itself, or when its output is long, a
+    copy with the last ``HISTORY_KEEP`` characters of each stream (20 of them are kept,
+    for the tails a failure report shows)."""
+    streams = (result.stdout, result.stderr)
+    if all(len(text) <= HISTORY_KEEP for text in streams):
+        return result
+    out, err = (
+        text
+        if len(text) <= HISTORY_KEEP
+        else f"... (cut for the history) ...\n{text[-HISTORY_KEEP:]}"
+        for text in streams
+    )
+    return dataclasses.replace(result, stdout=out, stderr=err)
 
 
 class Output:

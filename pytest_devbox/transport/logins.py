@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import CommandFailed, CommandTimeout
 from ..result import Result
-from .exec_channel import OUTPUT_LIMIT, shell_argv
+from .exec_channel import OUTPUT_LIMIT, for_history, shell_argv
 from .executor import PYTHONS, Executor
 from .ssh import Connection
 
@@ -108,7 +108,7 @@ class Login:
         argv = shell_argv(command, cwd, env, None if switch else user)
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
         result, timed_out = executor.run(command, argv, data, timeout, switch, output_limit)
-        self.history.append(result)
+        self.history.append(for_history(result))
         if timed_out:
             assert timeout is not None
             raise CommandTimeout(result, timeout)

@@ -24,7 +24,7 @@ from ..errors import CommandFailed, CommandTimeout, SSHError
 from ..result import Result, shorten
 from .banner import probe_banner
 from .channel_slots import MAX_CHANNELS, ChannelSlots
-from .exec_channel import OUTPUT_LIMIT, execute, stop_script, wire_command
+from .exec_channel import OUTPUT_LIMIT, execute, for_history, stop_script, wire_command
 from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
 
 __all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
@@ -310,7 +310,7 @@ class Connection:
                 )
             except _TRANSPORT_ERRORS as e:
                 raise self._lost(channel, f"running `{shorten(command, 200)}`", e) from e
-            self.history.append(result)
+            self.history.append(for_history(result))
             if timed_out:
                 assert timeout is not None
                 raise CommandTimeout(result, timeout)
