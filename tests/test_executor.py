@@ -8,15 +8,19 @@ the fallback where no Python 3 exists, and the guest program's Python 3.6 syntax
 from __future__ import annotations
 
 import ast
+import json
 import os
+import pwd
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest_session import pytest_on_debian12
@@ -381,3 +385,184 @@ def test_a_write_event_for_a_stream_closed_earlier_in_its_batch_is_ignored() -> 
         proc.kill()
         proc.wait()
         ex.warm.stop()
+
+
+# --- the guest program as a local process fed framed input ------------------------------
+
+
+class GuestProgram:
+    """executor_guest.py run here by ``python`` on pipes, as sshd would run it: frames
+    in on its stdin, frames out of its stdout; no SSH in between."""
+
+    def __init__(self, python: str = "python3") -> None:
+        self.proc = subprocess.Popen(
+            [python, "-I", "-S", "-c", Path(executor_guest.__file__).read_text()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        kind, hello = self._frame()[1:]
+        assert kind == executor_guest.READY and hello.startswith(executor_guest.HELLO)
+        self.pid = int(hello[len(executor_guest.HELLO) :].split()[0])
+
+    def _frame(self) -> tuple[int, int, bytes]:
+        assert self.proc.stdout is not None
+        header = self.proc.stdout.read(executor_guest.HEADER.size)
+        if len(header) < executor_guest.HEADER.size:
+            raise EOFError(self.proc.stderr.read().decode() if self.proc.stderr else "")
+        call, kind, size = executor_guest.HEADER.unpack(header)
+        return call, kind, self.proc.stdout.read(size)
+
+    def start(self, call: int, argv: list[str], user: str | None = None) -> None:
+        spec = json.dumps({"argv": argv, "stdin": False, "user": user}).encode()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(executor_guest.HEADER.pack(call, executor_guest.START, len(spec)))
+        self.proc.stdin.write(spec)
+        self.proc.stdin.flush()
+
+    def results(self, *calls: int) -> dict[int, tuple[bytes, bytes, int | None]]:
+        """(stdout, stderr, status) of each of ``calls``, read until all have ended."""
+        out: dict[int, list[bytes]] = {c: [b"", b""] for c in calls}
+        done: dict[int, tuple[bytes, bytes, int | None]] = {}
+        while len(done) < len(calls):
+            call, kind, payload = self._frame()
+            if kind == executor_guest.OUT:
+                out[call][0] += payload
+            elif kind == executor_guest.ERR:
+                out[call][1] += payload
+            elif kind == executor_guest.EXIT:
+                done[call] = (out[call][0], out[call][1], json.loads(payload)["status"])
+        return done
+
+    def close(self) -> int:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        code = self.proc.wait(30)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+
+@pytest.fixture
+def guest_program() -> Iterator[GuestProgram]:
+    program = GuestProgram()
+    yield program
+    if program.proc.poll() is None:
+        program.close()
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_finding_16_a_command_that_cannot_spawn_fails_alone(
+    guest_program: GuestProgram, user: str | None
+) -> None:
+    if user is not None and os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    guest_program.start(1, ["sh", "-c", "sleep 1; echo done"])
+    guest_program.start(2, ["echo", "a\0b"], user=user)  # ValueError: embedded null byte
+    guest_program.start(3, ["sh", "-c", "echo next"], user=user)
+    got = guest_program.results(1, 2, 3)
+    assert got[1] == (b"done\n", b"", 0)  # the neighbour in flight is unharmed
+    out, err, status = got[2]
+    assert (out, status) == (b"", 1) and b"devbox executor: cannot run it" in err
+    assert b"embedded null byte" in err
+    assert got[3] == (b"next\n", b"", 0)  # and the executor goes on
+    assert guest_program.close() == 0
+
+
+def test_finding_16_the_host_refuses_a_nul_before_sending() -> None:
+    from pytest_devbox.transport.exec_channel import shell_argv
+
+    with pytest.raises(ValueError, match="NUL"):
+        shell_argv("echo a\0b", None, None, None)
+    with pytest.raises(ValueError, match="NUL"):
+        shell_argv("true", "/co\0de", None, None)
+    with pytest.raises(ValueError, match="NUL"):
+        shell_argv("true", None, {"X": "a\0"}, None)
+
+
+def _other_user() -> str | None:
+    """A user of this host with supplementary groups, to see them all arrive."""
+    for entry in pwd.getpwall():
+        if len(os.getgrouplist(entry.pw_name, entry.pw_gid)) > 1:
+            return entry.pw_name
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+@pytest.mark.parametrize("python", ["python3", "3.6"])
+def test_finding_28_the_user_switch_gives_uid_gid_and_groups(python: str) -> None:
+    # >= 3.9: subprocess's user=/group=/extra_groups= (no Python code in the child);
+    # 3.6-3.8 (CentOS 8): a preexec_fn of system calls only, the groups looked up first.
+    if python == "3.6":
+        if PY36 is None:
+            pytest.skip("no CPython 3.6 on this host (pyenv install 3.6)")
+        python = PY36
+    program = GuestProgram(python)
+    try:
+        users = ["nobody", *filter(None, [_other_user()])]
+        for call, name in enumerate(users, 1):
+            program.start(call, ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME $USER"'], name)
+        got = program.results(*range(1, len(users) + 1))
+        for call, name in enumerate(users, 1):
+            entry = pwd.getpwnam(name)
+            groups = os.getgrouplist(name, entry.pw_gid)
+            want = f"{entry.pw_uid}\n{entry.pw_gid}\n{' '.join(map(str, groups))}\n"
+            want += f"{entry.pw_dir} {name}\n"
+            assert got[call] == (want.encode(), b"", 0), name
+    finally:
+        program.close()
+    switch = executor_guest.as_user("nobody")
+    assert "preexec_fn" not in switch and switch["user"] == pwd.getpwnam("nobody").pw_uid
+
+
+def test_finding_29_a_sigkilled_executor_leaves_no_command_running(
+    guest_program: GuestProgram,
+) -> None:
+    marker = _marker()
+    # A shell and the sleep it started: the whole group goes, not only its leader.
+    guest_program.start(1, ["sh", "-c", f"{marker}; echo never"])
+    guest_program.start(2, ["sh", "-c", f"{marker} & wait"])
+    deadline = time.monotonic() + 30
+    sleeps = ["pgrep", "-fc", f"^{marker}"]  # the sleeps, not the shells that run them
+    while subprocess.run(sleeps, capture_output=True, text=True).stdout != "2\n":
+        assert time.monotonic() < deadline, "the commands did not start"
+        time.sleep(0.05)
+    os.kill(guest_program.pid, signal.SIGKILL)
+    assert guest_program.proc.wait(30) == -signal.SIGKILL
+    assert _gone(marker), "a command outlived its SIGKILLed executor"
+
+
+class _CutShort:
+    """The executor's real channel, but its first big sendall sends part of the frame
+    and then raises, as a SIGALRM (pytest-timeout) or Ctrl-C would in the middle."""
+
+    def __init__(self, channel: Any) -> None:
+        self._real = channel
+        self.cut = False
+
+    def sendall(self, data: bytes) -> None:
+        if not self.cut and len(data) > 4096:
+            self.cut = True
+            self._real.sendall(data[:1000])
+            raise KeyboardInterrupt
+        self._real.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@needs_sshd
+def test_finding_17_a_frame_cut_short_ends_that_executor_not_the_next_command(
+    login: Login,
+) -> None:
+    first = login.executor()
+    assert first is not None
+    first._channel = _CutShort(first._channel)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        login.run("cat", stdin=b"x" * 100_000, cwd=None)
+    assert first.dead is not None and "cut short" in first.dead
+    # A torn stream would hang this or make it fail; a new executor runs it.
+    assert login.run("echo next", cwd=None, timeout=20).stdout == "next\n"
+    second = login.executor()
+    assert second is not None and second is not first and second.pid != first.pid

@@ -17,7 +17,14 @@ from local_sshd import HAVE_SSHD, Sshd, client_files, host_key, run_sshd, userna
 from pytest_devbox.errors import HostNotReady, SSHError
 from pytest_devbox.host import owner
 from pytest_devbox.transport.ssh import Connection
-from pytest_devbox.transport.tunnel import RemoteHost, Tunnel, jump_options, parse_uri
+from pytest_devbox.transport.tunnel import (
+    RemoteHost,
+    Target,
+    Tunnel,
+    jump_options,
+    parse_uri,
+    resolve,
+)
 from pytest_devbox.virt import volumes
 
 # --- URIs -------------------------------------------------------------------------------
@@ -253,3 +260,87 @@ def test_a_guest_connection_through_the_tunnel_and_the_line_a_person_pastes(
     finally:
         conn.close()
         tunnel.close()
+
+
+# --- ~/.ssh/config and known_hosts, as OpenSSH reads them (findings 24, 7) ---------------
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ssh_config"
+    path.write_text(text)
+    return path
+
+
+def test_finding_24_the_uri_wins_over_ssh_config_which_wins_over_defaults(
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        tmp_path,
+        "Host buildbox\n  HostName 10.1.2.3\n  Port 2201\n  User bob\n  IdentityFile ~/k1\n",
+    )
+    plain = parse_uri("qemu+ssh://buildbox/system")
+    spelled = parse_uri("qemu+ssh://alice@buildbox:2200/system?keyfile=/k/id")
+    assert plain is not None and spelled is not None
+    assert resolve(plain, config) == Target(
+        "10.1.2.3", 2201, "bob", (str(Path("~/k1").expanduser()),)
+    )
+    assert resolve(spelled, config) == Target("10.1.2.3", 2200, "alice", ("/k/id",))
+    assert resolve(plain, tmp_path / "none") == Target("buildbox", 22, username())
+    # The line a person pastes leaves OpenSSH the same room: no port or user of ours.
+    assert jump_options(plain) == ["-J", "buildbox"]
+
+
+@needs_sshd
+def test_finding_24_the_tunnel_reaches_an_ssh_config_alias(
+    jump: tuple[Sshd, Path], greeter: int, tmp_path: Path
+) -> None:
+    sshd, key = jump
+    config = _config(
+        tmp_path,
+        f"Host buildbox\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {username()}\n"
+        f"  IdentityFile {key}\n",
+    )
+    r = parse_uri("qemu+ssh://buildbox/system?no_verify=1")
+    assert r is not None
+    tunnel = Tunnel(r, ssh_config=config)
+    try:
+        assert tunnel.probe_banner(greeter, 5.0)
+    finally:
+        tunnel.close()
+
+
+@needs_sshd
+def test_finding_24_no_verify_still_refuses_a_key_that_contradicts_known_hosts(
+    jump: tuple[Sshd, Path], tmp_path: Path
+) -> None:
+    sshd, key = jump
+    other = host_key(tmp_path / "not_the_servers")
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {Path(f'{other}.pub').read_text()}")
+    base = f"qemu+ssh://{username()}@127.0.0.1:{sshd.port}/system?keyfile={key}"
+    r = parse_uri(f"{base}&no_verify=1&known_hosts={kh}")
+    assert r is not None
+    with pytest.raises(SSHError, match=r"host key CHANGED"):
+        Tunnel(r).open(22, 5.0)
+    # A key known_hosts does not know at all is still accepted with no_verify.
+    kh.write_text("")
+    tunnel = Tunnel(r)
+    try:
+        tunnel.connect()
+    finally:
+        tunnel.close()
+
+
+@needs_sshd
+def test_finding_7_a_known_hosts_file_that_is_missing_is_a_clear_ssh_error(
+    jump: tuple[Sshd, Path], tmp_path: Path
+) -> None:
+    sshd, key = jump
+    missing = tmp_path / "known_hosts_build"
+    r = parse_uri(
+        f"qemu+ssh://{username()}@127.0.0.1:{sshd.port}/system?keyfile={key}&known_hosts={missing}"
+    )
+    assert r is not None
+    with pytest.raises(SSHError, match=r"known_hosts=.*names no readable file.*fix the path"):
+        Tunnel(r).connect()
+    assert Tunnel(r).probe_banner(22, 5.0) is False  # an SSHError, as probe_banner expects

@@ -18,6 +18,7 @@ from local_sshd import HAVE_SSHD, Sshd, free_port, host_key, local_connection, r
 
 from pytest_devbox.errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHError
 from pytest_devbox.result import Result
+from pytest_devbox.transport.exec_channel import HISTORY_KEEP, OUTPUT_LIMIT
 from pytest_devbox.transport.keys import ensure_keypair, public_key_line
 from pytest_devbox.transport.logins import Login
 from pytest_devbox.transport.ssh import Connection, probe_banner
@@ -159,6 +160,27 @@ def test_ten_megabytes_of_output_do_not_deadlock(runner: Login) -> None:
         runner.run(cmd, cwd=None, timeout=60)
     assert info.value.result.exit_status == 3
     assert "exited with status 3" in str(info.value)
+
+
+def test_finding_18_output_keeps_its_head_and_tail_within_the_limit(runner: Login) -> None:
+    # 10000 bytes of stdout, numbered lines, and 3000 of stderr: a limit of 1000 each.
+    cmd = "seq -w 0 1999 | head -c 10000; head -c 3000 /dev/zero | tr '\\0' e >&2"
+    r = runner.run(cmd, cwd=None, timeout=60, output_limit=1000)
+    lines = "".join(f"{i:04d}\n" for i in range(2000))
+    assert r.stdout == lines[:500] + "\n... 9000 bytes dropped ...\n" + lines[-500:]
+    assert r.stderr == "e" * 500 + "\n... 2000 bytes dropped ...\n" + "e" * 500
+    assert runner.run("echo small", cwd=None, output_limit=1000).stdout == "small\n"
+    # By default 64 MiB a stream: a `dd` to stdout cannot exhaust the pytest process.
+    r = runner.run("head -c 70000000 /dev/zero", cwd=None, timeout=120)
+    dropped = 70_000_000 - OUTPUT_LIMIT
+    assert len(r.stdout) == OUTPUT_LIMIT + len(f"\n... {dropped} bytes dropped ...\n")
+    assert f"... {dropped} bytes dropped ..." in r.stdout
+    # The login's history (20 Results, for failure reports) keeps a short copy of it.
+    kept = runner.history[-1]
+    assert kept.command == r.command and kept.stdout.endswith(r.stdout[-HISTORY_KEEP:])
+    assert len(kept.stdout) < HISTORY_KEEP + 100
+    small = runner.run("echo small", cwd=None)
+    assert runner.history[-1] is small
 
 
 def test_invalid_utf8_is_replaced(runner: Login) -> None:
@@ -403,3 +425,60 @@ def test_ssh_command_works_with_openssh(conn: Connection) -> None:
         [*argv, "-o", "BatchMode=yes", "echo", "hi"], capture_output=True, text=True, timeout=30
     )
     assert out.stdout == "hi\n"
+
+
+def _ssh_config(ssh_argv: list[str], config: Path) -> dict[str, list[str]]:
+    """What real OpenSSH makes of ``ssh_argv`` with ``config`` as the user's ssh config."""
+    done = subprocess.run(
+        ["ssh", "-G", "-F", str(config), *ssh_argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    seen: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        seen.setdefault(key, []).append(value)
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
+def test_finding_8_the_ssh_line_forwards_nothing_of_the_users_session(
+    conn: Connection, tmp_path: Path
+) -> None:
+    # A common ~/.ssh/config: the user's agent and X display to every host, and more.
+    config = tmp_path / "config"
+    config.write_text(
+        "Host *\n  ForwardAgent yes\n  ForwardX11 yes\n  LocalForward 5555 127.0.0.1:22\n"
+        "  RemoteForward 6666 127.0.0.1:22\n  PermitLocalCommand yes\n  LocalCommand touch x\n"
+    )
+    seen = _ssh_config(conn.ssh_command(), config)
+    assert seen["forwardagent"] == ["no"] and seen["forwardx11"] == ["no"]
+    assert seen["clearallforwardings"] == ["yes"] and seen["permitlocalcommand"] == ["no"]
+    assert "localforward" not in seen and "remoteforward" not in seen
+    # Without the line's options that config does forward (the test's premise).
+    plain = _ssh_config(["ssh", f"{conn.username}@{conn.host}"], config)
+    assert plain["forwardagent"] == ["yes"] and "localforward" in plain
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
+def test_finding_27_a_known_hosts_path_with_whitespace_stays_one_file(
+    sshd: Sshd, client_key: Path, tmp_path: Path
+) -> None:
+    known_hosts = tmp_path / "cache dir" / "100% pinned" / "known_hosts"
+    known_hosts.parent.mkdir(parents=True)
+    c = _connection(sshd.port, client_key, known_hosts, alias="spaced")
+    c.connect(timeout=10)  # pins the key there
+    c.close()
+    argv = c.ssh_command()
+    seen = _ssh_config(argv, Path("/dev/null"))
+    assert seen["userknownhostsfile"] == [str(known_hosts)]
+    # StrictHostKeyChecking=yes: only the pinned file lets real ssh in.
+    done = subprocess.run(
+        [*argv, "-F", "/dev/null", "-o", "BatchMode=yes", "echo", "in"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout == "in\n", done.stderr

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_sshd import HAVE_SSHD, client_files, host_key, run_sshd, username
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES, effective_share, load_profiles
 from pytest_devbox.config.resolve import Places, resolve
 from pytest_devbox.guest.restore import unrestorable
-from pytest_devbox.guest.sync import SyncSummary, extract_command, write_tar
+from pytest_devbox.guest.sync import CodeSync, SyncSummary, extract_command, write_tar
 from pytest_devbox.guest.sync_files import Excludes, diff, list_files
 from pytest_devbox.image import recipe
+from pytest_devbox.transport.ssh import Connection
 from pytest_devbox.virt.domain_xml import DomainSpec, build_xml
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -290,3 +292,61 @@ def test_a_sync_guest_has_no_filesystem_device() -> None:
     xml = build_xml(spec)
     assert "<filesystem" not in xml and "memoryBacking" not in xml
     assert "<filesystem" in build_xml(replace(spec, share="9p"))
+
+
+# --- CodeSync against a local sshd standing for the guest ------------------------------
+
+needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="needs OpenSSH's sshd and ssh-keygen")
+
+
+class _DeletesOnSend(Connection):
+    """A real connection to the local sshd; when armed, the file `doomed` is deleted
+    on the host right as the tar stream starts: listed by the sync, gone when read."""
+
+    doomed: Path | None = None
+
+    def open_session(self) -> Any:
+        if self.doomed is not None:
+            self.doomed.unlink()
+            self.doomed = None
+        return super().open_session()
+
+
+@needs_sshd
+def test_finding_12_a_file_deleted_during_a_sync_is_removed_by_the_next(tmp_path: Path) -> None:
+    key, authorized = client_files(tmp_path / "client")
+    code, guest = tmp_path / "code", tmp_path / "guest code"
+    write(code, {"old_module.py": "v1\n", "keep.py": "k\n"})
+    guest.mkdir()
+    with run_sshd(tmp_path / "sshd", authorized, host_key(tmp_path / "hk")) as sshd:
+        conn = _DeletesOnSend(
+            "127.0.0.1",
+            sshd.port,
+            username=username(),
+            key_path=key,
+            known_hosts=tmp_path / "known_hosts",
+            host_key_alias="sync-guest",
+        )
+        conn.connect(timeout=10)
+        code_sync = CodeSync(
+            code,
+            (),
+            user=lambda: conn,
+            root=None,
+            label="stand-in",
+            log=lambda _: None,
+            target=str(guest),
+            manifest=str(tmp_path / "manifest.json"),
+        )
+        try:
+            code_sync.sync()
+            assert (guest / "old_module.py").read_text() == "v1\n"
+            (code / "old_module.py").write_text("v2, then deleted\n")
+            os.utime(code / "old_module.py", ns=(1_700_000_000_000_000_000,) * 2)
+            conn.doomed = code / "old_module.py"
+            code_sync.sync()  # lists it (changed), finds it gone when sending
+            assert conn.doomed is None
+            code_sync.sync()
+            assert sorted(os.listdir(guest)) == ["keep.py"]  # the stale copy went
+        finally:
+            conn.close()

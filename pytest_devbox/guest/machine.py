@@ -27,6 +27,7 @@ from ..errors import DomainError
 from ..image.cache import ImageCache
 from ..log import Log
 from ..result import Result
+from ..transport.exec_channel import OUTPUT_LIMIT
 from ..transport.logins import Logins
 from . import boot
 from .boot import Launch, close_quietly
@@ -182,15 +183,25 @@ class Machine:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         stdin: str | bytes | None = None,
+        output_limit: int | None = OUTPUT_LIMIT,
     ) -> Result:
         """Run `cmd` in the guest (a shell string, or a list that is quoted for you).
 
         Raises CommandFailed on a non-zero exit when `check`, CommandTimeout after `timeout`.
         It runs as the guest user `devbox`, who has your uid and gid (so what it writes
         into /code is yours); `user="root"` runs it as root, another name through sudo.
+        Each of stdout and stderr keeps `output_limit` bytes (64 MiB; None: all): its
+        head and tail around a "... N bytes dropped ..." line.
         """
         return self._logins.run(
-            cmd, check=check, timeout=timeout, cwd=cwd, env=env, user=user, stdin=stdin
+            cmd,
+            check=check,
+            timeout=timeout,
+            cwd=cwd,
+            env=env,
+            user=user,
+            stdin=stdin,
+            output_limit=output_limit,
         )
 
     def put(self, local: Path | str, remote: str, *, user: str | None = None) -> None:

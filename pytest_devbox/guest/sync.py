@@ -112,8 +112,12 @@ class CodeSync:
         root: Callable[[], Connection] | None,
         label: str,
         log: Callable[[str], None],
+        target: str = CODE,
+        manifest: str = MANIFEST,
     ) -> None:
         self.code_dir = Path(code_dir).resolve()
+        self.target = target  # the guest's /code (another directory only in tests)
+        self.manifest = manifest
         self.exclude = tuple(exclude)
         self._user = user
         self._root = root
@@ -131,18 +135,26 @@ class CodeSync:
                 prepare(self._root(), self._label)
                 self._prepared = True
             conn = self._user()
-            previous = read_manifest(conn)
+            previous = read_manifest(conn, self.manifest)
             now = list_files(self.code_dir, self.exclude)
             changes = diff(previous, now.files)
             if changes.remove:
-                remove(conn, changes.remove)
-            sent, size, vanished = send(conn, self.code_dir, changes.send, now.files)
+                remove(conn, changes.remove, self.target)
+            sent, size, vanished = send(conn, self.code_dir, changes.send, now.files, self.target)
             if not changes.empty:
-                kept = {p: s for p, s in now.files.items() if p not in vanished}
-                write_manifest(conn, kept)
+                write_manifest(conn, _after(previous, now.files, vanished), self.manifest)
             summary = SyncSummary(sent, size, len(changes.remove), time.monotonic() - t0)
             self._log(f"{self._label}: synced {self.code_dir} to /code ({_source(now)}): {summary}")
             return summary
+
+
+def _after(previous: dict[str, Stat], now: dict[str, Stat], vanished: set[str]) -> dict[str, Stat]:
+    """What the guest holds after a sync: ``now``, but a file deleted while the sync ran
+    (listed, then gone before it was read) is still the copy an earlier sync sent, if
+    any: it stays in the manifest, so the next sync removes it from the guest."""
+    kept = {p: s for p, s in now.items() if p not in vanished}
+    kept.update({p: previous[p] for p in vanished if p in previous})
+    return kept
 
 
 def _source(files: FileList) -> str:
@@ -162,9 +174,9 @@ def prepare(root: Connection, label: str) -> None:
         raise SyncError(f"{label}: cannot make /code the guest user's:\n{r.tails()}")
 
 
-def read_manifest(conn: Connection) -> dict[str, Stat]:
+def read_manifest(conn: Connection, manifest: str = MANIFEST) -> dict[str, Stat]:
     """What the last sync copied into this guest, {} when nothing was (or it is unreadable)."""
-    r = conn.run(f"cat {MANIFEST} 2>/dev/null || true", cwd=None, timeout=120)
+    r = conn.run(f"cat {shlex.quote(manifest)} 2>/dev/null || true", cwd=None, timeout=120)
     try:
         data = json.loads(r.stdout) if r.stdout.strip() else {}
         if data.get("format") != MANIFEST_FORMAT:
@@ -174,11 +186,11 @@ def read_manifest(conn: Connection) -> dict[str, Stat]:
         return {}  # a damaged manifest: send everything again
 
 
-def write_manifest(conn: Connection, files: dict[str, Stat]) -> None:
+def write_manifest(conn: Connection, files: dict[str, Stat], manifest: str = MANIFEST) -> None:
     """Record what /code holds now (after the files are there: a sync cut short sends
     them again rather than believing they arrived)."""
     text = json.dumps({"format": MANIFEST_FORMAT, "files": files}, separators=(",", ":"))
-    target = shlex.quote(MANIFEST)
+    target = shlex.quote(manifest)
     # A temporary name of this shell's own ($$): xdist workers sync one guest at once.
     new = f"{target}.new.$$"
     conn.run(
@@ -189,9 +201,9 @@ def write_manifest(conn: Connection, files: dict[str, Stat]) -> None:
     )
 
 
-def remove(conn: Connection, paths: Sequence[str]) -> None:
+def remove(conn: Connection, paths: Sequence[str], target: str = CODE) -> None:
     """Delete `paths` from /code, then the directories that left empty (only those)."""
-    conn.run("xargs -0 rm -f --", cwd=CODE, timeout=600, stdin=_nul_list(paths))
+    conn.run("xargs -0 rm -f --", cwd=target, timeout=600, stdin=_nul_list(paths))
     parents = {str(Path(p).parent) for p in paths} - {"."}
     dirs: set[str] = set()
     for d in parents:
@@ -202,7 +214,7 @@ def remove(conn: Connection, paths: Sequence[str]) -> None:
         deepest_first = sorted(dirs, key=lambda d: (-d.count("/"), d))
         conn.run(
             "xargs -0 rmdir -- 2>/dev/null; true",
-            cwd=CODE,
+            cwd=target,
             timeout=600,
             stdin=_nul_list(deepest_first),
         )
@@ -299,7 +311,11 @@ def write_tar(
 
 
 def send(
-    conn: Connection, code_dir: Path, names: Sequence[str], files: dict[str, Stat]
+    conn: Connection,
+    code_dir: Path,
+    names: Sequence[str],
+    files: dict[str, Stat],
+    target: str = CODE,
 ) -> tuple[int, int, set[str]]:
     """Copy `names` into /code through `tar -x` in the guest; (files, bytes, vanished)."""
     if not names:
@@ -308,7 +324,7 @@ def send(
     out = _ChannelWriter(channel)
     lost: BaseException | None = None
     try:
-        channel.exec_command(EXTRACT)
+        channel.exec_command(EXTRACT if target == CODE else extract_command(target))
         try:
             result = write_tar(out, code_dir, names, files)
         except (OSError, EOFError, paramiko.SSHException) as e:

@@ -24,6 +24,7 @@ import paramiko
 from ..errors import SSHError
 from ..result import Result, shorten
 from . import executor_guest as wire
+from .exec_channel import OUTPUT_LIMIT, Capped, no_nul
 from .ssh import TRANSPORT_ERRORS, Connection
 
 __all__ = ["NO_PYTHON", "Executor", "ExecutorLost"]
@@ -60,9 +61,9 @@ def boot_line(pythons: Sequence[str] = PYTHONS) -> str:
 class _Call:
     """One command in flight: what the guest sent back for it so far."""
 
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
+    def __init__(self, limit: int | None) -> None:
+        self.out = Capped(limit)
+        self.err = Capped(limit)
         self.status: int | None = None
         self.lost = False
         self.done = threading.Event()
@@ -128,6 +129,7 @@ class Executor:
         stdin: bytes | None,
         timeout: float | None,
         user: str | None = None,
+        output_limit: int | None = OUTPUT_LIMIT,
     ) -> tuple[Result, bool]:
         """Run ``argv`` in the guest; its :class:`Result` and whether ``timeout`` expired.
 
@@ -136,9 +138,11 @@ class Executor:
 
         On a timeout or Ctrl-C the command's process group is stopped first (SIGTERM,
         SIGKILL a second later). Raises :class:`ExecutorLost` if the executor ends.
+        Each stream keeps ``output_limit`` bytes at most (exec_channel.Capped).
         """
+        no_nul(f"`{shorten(command, 200)}`", *argv, user or "")  # before a byte is sent
         start = time.monotonic()
-        call = _Call()
+        call = _Call(output_limit)
         with self._lock:
             if self.dead is not None:
                 raise self._lost(command, call)
@@ -171,22 +175,29 @@ class Executor:
         result = Result(
             command=command,
             exit_status=None if timed_out else call.status,
-            stdout=call.out.decode("utf-8", errors="replace"),
-            stderr=call.err.decode("utf-8", errors="replace"),
+            stdout=call.out.text(),
+            stderr=call.err.text(),
             duration=time.monotonic() - start,
         )
         return result, timed_out
 
     def _send(self, call_id: int, kind: int, payload: bytes = b"") -> None:
         frame = wire.HEADER.pack(call_id, kind, len(payload)) + payload
-        try:
-            with self._send_lock:
+        with self._send_lock:
+            try:
                 self._channel.sendall(frame)
-        except TRANSPORT_ERRORS as e:
-            self._die(f"sending to it failed ({e!r})")
+            except TRANSPORT_ERRORS as e:
+                self._die(f"sending to it failed ({e!r})")
+            except BaseException as e:
+                # Ctrl-C, pytest-timeout's SIGALRM: part of the frame may be on the wire,
+                # and the guest would read the rest of the stream as headers. This
+                # executor is done; the next command starts a new one.
+                self._die(f"a frame to it was cut short ({e!r})")
+                self._channel.close()
+                raise
 
     def _lost(self, command: str, call: _Call) -> ExecutorLost:
-        out = Result(command, None, call.out.decode(errors="replace"), "", 0).tails(5)
+        out = Result(command, None, call.out.text(), "", 0).tails(5)
         return ExecutorLost(
             f"the devbox executor of {self.where} (guest pid {self.pid}) ended while running "
             f"`{shorten(command, 200)}`: {self.dead}; the command's fate is unknown, and "
@@ -225,9 +236,9 @@ class Executor:
             if call is None:
                 continue
             if kind == wire.OUT:
-                call.out += payload
+                call.out.add(payload)
             elif kind == wire.ERR:
-                call.err += payload
+                call.err.add(payload)
             elif kind == wire.EXIT:
                 call.status = json.loads(payload)["status"]
                 with self._lock:

@@ -7,7 +7,8 @@ frame is a 9-byte header (call id, kind, payload length: ``>IBI``) and its paylo
 forks each command in its own session (so its own process group) and streams the
 command's stdout, stderr and exit status back, several commands at once, from one
 select loop. When its stdin ends (the host closed the channel or the connection
-dropped) it stops every command it started and exits.
+dropped) it stops every command it started and exits. A watchdog process, forked at
+start, stops them too when the executor itself is killed (SIGKILL, the OOM killer).
 
 Written for Python 3.6 (CentOS 8's platform-python): no walrus, no ``X | Y`` or
 ``list[int]`` at run time, no ``capture_output``.
@@ -116,11 +117,12 @@ class WarmShells:
 
 
 class Executor:
-    def __init__(self) -> None:
+    def __init__(self, watchdog: int = -1) -> None:
         self.sel = selectors.DefaultSelector()
         self.commands: dict[int, Command] = {}
         self.inbuf = bytearray()
         self.warm = WarmShells()
+        self.watchdog = watchdog  # the pipe to start_watchdog's process (-1: none)
 
     def serve(self) -> None:
         self.sel.register(0, selectors.EVENT_READ, None)
@@ -183,7 +185,8 @@ class Executor:
                 command.kill_at = time.monotonic() + GRACE
 
     def start(self, call: int, spec: "dict[str, typing.Any]") -> None:
-        argv, user = spec["argv"], spec.get("user")
+        argv = spec.get("argv") or []  # type: list[str]
+        user = spec.get("user")
         warm = None
         if not user and len(argv) == 3 and argv[:2] == ["sh", "-c"]:
             warm = self.warm.take() if len(argv[2]) <= WARM_MAX else None
@@ -191,17 +194,17 @@ class Executor:
             if warm is not None:
                 proc = warm
             elif user:
-                env, switch = as_user(user)
-                proc = spawn(argv, subprocess.PIPE, env=env, preexec_fn=switch)
+                proc = spawn(argv, subprocess.PIPE, **as_user(user))
             else:
                 proc = spawn(argv, subprocess.PIPE if spec["stdin"] else subprocess.DEVNULL)
-        except (OSError, KeyError, subprocess.SubprocessError) as e:
+        except Exception as e:  # any: one bad command (a NUL in argv) must not end the rest
             # Like sudo or a shell that cannot run it: a message and status 1.
-            why = "unknown user" if isinstance(e, KeyError) else str(e)
+            why = "unknown user" if isinstance(e, KeyError) and user else str(e) or repr(e)
             who = f" as {user}" if user else ""
             send(call, ERR, f"devbox executor: cannot run it{who}: {why}\n".encode())
             send(call, EXIT, b'{"status": 1}')
             return
+        self.watch(proc.pid, True)
         command = Command(call, proc)
         self.commands[call] = command
         for stream, kind in ((proc.stdout, OUT), (proc.stderr, ERR)):
@@ -265,6 +268,15 @@ class Executor:
         key.fileobj.close()  # type: ignore[union-attr]
         command.open_pipes -= 1
 
+    def watch(self, pgid: int, running: bool) -> None:
+        """Tell the watchdog of a command's process group started or reaped."""
+        if self.watchdog < 0:
+            return
+        try:
+            os.write(self.watchdog, f"{'+' if running else '-'}{pgid}\n".encode())
+        except OSError:  # it died: commands still run, unguarded
+            self.watchdog = -1
+
     def reap(self) -> None:
         now = time.monotonic()
         for call, command in list(self.commands.items()):
@@ -274,6 +286,7 @@ class Executor:
             if command.open_pipes or command.proc.poll() is None:
                 continue
             del self.commands[call]
+            self.watch(command.proc.pid, False)
             stream = command.proc.stdin
             if stream is not None and not stream.closed:
                 if self.is_watched(stream):
@@ -285,20 +298,68 @@ class Executor:
             send(call, EXIT, json.dumps(status).encode())
 
 
-def as_user(name: str) -> "tuple[dict[str, str], typing.Callable[[], None]]":
-    """The environment and the uid switch of ``sudo -n -u NAME -H`` (run as root): the
-    user's HOME, USER, LOGNAME and SHELL, our PATH, locale and TERM; nothing else."""
+def as_user(name: str) -> "dict[str, typing.Any]":
+    """Popen's arguments for ``sudo -n -u NAME -H`` (run as root): the user's HOME,
+    USER, LOGNAME and SHELL, our PATH, locale and TERM (nothing else); its uid, gid and
+    groups, looked up here (NSS calls in a child forked beside a thread can deadlock)."""
     entry = pwd.getpwnam(name)
     keep = ("PATH", "LANG", "LANGUAGE", "TERM", "TZ")
     env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("LC_")}
     env.update(HOME=entry.pw_dir, USER=name, LOGNAME=name, SHELL=entry.pw_shell)
+    uid, gid = entry.pw_uid, entry.pw_gid
+    groups = os.getgrouplist(name, gid)
+    if sys.version_info >= (3, 9):  # noqa: UP036 - the guest's Python may be 3.6
+        # Done by subprocess in C between fork and exec: no Python code in the child.
+        return {"env": env, "user": uid, "group": gid, "extra_groups": groups}
 
-    def switch() -> None:
-        os.initgroups(name, entry.pw_gid)
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
+    def switch() -> None:  # Python 3.6-3.8 (CentOS 8): system calls only, no NSS
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
 
-    return env, switch
+    return {"env": env, "preexec_fn": switch}
+
+
+def start_watchdog() -> int:
+    """Fork the watchdog; the pipe that tells it the command groups, one per line.
+
+    It outlives the executor: when the pipe ends, however the executor ended (a
+    SIGKILL included), it kills every group still listed and exits. Forked first,
+    before any thread or command, and it keeps nothing open but the pipe (no channel).
+    PR_SET_PDEATHSIG would need code run in each child (a preexec_fn) and would reach
+    the command's shell only, not what the shell started.
+    """
+    read_end, write_end = os.pipe()
+    if os.fork() != 0:
+        os.close(read_end)
+        return write_end
+    try:
+        os.close(write_end)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        guard(read_end)
+    finally:
+        os._exit(0)
+
+
+def guard(pipe: int) -> None:
+    """The watchdog's loop: track the groups listed on ``pipe``, kill them at its end."""
+    groups = set()  # type: typing.Set[int]
+    rest = b""
+    while True:
+        data = os.read(pipe, CHUNK)
+        if not data:
+            break
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            if line.startswith(b"+"):
+                groups.add(int(line[1:]))
+            else:
+                groups.discard(int(line[1:]))
+    for pgid in groups:
+        signal_group(pgid, signal.SIGKILL)
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -307,4 +368,4 @@ def signal_group(pgid: int, sig: int) -> None:
 
 
 if __name__ == "__main__":
-    Executor().serve()
+    Executor(start_watchdog()).serve()

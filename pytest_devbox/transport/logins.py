@@ -23,7 +23,7 @@ from pathlib import Path
 from ..config.settings import EXEC_CHOICES, GUEST_USER
 from ..errors import CommandFailed, CommandTimeout
 from ..result import Result
-from .exec_channel import shell_argv
+from .exec_channel import OUTPUT_LIMIT, for_history, shell_argv
 from .executor import PYTHONS, Executor
 from .ssh import Connection
 
@@ -86,20 +86,28 @@ class Login:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         stdin: str | bytes | None = None,
+        output_limit: int | None = OUTPUT_LIMIT,
     ) -> Result:
         """Like :meth:`Connection.run`, through the executor when there is one."""
         executor = self.executor()
         if executor is None:
             return self.conn.run(
-                cmd, check=check, timeout=timeout, cwd=cwd, env=env, user=user, stdin=stdin
+                cmd,
+                check=check,
+                timeout=timeout,
+                cwd=cwd,
+                env=env,
+                user=user,
+                stdin=stdin,
+                output_limit=output_limit,
             )
         command = cmd if isinstance(cmd, str) else shlex.join(cmd)
         # root's executor becomes another user itself: a sudo costs 0.4 s under emulation.
         switch = user if self.conn.username == ROOT else None
         argv = shell_argv(command, cwd, env, None if switch else user)
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
-        result, timed_out = executor.run(command, argv, data, timeout, switch)
-        self.history.append(result)
+        result, timed_out = executor.run(command, argv, data, timeout, switch, output_limit)
+        self.history.append(for_history(result))
         if timed_out:
             assert timeout is not None
             raise CommandTimeout(result, timeout)
@@ -160,10 +168,18 @@ class Logins:
         env: Mapping[str, str] | None,
         user: str | None,
         stdin: str | bytes | None,
+        output_limit: int | None = OUTPUT_LIMIT,
     ) -> Result:
         login, sudo_to = self.login_for(user)
         return login.run(
-            cmd, check=check, timeout=timeout, cwd=cwd, env=env, user=sudo_to, stdin=stdin
+            cmd,
+            check=check,
+            timeout=timeout,
+            cwd=cwd,
+            env=env,
+            user=sudo_to,
+            stdin=stdin,
+            output_limit=output_limit,
         )
 
     def put(self, local: Path | str, remote: str, user: str | None) -> None:

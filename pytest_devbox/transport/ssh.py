@@ -24,7 +24,7 @@ from ..errors import CommandFailed, CommandTimeout, SSHError
 from ..result import Result, shorten
 from .banner import probe_banner
 from .channel_slots import MAX_CHANNELS, ChannelSlots
-from .exec_channel import execute, stop_script, wire_command
+from .exec_channel import OUTPUT_LIMIT, execute, for_history, stop_script, wire_command
 from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
 
 __all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
@@ -286,6 +286,7 @@ class Connection:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         stdin: str | bytes | None = None,
+        output_limit: int | None = OUTPUT_LIMIT,
     ) -> Result:
         """Run ``cmd`` in the guest under ``sh -c`` and return its :class:`Result`.
 
@@ -295,7 +296,9 @@ class Connection:
         ``sudo -n``. ``stdin`` is fed to the command, which otherwise reads end-of-file.
         Raises :class:`CommandFailed` on a non-zero exit when ``check`` is true, and
         :class:`CommandTimeout` after ``timeout`` seconds, once the remote command's
-        whole process group has been stopped.
+        whole process group has been stopped. Of each output stream the Result keeps
+        ``output_limit`` bytes at most (None: all): the first and the last half, with
+        a "... N bytes dropped ..." line between.
         """
         command = cmd if isinstance(cmd, str) else shlex.join(cmd)
         wire = wire_command(command, cwd, env, user)
@@ -303,11 +306,11 @@ class Connection:
         with self._channel() as channel:
             try:
                 result, timed_out = execute(
-                    channel, command, wire, data, timeout, self._stop_remote
+                    channel, command, wire, data, timeout, self._stop_remote, output_limit
                 )
             except TRANSPORT_ERRORS as e:
                 raise self._lost(channel, f"running `{shorten(command, 200)}`", e) from e
-            self.history.append(result)
+            self.history.append(for_history(result))
             if timed_out:
                 assert timeout is not None
                 raise CommandTimeout(result, timeout)
@@ -382,16 +385,42 @@ class Connection:
                 sftp.close()
 
     def ssh_command(self) -> list[str]:
-        """An OpenSSH command line that reaches the same guest, for a person to paste."""
+        """An OpenSSH command line that reaches the same guest, for a person to paste.
+
+        The guest runs untrusted test code as root: nothing of the user's own session
+        (agent, X display, forwarded ports, local commands) goes there, whatever their
+        ~/.ssh/config says; the jump to a remote host still comes from it.
+        """
         argv = ["ssh", *self._via, "-i", str(self.key_path), "-p", str(self.port)]
         for option in (
             "IdentitiesOnly=yes",
-            f"UserKnownHostsFile={self.known_hosts}",
+            # A list of files separated by whitespace: quoted, a path with a space is one.
+            f'UserKnownHostsFile="{_openssh_quoted(_openssh_path(self.known_hosts))}"',
             f"HostKeyAlias={self.host_key_alias}",
             "StrictHostKeyChecking=yes",
+            *GUEST_ISOLATION,
         ):
             argv += ["-o", option]
         return [*argv, f"{self.username}@{self.host}"]
+
+
+# What ssh_command turns off: the user's config must not hand the guest their agent.
+GUEST_ISOLATION = (
+    "ForwardAgent=no",
+    "ForwardX11=no",
+    "ClearAllForwardings=yes",
+    "PermitLocalCommand=no",
+)
+
+
+def _openssh_path(path: Path) -> str:
+    """``path`` as OpenSSH reads a file option: '%' starts a token there, '%%' is one."""
+    return str(path).replace("%", "%%")
+
+
+def _openssh_quoted(text: str) -> str:
+    """``text`` for inside double quotes of an OpenSSH option (its argv_split escapes)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _seen(transport: paramiko.Transport, e: BaseException) -> str:

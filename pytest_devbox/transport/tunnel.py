@@ -4,8 +4,10 @@ A guest on a remote host has its SSH port forwarded by QEMU on that host's 127.0
 (domain.forward_port), never on its other addresses. We reach it through an SSH
 connection to the same host the libvirt URI names (user, port, `keyfile=`,
 `no_verify=`, `known_hosts=` as libvirt reads them), one `direct-tcpip` channel per
-guest connection. A person reaches it the same way: `ssh -J` (or a ProxyCommand when
-the URI carries a key file or skips host key checks).
+guest connection. Like libvirt's ssh transport (which runs OpenSSH), the host is
+resolved through ~/.ssh/config (HostName, Port, User, IdentityFile), the URI's own
+user and port first. A person reaches it the same way: `ssh -J` (or a ProxyCommand
+when the URI carries a key file or skips host key checks).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..errors import HostNotReady, SSHError
 from .banner import read_banner
 
 SSH_PORT = 22
+SSH_CONFIG = Path("~/.ssh/config")
 # What paramiko raises when the tunnel's transport fails.
 _TUNNEL_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
@@ -79,32 +82,81 @@ def parse_uri(uri: str) -> RemoteHost | None:
     )
 
 
+def _explicit(remote: RemoteHost) -> tuple[list[str], str]:
+    """``-p PORT`` and ``[USER@]HOST`` as the URI spells them: what it leaves out,
+    OpenSSH takes from ~/.ssh/config, as libvirt's ssh transport lets it."""
+    parts = urlsplit(remote.uri)
+    port = ["-p", str(parts.port)] if parts.port else []
+    return port, f"{parts.username}@{remote.host}" if parts.username else remote.host
+
+
 def jump_options(remote: RemoteHost) -> list[str]:
     """OpenSSH options that reach the remote host's loopback through the remote host.
 
-    Plain `-J USER@HOST:PORT` when the URI says nothing more; otherwise a ProxyCommand,
-    since `-J` cannot carry the jump host's key file or host key policy.
+    Plain `-J [USER@]HOST[:PORT]` when the URI says nothing more; otherwise a
+    ProxyCommand, since `-J` cannot carry the jump host's key file or host key policy.
     """
+    port, dest = _explicit(remote)
     if remote.keyfile is None and not remote.no_verify and remote.known_hosts is None:
-        return ["-J", remote.describe()]
-    jump = ["ssh", "-p", str(remote.port)]
+        return ["-J", dest + (f":{port[1]}" if port else "")]
+    jump = ["ssh", *port]
     if remote.keyfile is not None:
         jump += ["-i", str(remote.keyfile), "-o", "IdentitiesOnly=yes"]
     if remote.known_hosts is not None:
         jump += ["-o", f"UserKnownHostsFile={remote.known_hosts}"]
     if remote.no_verify:
         jump += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
-    jump += ["-W", "%h:%p", remote.login]
+    jump += ["-W", "%h:%p", dest]
     return ["-o", f"ProxyCommand={shlex.join(jump)}"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the tunnel connects, as OpenSSH would resolve the URI's host."""
+
+    host: str
+    port: int
+    user: str
+    keyfiles: tuple[str, ...] = ()
+
+
+def resolve(remote: RemoteHost, config: Path = SSH_CONFIG) -> Target:
+    """``remote`` through ssh_config(5) ``config``: the URI's user, port and key file
+    win, then the config's User, Port, IdentityFile; its HostName replaces the name."""
+    path = config.expanduser()
+    try:
+        found = (
+            paramiko.SSHConfig.from_path(str(path)).lookup(remote.host) if path.is_file() else {}
+        )
+    except (OSError, ValueError, paramiko.SSHException) as e:
+        raise SSHError(
+            f"cannot read {path} for the host of {remote.uri} ({e}); fix that file, as "
+            "libvirt's ssh transport (OpenSSH) reads it too"
+        ) from e
+    parts = urlsplit(remote.uri)
+    try:
+        port = parts.port or int(found.get("port", remote.port))
+    except ValueError as e:
+        raise SSHError(f"{path}: Port of {remote.host} is not a number ({e})") from e
+    keyfiles = [str(remote.keyfile)] if remote.keyfile else found.get("identityfile", [])
+    return Target(
+        host=found.get("hostname", remote.host),
+        port=port,
+        user=parts.username or found.get("user", remote.user),
+        keyfiles=tuple(keyfiles),
+    )
 
 
 class Tunnel:
     """One SSH connection to the remote host, opened on first use and reopened when it
     died; every guest connection is a `direct-tcpip` channel to a port on its loopback."""
 
-    def __init__(self, remote: RemoteHost, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, remote: RemoteHost, *, timeout: float = 30.0, ssh_config: Path = SSH_CONFIG
+    ) -> None:
         self.remote = remote
         self.timeout = timeout
+        self.ssh_config = ssh_config
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
 
@@ -126,36 +178,52 @@ class Tunnel:
 
     def _connect(self) -> paramiko.SSHClient:
         r = self.remote
+        to = resolve(r, self.ssh_config)
         client = paramiko.SSHClient()
-        if r.no_verify:
-            # no_verify=1: what libvirt's ssh transport does (StrictHostKeyChecking=no),
-            # with the key kept in memory only, never written to a known_hosts file.
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        else:
-            client.load_system_host_keys(str(r.known_hosts) if r.known_hosts else None)
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        self._load_host_keys(client)
+        # no_verify=1: like libvirt's ssh transport (StrictHostKeyChecking=no), a key not
+        # known is accepted (in memory only, never written anywhere); one that
+        # contradicts known_hosts is still refused (BadHostKeyException), as OpenSSH does.
+        policy = paramiko.AutoAddPolicy() if r.no_verify else paramiko.RejectPolicy()
+        client.set_missing_host_key_policy(policy)
         try:
             client.connect(
-                r.host,
-                r.port,
-                username=r.user,
-                key_filename=str(r.keyfile) if r.keyfile else None,
+                to.host,
+                to.port,
+                username=to.user,
+                key_filename=list(to.keyfiles) or None,  # type: ignore[arg-type]  # a list works
                 allow_agent=True,
-                look_for_keys=r.keyfile is None,
+                look_for_keys=not to.keyfiles,
                 timeout=self.timeout,
                 banner_timeout=self.timeout,
                 auth_timeout=self.timeout,
             )
         except (*_TUNNEL_ERRORS, socket.timeout) as e:
             client.close()
+            port, dest = _explicit(r)
+            changed = (
+                " (its host key CHANGED)" if isinstance(e, paramiko.BadHostKeyException) else ""
+            )
             raise SSHError(
-                f"cannot open the SSH tunnel to {r.describe()} (the host of {r.uri}): {e!r}; "
-                f"check that `ssh -p {r.port} {r.login} true` works (key, known_hosts)"
+                f"cannot open the SSH tunnel to {to.user}@{to.host}:{to.port}{changed} (the "
+                f"host of {r.uri}): {e!r}; check that `{shlex.join(['ssh', *port, dest, 'true'])}` "
+                "works (key, known_hosts)"
             ) from e
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)
         return client
+
+    def _load_host_keys(self, client: paramiko.SSHClient) -> None:
+        """~/.ssh/known_hosts, or the URI's known_hosts= file: SSHError if that is missing."""
+        known = self.remote.known_hosts
+        try:
+            client.load_system_host_keys(str(known) if known else None)
+        except OSError as e:
+            raise SSHError(
+                f"known_hosts={known} in {self.remote.uri} names no readable file ({e}); fix "
+                "the path, or create the file (ssh-keyscan HOST >> FILE, checking the key)"
+            ) from e
 
     def connect(self) -> None:
         """Log in now (or check the open connection): SSHError saying what failed."""
