@@ -118,3 +118,10 @@ def test_installed_but_disabled_they_are_not_imported(tmp_path: Path) -> None:
             f"--devbox-uri={BAD_URI}", "--devbox=debian-12", "-q", "test_modules.py"]  # fmt: skip
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_without_testinfra_the_handle_says_which_extra_to_install() -> None:
+    from pytest_devbox.errors import DevboxError
+
+    with pytest.raises(DevboxError, match=r"pip install 'pytest-devbox\[testinfra\]'"):
+        importlib.import_module("pytest_devbox.guest.testinfra")
