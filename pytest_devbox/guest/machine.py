@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ..config.profiles import Profile
 from ..config.settings import (
@@ -65,6 +66,7 @@ class Machine:
         self.keepable = parts.keepable
         self._reaper = parts.reaper  # watches a keepable guest until it is kept or destroyed
         self.closed = False
+        self._testinfra: dict[str | None, Any] = {}
         self._code: CodeSync | None = None
         if self.share == "sync":
             if parts.code_dir is None:
@@ -95,6 +97,21 @@ class Machine:
     def history(self) -> deque[Result]:
         """The most recent commands run in this guest, oldest first."""
         return self._logins.history
+
+    @property
+    def testinfra(self) -> Any:
+        """A pytest-testinfra `Host` on this guest as the devbox user, over this handle's
+        logins (no SSH connection of its own); `testinfra_as("root")` for root, or use
+        testinfra's `host.sudo()`. Needs `pip install 'pytest-devbox[testinfra]'`."""
+        return self.testinfra_as(None)
+
+    def testinfra_as(self, user: str | None) -> Any:
+        """`testinfra` as `user` (None: devbox; "root"; another name through sudo)."""
+        if user not in self._testinfra:
+            from .testinfra import host_for  # testinfra is an optional extra
+
+            self._testinfra[user] = host_for(self, user)
+        return self._testinfra[user]
 
     # ---- starting -------------------------------------------------------------------------
 
@@ -239,6 +256,17 @@ class Machine:
         except BaseException:
             self.close()
             raise
+
+    def stop_commands(self) -> None:
+        """End every command still running through this handle's executors (one that
+        pytest-timeout interrupted goes on otherwise, and may have left a frame half
+        sent): each executor is closed, which ends its commands in the guest, and the
+        next command starts a new one. Commands over plain SSH are left to finish."""
+        # transport/logins.py has no public way to reach a login's executor yet.
+        for login in (self._logins.root, getattr(self._logins, "_user", None)):
+            executor = getattr(login, "_executor", None)
+            if executor is not None:
+                executor.close()
 
     def console_tail(self, lines: int = 40) -> str:
         return self._files.tail(lines)

@@ -17,7 +17,7 @@ import pytest
 from ..config.option_table import DISTROS, HOW_TO_SELECT, add_options
 from ..config.resolve import resolve_config
 from ..errors import DevboxError
-from . import report
+from . import extras, report
 from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .session import DevboxSession, distro_in_nodeid, matrix, open_session
 
@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state = open_session(resolve_config(config), config.rootpath, report.live_log(config))
     config.stash[state_key] = state
     config.pluginmanager.register(state, "devbox-session")
+    extras.register(config)  # pytest-html, Allure, pytest-timeout, --pdb, reruns
     if not state.selected:
         return
     workerinput = getattr(config, "workerinput", None)
@@ -185,6 +186,7 @@ def pytest_runtest_makereport(
             machines.append(shared)
         fresh: list[Machine] = item.stash.get(_used_key, [])
         machines += fresh
+        item.stash[extras.FAILED_GUESTS] = machines
         # By name, with the report (through xdist too): the pool that owns them keeps
         # them with --devbox-keep-failed (plugin/session.py).
         test_report.devbox_guests = [m.name for m in machines]  # type: ignore[attr-defined]
