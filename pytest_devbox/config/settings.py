@@ -30,6 +30,10 @@ DEFAULT_REMOTE_POOL = "/var/lib/pytest-devbox/pool"
 # How /code reaches a guest: a share of the host directory (virtiofs, 9p), or a copy
 # (sync: tar over SSH, no shared file system; sync.py). Each profile names its own.
 SHARE_CHOICES = ("virtiofs", "9p", "sync")
+# Whose ids what the guest writes in /code gets on the host (code_ids.py): auto keeps guest
+# root from being host root there; passthrough is the explicit opt-in to the old sharing.
+CODE_IDS_CHOICES = ("auto", "passthrough")
+DEFAULT_CODE_IDS = "auto"
 
 
 @dataclass(frozen=True)
@@ -68,3 +72,4 @@ class Settings:
 
     share: str = ""  # every guest's share instead of its profile's; "": each profile's own
     sync_exclude: tuple[str, ...] = ()  # gitignore-style patterns a sync does not copy
+    code_ids: str = DEFAULT_CODE_IDS  # auto (guest root is not host root) or passthrough

@@ -22,6 +22,7 @@ import libvirt
 from ..config.profiles import Profile
 from ..config.settings import (
     DEFAULT_ACCEL,
+    DEFAULT_CODE_IDS,
     DEFAULT_EXEC,
     DEFAULT_QEMU_USER,
     DEFAULT_REMOTE_POOL,
@@ -138,6 +139,7 @@ class Machine:
         log: Log = print,
         share: str = "",
         sync_exclude: Sequence[str] = (),
+        code_ids: str = DEFAULT_CODE_IDS,
         remote_pool: str = DEFAULT_REMOTE_POOL,
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
@@ -148,8 +150,10 @@ class Machine:
         remote `uri`: share "sync", disk and console in our pool at `remote_pool` there.
         """
         plan = Plan.make(
-            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
-        )
+            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share,
+            code_ids=code_ids,
+        )  # fmt: skip
+        log(f"{profile.name}: {plan.code.describe()}")
         name = plan.new_name()
         t0 = time.monotonic()
         virconn = dom.connect(uri)
@@ -198,12 +202,15 @@ class Machine:
         log: Log = print,
         share: str = "",
         sync_exclude: Sequence[str] = (),
+        code_ids: str = DEFAULT_CODE_IDS,
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
         when there is none yet). RestoreUnavailable when it cannot: boot instead."""
         plan = Plan.make(
-            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share
-        )
+            profile, cache, code_dir, accel=accel, run_id=run_id, rebuild=rebuild, share=share,
+            code_ids=code_ids,
+        )  # fmt: skip
+        log(f"{profile.name}: {plan.code.describe()}")
         t0 = time.monotonic()
         virconn = dom.connect(uri)
         try:
