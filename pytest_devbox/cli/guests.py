@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import code_ids
 from ..config.option_table import spell_for_command
 from ..config.profiles import select
 from ..errors import DevboxError
@@ -39,6 +40,7 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
         qemu_user=s.qemu_user,
         remote_pool=s.remote_pool,
     )
+    checks.append(host.Check("code ids", True, code_ids.header_line(s.code_ids), required=False))
     text = host.checks_json(checks) if args.json else host.format_checks(checks)
     print(spell_for_command(text))
     return 0 if all(c.ok or not c.required for c in checks) else 1
