@@ -22,6 +22,7 @@ from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.resolve import Places, resolve
 from pytest_devbox.errors import DomainError, ProfileError
 from pytest_devbox.guest import code_audit
+from pytest_devbox.host.probes import find_virtiofsd, virtiofsd_ids
 from pytest_devbox.virt import domain as dom
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="makes root's setuid files and devices")
@@ -147,8 +148,20 @@ def test_doctor_names_the_mode(tmp_path: Path) -> None:
     )
     checks = {c["name"]: c for c in json.loads(r.stdout)}
     # Spelt for the command: its flag is --code-ids.
-    assert checks["code ids"]["detail"] == spell_for_command(header_line("passthrough"))
+    assert checks["code ids"]["detail"].startswith(spell_for_command(header_line("passthrough")))
     assert "(--code-ids=passthrough): guest root is host root" in checks["code ids"]["detail"]
+
+
+def test_this_hosts_virtiofsd_is_said_to_pass_ids_through(tmp_path: Path) -> None:
+    daemon = find_virtiofsd()
+    if daemon is None:
+        pytest.skip("no virtiofsd on this host")
+    said = virtiofsd_ids(daemon)
+    assert said.startswith(daemon) and "translate ids" in said
+    fake = tmp_path / "virtiofsd"
+    fake.write_text("#!/bin/sh\necho '  --translate-uid <MAP>'\n")
+    fake.chmod(0o755)
+    assert virtiofsd_ids(str(fake)).endswith("can translate ids, but libvirt does not ask it to")
 
 
 # --- the audit ------------------------------------------------------------------------------

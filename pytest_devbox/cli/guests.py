@@ -40,7 +40,8 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
         qemu_user=s.qemu_user,
         remote_pool=s.remote_pool,
     )
-    checks.append(host.Check("code ids", True, code_ids.header_line(s.code_ids), required=False))
+    ids = f"{code_ids.header_line(s.code_ids)} ({host.virtiofsd_ids()})"
+    checks.append(host.Check("code ids", True, ids, required=False))
     text = host.checks_json(checks) if args.json else host.format_checks(checks)
     print(spell_for_command(text))
     return 0 if all(c.ok or not c.required for c in checks) else 1
