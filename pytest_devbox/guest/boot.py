@@ -54,7 +54,7 @@ class Plan:
     accel: str  # resolved: kvm or tcg
     run_id: str
     workdir: Path  # this session's run dir: overlays and console logs
-    share: str  # how /code reaches the guest: the profile's, or --devbox-share's
+    share: str  # how /code reaches the guest: the profile's or --devbox-share's, made safe
     code: CodeShare  # that share, its guest-id mode and why (config/code_ids.py)
 
     @classmethod
