@@ -1,4 +1,5 @@
-"""Real guests shared by every VM-tier test module: one debian-12 (virtiofs), one
+"""Real guests shared by every VM-tier test module: one debian-12 (a virtiofs profile,
+shared over 9p in mapped mode by default: config/code_ids.py), one
 debian-11 (9p, through a user profile) and one debian-12 with its share overridden to
 "sync" (/code a copy of `sync_code_dir`), booted once per test session on first use.
 

@@ -35,6 +35,8 @@ def spec_for(share: str, accel: str, **kw: object) -> domain_xml.DomainSpec:
         "share": share,
         "accel": accel,
         "console_log": Path("/var/cache/pytest-devbox/run/r0a1b2c3/console.log"),
+        # virtiofs cannot map guest ids here: it is only ever the passthrough opt-in.
+        "ids": "passthrough" if share == "virtiofs" else "mapped",
     }
     args.update(kw)
     return domain_xml.DomainSpec(**args)  # type: ignore[arg-type]
@@ -54,7 +56,7 @@ def check_golden(name: str, text: str) -> None:
 GOLDEN = {
     "virtiofs-tcg.xml": spec_for("virtiofs", "tcg"),
     "9p-kvm.xml": spec_for("9p", "kvm", memory_mib=2048, vcpus=1),
-    # A workstation: QEMU runs as the calling user, so 9p squashes ownership to them.
+    # A workstation: QEMU runs as the calling user; 9p mapped all the same.
     "9p-as-user.xml": spec_for("9p", "tcg", run_as=(1000, 1000), qemu_is_root=False),
     "metadata.xml": spec_for(
         "9p",

@@ -49,7 +49,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def header(result: pytest.RunResult) -> list[str]:
-    return [line for line in result.outlines if line.startswith("devbox:")]
+    # The /code ids line has tests of its own (test_code_ids.py).
+    lines = [line for line in result.outlines if line.startswith("devbox:")]
+    return [line for line in lines if not line.startswith("devbox: /code ids:")]
 
 
 def collected(result: pytest.RunResult) -> list[str]:

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import code_ids
 from ..config.option_table import spell_for_command
 from ..errors import DevboxError, HostNotReady
-from ..host.probes import cache_problem, find_virtiofsd, host_kernel, kvm_problem
+from ..host.probes import cache_problem, find_virtiofsd, host_kernel, kvm_problem, virtiofsd_ids
 from ..transport.tunnel import Tunnel, parse_uri
 from ..virt import domain, qemu_user, volumes
 from .context import Context
@@ -49,6 +50,8 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
         qemu_user_policy=s.qemu_user,
         remote_pool=s.remote_pool,
     )
+    ids = f"{code_ids.header_line(s.code_ids)} ({virtiofsd_ids()})"
+    checks.append(Check("code ids", True, ids, required=False))
     text = checks_json(checks) if args.json else format_checks(checks)
     print(spell_for_command(text))
     return 0 if all(c.ok or not c.required for c in checks) else 1

@@ -28,7 +28,7 @@ Command = Callable[[argparse.Namespace, Context], int]
 # The table's options each subcommand offers as flags (the others still come from the
 # project's config and the environment).
 WHERE = ("uri", "cache_dir")
-BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos", "share")
+BOOT = ("uri", "cache_dir", "code_dir", "accel", "rebuild", "offline", "repos", "share", "code_ids")
 RUN_USAGE = "devbox run [options] [DISTRO[,DISTRO...] ... | NAME | --all-up] -- COMMAND..."
 ROOT_HELP = "as root, not as the guest user devbox (whose files in /code are yours)"
 DISTRO_WORDS = "DISTRO[,DISTRO...]; none: the project's own selection (devbox ini option)"
@@ -79,7 +79,8 @@ def _sub(
 def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _sub(sub, "doctor", "check that this host can run guests", "devbox doctor",
              doctor.cmd_doctor,
-             ("uri", "remote_pool", "cache_dir", "code_dir", "accel", "qemu_user"))  # fmt: skip
+             ("uri", "remote_pool", "cache_dir", "code_dir", "accel", "qemu_user",
+              "code_ids"))  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _sub(sub, "template", "build local virt-builder templates from Debian's mirror",

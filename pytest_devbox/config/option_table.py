@@ -25,6 +25,7 @@ import pytest
 
 from .settings import (
     ACCEL_CHOICES,
+    CODE_IDS_CHOICES,
     EXEC_CHOICES,
     QEMU_USER_CHOICES,
     RESTORE_CHOICES,
@@ -164,6 +165,19 @@ OPTIONS: tuple[Option, ...] = (
         default_help="each profile's own",
         choices=SHARE_CHOICES,
         cli="--share",
+    ),
+    Option(
+        "code_ids",
+        "--devbox-code-ids",
+        "devbox_code_ids",
+        "choice",
+        "whose ids what guests write in a shared /code gets on the host: auto (guest root "
+        "cannot make root-owned, setuid or device files there: 9p in mapped mode, virtiofs "
+        "profiles moved to 9p or sync) or passthrough (guest ids are host ids: guest root is "
+        "host root on the code dir)",
+        metavar="|".join(CODE_IDS_CHOICES),
+        choices=CODE_IDS_CHOICES,
+        cli="--code-ids",
     ),
     Option(
         "sync_exclude",

@@ -178,6 +178,12 @@ def resolve(
         values["hosts"] = load_hosts(places.rootdir)
     except ProfileError as e:
         raise pytest.UsageError(str(e)) from None
+    if values.get("share") == "virtiofs" and values.get("code_ids", "auto") == "auto":
+        raise pytest.UsageError(
+            "devbox: --devbox-share=virtiofs passes guest ids through on this host (guest "
+            "root would be host root on the code dir): use 9p or sync, or opt in with "
+            "--devbox-code-ids=passthrough"
+        )
     settings = Settings(**values)
     problem = cache_problem(settings.cache_dir) if distros or cache_used else None
     if problem is not None:

@@ -33,6 +33,10 @@ SHARE_CHOICES = ("virtiofs", "9p", "sync")
 # The unprivileged user every image has (with the caller's uid and gid), who runs the
 # commands of tests unless they ask for root.
 GUEST_USER = "devbox"
+# Whose ids what the guest writes in /code gets on the host (code_ids.py): auto keeps guest
+# root from being host root there; passthrough is the explicit opt-in to the old sharing.
+CODE_IDS_CHOICES = ("auto", "passthrough")
+DEFAULT_CODE_IDS = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,4 @@ class Settings:
 
     share: str = ""  # every guest's share instead of its profile's; "": each profile's own
     sync_exclude: tuple[str, ...] = ()  # gitignore-style patterns a sync does not copy
+    code_ids: str = DEFAULT_CODE_IDS  # auto (guest root is not host root) or passthrough

@@ -17,7 +17,13 @@ from pathlib import Path
 import libvirt
 
 from ..config.profiles import Profile
-from ..config.settings import DEFAULT_ACCEL, DEFAULT_QEMU_USER, DEFAULT_REMOTE_POOL, DEFAULT_URI
+from ..config.settings import (
+    DEFAULT_ACCEL,
+    DEFAULT_CODE_IDS,
+    DEFAULT_QEMU_USER,
+    DEFAULT_REMOTE_POOL,
+    DEFAULT_URI,
+)
 from ..image.cache import ImageCache
 from ..log import Log
 from ..virt import domain as dom
@@ -44,6 +50,7 @@ class Launch:
     boot_timeout: float | None = None
     share: str = ""  # every guest's share instead of the profile's; "": the profile's
     remote_pool: str = DEFAULT_REMOTE_POOL
+    code_ids: str = DEFAULT_CODE_IDS  # passthrough: the explicit opt-in (config/code_ids.py)
     log: Log = print
 
     def plan(self, profile: Profile, cache: ImageCache, code_dir: Path) -> Plan:
@@ -55,6 +62,7 @@ class Launch:
             run_id=self.run_id,
             rebuild=self.rebuild,
             share=self.share,
+            code_ids=self.code_ids,
         )
 
 
@@ -65,6 +73,7 @@ def boot(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch) ->
     plan = launch.plan(profile, cache, code_dir)
     name = plan.new_name()
     log = launch.log
+    log(f"{profile.name}: {plan.code.describe()}")
     virconn = dom.connect(launch.uri)
     domain: dom.Domain | None = None
     reaper = Reaper.for_uri(launch.uri) if launch.keepable and not launch.keep else None
@@ -112,6 +121,7 @@ def restore(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch)
     there is none yet). RestoreUnavailable when it cannot: boot instead."""
     began = time.monotonic()
     plan = launch.plan(profile, cache, code_dir)
+    launch.log(f"{profile.name}: {plan.code.describe()}")
     virconn = dom.connect(launch.uri)
     try:
         reached = plan.reached_paths(plan.workdir)

@@ -19,6 +19,7 @@ from typing import Any
 from ..config.profiles import Profile
 from ..config.settings import (
     DEFAULT_ACCEL,
+    DEFAULT_CODE_IDS,
     DEFAULT_EXEC,
     DEFAULT_QEMU_USER,
     DEFAULT_REMOTE_POOL,
@@ -134,6 +135,7 @@ class Machine:
         log: Log = print,
         share: str = "",
         sync_exclude: Sequence[str] = (),
+        code_ids: str = DEFAULT_CODE_IDS,
         remote_pool: str = DEFAULT_REMOTE_POOL,
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
@@ -147,7 +149,7 @@ class Machine:
         launch = Launch(
             uri=uri, accel=accel, qemu_user=qemu_user, run_id=run_id, rebuild=rebuild,
             keep=keep, keepable=keepable, boot_timeout=boot_timeout, share=share,
-            remote_pool=remote_pool, log=log,
+            remote_pool=remote_pool, code_ids=code_ids, log=log,
         )  # fmt: skip
         parts = boot.boot(profile, cache, code_dir, launch)
         machine = cls(parts, exec_mode=exec_mode, log=log, sync_exclude=sync_exclude)
@@ -170,12 +172,13 @@ class Machine:
         log: Log = print,
         share: str = "",
         sync_exclude: Sequence[str] = (),
+        code_ids: str = DEFAULT_CODE_IDS,
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
         when there is none yet). RestoreUnavailable when it cannot: boot instead."""
         launch = Launch(
             uri=uri, accel=accel, qemu_user=qemu_user, run_id=run_id, rebuild=rebuild,
-            boot_timeout=boot_timeout, share=share, log=log,
+            boot_timeout=boot_timeout, share=share, code_ids=code_ids, log=log,
         )  # fmt: skip
         parts = boot.restore(profile, cache, code_dir, launch)
         machine = cls(parts, exec_mode=exec_mode, log=log, sync_exclude=sync_exclude)

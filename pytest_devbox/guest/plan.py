@@ -20,7 +20,9 @@ from typing import Any
 
 import libvirt
 
-from ..config.profiles import Profile, effective_share
+from ..config.code_ids import CodeShare, code_share
+from ..config.profiles import Profile
+from ..config.settings import DEFAULT_CODE_IDS
 from ..errors import HostNotReady
 from ..host import owner
 from ..host.layout import CacheLayout
@@ -54,7 +56,8 @@ class Plan:
     accel: str  # resolved: kvm or tcg
     run_id: str
     workdir: Path  # this session's run dir: overlays and console logs
-    share: str  # how /code reaches the guest: the profile's, or --devbox-share's
+    share: str  # how /code reaches the guest: the profile's or --devbox-share's, made safe
+    code: CodeShare  # that share, its guest-id mode and why (config/code_ids.py)
 
     @classmethod
     def make(
@@ -67,6 +70,7 @@ class Plan:
         run_id: str | None,
         rebuild: bool,
         share: str = "",
+        code_ids: str = DEFAULT_CODE_IDS,
     ) -> Plan:
         code_dir = Path(code_dir).resolve()
         if not code_dir.is_dir():
@@ -75,8 +79,8 @@ class Plan:
         image = cache.image_for(profile, rebuild=rebuild)
         run_id = run_id or new_run_id()
         workdir = claim_run_dir(cache.root, run_id)
-        share = effective_share(profile, share)
-        return cls(profile, cache, image, code_dir, chosen, run_id, workdir, share)
+        code = code_share(profile, share, code_ids)
+        return cls(profile, cache, image, code_dir, chosen, run_id, workdir, code.share, code)
 
     @property
     def memory_lock(self) -> Path:
@@ -114,6 +118,7 @@ class Plan:
             metadata=self._metadata(disk, keep),
             run_as=qemu.label,
             qemu_is_root=qemu.is_root,
+            ids=self.code.ids,
         )
 
     def _metadata(self, disk: Path, keep: bool) -> dict[str, str]:

@@ -25,8 +25,10 @@ T = TypeVar("T")
 # What a phase may meet while the guest is still coming up; anything else is final.
 TRANSIENT_SSH: tuple[type[BaseException], ...] = (OSError, EOFError, SSHError)
 CONSOLE_LINES = 40
-# fstab has /code with nofail, so a boot that did not mount it still comes up: mount it.
-MOUNT_CODE = "mountpoint -q /code || mount /code"
+# fstab has /code with nofail, so a boot that did not mount it still comes up: mount it,
+# as the share says (an image made for virtiofs may get 9p: config/code_ids.py).
+MOUNT_CODE = "mountpoint -q /code || mount -t {fs} -o {options} /code /code"
+_MOUNT_OPTIONS = {"virtiofs": "defaults", "9p": "trans=virtio,version=9p2000.L,msize=262144"}
 SHARE_PROBE = "grep -qw {fs} /proc/filesystems || modprobe -n {module} 2>/dev/null"
 _SHARE_MODULES = {"virtiofs": "virtiofs", "9p": "9pnet_virtio"}
 
@@ -158,7 +160,7 @@ def mount_code(boot: Boot, ssh: Connection, share: str) -> None:
 
     def mounted() -> bool | None:
         r = ssh.run(
-            MOUNT_CODE,
+            MOUNT_CODE.format(fs=share, options=_MOUNT_OPTIONS[share]),
             check=False,
             cwd=None,
             timeout=boot.deadline.cap(30.0),

@@ -10,6 +10,7 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
 from pathlib import Path
 
 from ..errors import HostNotReady
@@ -55,6 +56,26 @@ def find_virtiofsd() -> str | None:
         if os.access(path, os.X_OK):
             return path
     return shutil.which("virtiofsd")
+
+
+def virtiofsd_ids(path: str | None = None) -> str:
+    """What this host's virtiofsd can do with guest ids, for doctor's /code ids line.
+
+    Only the Rust virtiofsd (1.13 and later) squashes guest ids (--translate-uid/gid);
+    libvirt never passes those, and its <idmap> is a user namespace (1:1) for an
+    unprivileged virtiofsd, so virtiofs ids pass through whichever daemon is here."""
+    path = path or find_virtiofsd()
+    if path is None:
+        return "no virtiofsd"
+    try:
+        out = subprocess.run(
+            [path, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return f"{path} does not run"
+    if "--translate-uid" in out.stdout + out.stderr:
+        return f"{path} can translate ids, but libvirt does not ask it to"
+    return f"{path} cannot translate ids"
 
 
 def host_kernel() -> str | None:

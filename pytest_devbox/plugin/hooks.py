@@ -17,6 +17,7 @@ import pytest
 from ..config.option_table import DISTROS, HOW_TO_SELECT, add_options
 from ..config.resolve import resolve_config
 from ..errors import DevboxError
+from ..guest import code_audit
 from . import extras, report
 from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .session import DevboxSession, distro_in_nodeid, matrix, open_session
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 state_key = pytest.StashKey[DevboxSession]()
 _used_key = pytest.StashKey[list["Machine"]]()
+_audit_key = pytest.StashKey[frozenset[code_audit.Finding]]()
 DISTRO_PARAM = "_devbox_distro"
 
 
@@ -59,6 +61,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not state.selected:
         return
     workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:  # the controller scans: what guests plant is reported at the end
+        config.stash[_audit_key] = code_audit.scan(state.settings.code_dir)
     if workerinput is not None:
         state.broker_path = workerinput.get(WORKER_INPUT_KEY)
         state.worker_id = str(workerinput.get("workerid", ""))
@@ -204,6 +208,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         return
     # The pool is closed by now (sessionfinish runs first); its stats remain.
     report.write_summary(terminalreporter, state)
+    before = config.stash.get(_audit_key, None)
+    if before is not None:
+        new = code_audit.appeared(before, code_audit.scan(state.settings.code_dir))
+        for line in code_audit.summary_lines(state.settings.code_dir, new):
+            terminalreporter.write_line(line, red=True)
 
 
 # --- fixtures -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
+from ..config import code_ids
 from ..errors import DevboxError
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ def header_line(state: DevboxSession) -> str | None:
     s = state.settings
     return (
         f"devbox: uri={s.uri} accel={state.accel} "
-        f"distros={','.join(state.selected_names)} cache={s.cache_dir}"
+        f"distros={','.join(state.selected_names)} cache={s.cache_dir}\n"
+        f"devbox: {code_ids.header_line(s.code_ids)}"
     )
 
 

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config.profiles import Profile, effective_share
+from ..config.code_ids import code_share
+from ..config.profiles import Profile
 from ..config.settings import GUEST_USER, Settings
 from ..errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from ..guest.machine import Machine
@@ -278,14 +279,15 @@ class Pool:
     def share_for(self, profile: Profile) -> str:
         """How /code reaches this session's guests of `profile` (--devbox-share, else the
         profile's own share; a remote host's guests sync whatever this says: guest/sites.py)."""
-        return effective_share(profile, self.settings.share)
+        return code_share(profile, self.settings.share, self.settings.code_ids).share
 
     def _launch_args(self, profile: Profile, rebuild: bool) -> dict[str, Any]:
         """What a boot and a restore of this session's guests of `profile` are both told."""
         s = self.settings
         return {
-            "share": self.share_for(profile),
+            "share": s.share,  # Plan.make makes it safe (code_ids) and says why
             "sync_exclude": s.sync_exclude,
+            "code_ids": s.code_ids,
             "cache": self.cache,
             "code_dir": s.code_dir,
             "uri": s.uri_for(profile.name),

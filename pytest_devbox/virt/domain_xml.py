@@ -43,8 +43,11 @@ class DomainSpec:
     vcpus: int = 2
     # Run QEMU as this (uid, gid) instead of libvirt's configured user (virt/qemu_user.py).
     run_as: tuple[int, int] | None = None
-    # Whether QEMU runs as root: only then can 9p keep the guest's file ownership.
+    # Whether QEMU runs as root: only then can 9p pass the guest's file ownership through.
     qemu_is_root: bool = True
+    # Guest ids on /code (config/code_ids.py): "mapped" (9p keeps them in xattrs, guest
+    # root is not host root), "passthrough" (the explicit opt-in) or "none" (sync).
+    ids: str = "mapped"
     # A VM generation id: libvirt gives each restore of a save a new one, and Linux
     # >= 5.18 then reseeds its RNG, so clones of one save do not share random bytes.
     genid: bool = False
@@ -56,6 +59,11 @@ class DomainSpec:
             raise DomainError(f"unknown share kind {self.share!r}: use one of {SHARE_CHOICES}")
         if self.accel not in ACCELS:
             raise DomainError(f"unknown accel {self.accel!r}: use one of {ACCELS}")
+        if self.share == "virtiofs" and self.ids != "passthrough":
+            raise DomainError(
+                "virtiofs cannot map guest ids on this host's stack: share /code over 9p "
+                "(mapped), or opt in with --devbox-code-ids=passthrough"
+            )
 
 
 # --- XML builders ---------------------------------------------------------------------
@@ -116,17 +124,24 @@ def _interface(devices: ET.Element) -> None:
     _sub(iface, "rom", enabled="no")  # no iPXE: we never net-boot, and its banner waits
 
 
-def _filesystem(devices: ET.Element, share: str, code_dir: Path, qemu_is_root: bool) -> None:
-    # 9p served by a QEMU that is not root cannot chown what the guest creates: with
-    # passthrough every write of guest root fails (EPERM); squash ignores the chown, so
-    # whatever the guest writes belongs to QEMU's user, who is the calling user
-    # (virt/qemu_user.py). virtiofsd is started by libvirt as root: passthrough always works.
-    mode = "passthrough" if qemu_is_root or share == "virtiofs" else "squash"
+def _accessmode(share: str, ids: str, qemu_is_root: bool) -> str:
+    if share == "9p" and ids == "mapped":
+        # QEMU keeps the guest's owner, mode and device numbers in user.virtfs.* xattrs:
+        # the host file is QEMU's user's with a plain mode, never setuid or a device node.
+        return "mapped"
+    # Passthrough (opted in). 9p served by a QEMU that is not root cannot chown what the
+    # guest creates: squash ignores the chown, so writes belong to QEMU's user, the
+    # caller (virt/qemu_user.py). virtiofsd is started by libvirt as root: passthrough works.
+    return "passthrough" if qemu_is_root or share == "virtiofs" else "squash"
+
+
+def _filesystem(devices: ET.Element, spec: DomainSpec) -> None:
+    mode = _accessmode(spec.share, spec.ids, spec.qemu_is_root)
     fs = _sub(devices, "filesystem", type="mount", accessmode=mode)
-    if share == "virtiofs":
+    if spec.share == "virtiofs":
         # libvirt finds virtiofsd itself through /usr/share/qemu/vhost-user/*.json.
         _sub(fs, "driver", type="virtiofs")
-    _sub(fs, "source", dir=str(code_dir))
+    _sub(fs, "source", dir=str(spec.code_dir))
     _sub(fs, "target", dir=SHARE_TAG)
 
 
@@ -146,7 +161,7 @@ def _devices(parent: ET.Element, spec: DomainSpec) -> None:
     _disk(devices, spec.disk)
     _interface(devices)
     if spec.share != "sync":
-        _filesystem(devices, spec.share, spec.code_dir, spec.qemu_is_root)
+        _filesystem(devices, spec)
     _console(devices, spec.console_log)
     rng = _sub(devices, "rng", model="virtio")  # entropy at boot: sshd starts sooner
     _sub(rng, "backend", "/dev/urandom", model="random")
