@@ -265,11 +265,7 @@ class Machine:
         pytest-timeout interrupted goes on otherwise, and may have left a frame half
         sent): each executor is closed, which ends its commands in the guest, and the
         next command starts a new one. Commands over plain SSH are left to finish."""
-        # transport/logins.py has no public way to reach a login's executor yet.
-        for login in (self._logins.root, getattr(self._logins, "_user", None)):
-            executor = getattr(login, "_executor", None)
-            if executor is not None:
-                executor.close()
+        self._logins.stop_executors()
 
     def console_tail(self, lines: int = 40) -> str:
         return self._files.tail(lines)

@@ -115,11 +115,16 @@ class Login:
             raise CommandFailed(result)
         return result
 
-    def close(self) -> None:
+    def stop_executor(self) -> None:
+        """End this login's executor and every command it runs in the guest; the next
+        command starts a new one (after an interrupt that may have cut a frame short)."""
         with self._lock:
             if self._executor is not None:
                 self._executor.close()
                 self._executor = None
+
+    def close(self) -> None:
+        self.stop_executor()
         self.conn.close()
 
 
@@ -193,6 +198,14 @@ class Logins:
         if sudo_to is not None:
             raise ValueError(f"files can be copied as {GUEST_USER} or {ROOT}, not as {user!r}")
         return login.conn
+
+    def stop_executors(self) -> None:
+        """`Login.stop_executor` of every login opened so far; connections stay."""
+        self.root.stop_executor()
+        with self._lock:
+            user = self._user
+        if user is not None:
+            user.stop_executor()
 
     def close(self) -> None:
         self.root.close()
