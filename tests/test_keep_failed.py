@@ -4,6 +4,7 @@ printed ssh line and found by `devbox ls/destroy`; a passing test's guest goes (
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_a_failed_tests_guest_stays_up_and_is_reachable(tmp_path: Path) -> None:
         assert "devbox kept" in out  # the failure report's section names it
         line = next(ln for ln in out.splitlines() if name in ln and "kept running" in ln)
         assert "test_it.py::test_fails[debian-12] failed" in line and "shared guest" in line
-        argv = line.split("): ", 1)[1].split()
+        argv = shlex.split(line.split("): ", 1)[1])
         probe = subprocess.run(
             [*argv, "-o", "BatchMode=yes", "ls /root"],
             capture_output=True,

@@ -6,6 +6,7 @@ Needs `devbox template build debian-11 debian-12` first (scripts/test does it).
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ def test_put_and_get(debian12: Machine, tmp_path: Path) -> None:
 
 
 def test_ssh_command_works_with_openssh(debian12: Machine) -> None:
-    argv = [*debian12.ssh_command().split(), "-o", "BatchMode=yes", "cat /etc/debian_version"]
+    argv = [*shlex.split(debian12.ssh_command()), "-o", "BatchMode=yes", "cat /etc/debian_version"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.startswith("12.")
 

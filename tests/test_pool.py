@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_keep_is_the_only_way_a_guest_outlives_its_session(tmp_path: Path) -> No
         for name in kept:
             assert name in r.stdout and "kept running" in r.stdout
             ssh_line = next(ln for ln in r.stdout.splitlines() if name in ln and "ssh " in ln)
-            argv = ssh_line.split(": ", 2)[-1].split()
+            argv = shlex.split(ssh_line.split(": ", 2)[-1])
             out = subprocess.run(
                 [*argv, "-o", "BatchMode=yes", "ls /root"],
                 capture_output=True,
