@@ -24,7 +24,9 @@ URI = "qemu:///system"
 
 def test_failed_boot_is_retried_once_and_reported(tmp_path: Path) -> None:
     lines: list[str] = []
-    settings = Settings(uri=URI, cache_dir=CACHE, code_dir=tmp_path, offline=True, boot_timeout=1)
+    settings = Settings(
+        uri=URI, cache_dir=CACHE, code_dir=tmp_path, offline=True, boot_timeout=1, restore="off"
+    )
     pool = Pool([BUILTIN_PROFILES["debian-12"]], settings, log=lines.append)
     try:
         with pytest.raises(BootTimeout):
