@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,29 @@ def test_commands_run_as_you_and_root_is_one_argument_away(devbox: Machine) -> N
         assert (written.stat().st_uid, written.stat().st_gid) == (os.getuid(), os.getgid())
     finally:
         written.unlink(missing_ok=True)
+
+
+def test_guest_root_plants_nothing_on_the_host(devbox: Machine) -> None:
+    # A guest is untrusted code: what its root makes in /code is a plain file on the host,
+    # never a setuid-root program or a device node (9p's mapped mode by default).
+    if devbox.share == "sync":
+        pytest.skip("/code is a copy in this guest: nothing it does reaches the host")
+    planted = PROJECT / f"planted-by-{devbox.distro}-{secrets.token_hex(4)}"
+    script = (
+        f"mkdir /code/{planted.name} && cd /code/{planted.name} && cp /bin/sh x && "
+        "chown 0:0 x && chmod 4755 x && mknod n c 1 3 && stat -c '%u %a %F' x n"
+    )
+    try:
+        seen = devbox.run(script, user="root").stdout.splitlines()
+        # In the guest it all happened...
+        assert seen == ["0 4755 regular file", "0 644 character special file"], seen
+        # ...and on the host neither is what it claims to be.
+        for name in ("x", "n"):
+            mode = (planted / name).lstat().st_mode
+            assert stat.S_ISREG(mode), f"{name}: {stat.filemode(mode)}"
+            assert not mode & (stat.S_ISUID | stat.S_ISGID), f"{name}: {stat.filemode(mode)}"
+    finally:
+        devbox.run(f"rm -rf /code/{planted.name}", user="root", check=False)
 
 
 @pytest.mark.devbox("debian-12")  # one extra boot is enough for the demo
