@@ -223,11 +223,11 @@ def test_kill_9_leaves_no_remote_domain_and_the_sweep_removes_its_volumes(
         if proc.poll() is None:
             proc.kill()
     assert "uploaded " not in out.read_text(), out.read_text()  # a second session: no upload
-    mine = [n for n in pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
+    mine = [n for n in pool_volumes(remote.pool_dir) if _owned_by(n, proc.pid)]
     assert mine, pool_volumes(remote.pool_dir)  # its overlay (and console) are left
     lines = sweep_leftovers(remote.uri, CACHE, remote_pool=remote.pool_dir)
     assert sum("removed leftover volume" in line for line in lines) == len(mine), lines
-    assert not [n for n in pool_volumes(remote.pool_dir) if f"@{proc.pid}." in n]
+    assert not [n for n in pool_volumes(remote.pool_dir) if _owned_by(n, proc.pid)]
 
 
 def test_doctor_checks_the_remote_host(remote: RemoteHost) -> None:
@@ -251,3 +251,11 @@ def test_doctor_checks_the_remote_host(remote: RemoteHost) -> None:
     assert checks["ssh tunnel"]["ok"], checks
     assert checks["remote pool"]["ok"] and "GiB free" in checks["remote pool"]["detail"]
     assert "remote accel" in checks
+
+
+def _owned_by(volume: str, pid: int) -> bool:
+    """A guest volume `<domain>@<host>@<scope>-<pid>-<start>.<kind>` of process `pid`."""
+    if volume.count("@") != 2:
+        return False
+    owner = volume.rsplit("@", 1)[1].rsplit(".", 1)[0]
+    return owner.split("-")[1:2] == [str(pid)]
