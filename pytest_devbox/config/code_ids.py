@@ -49,6 +49,18 @@ def kernel_has_9p(profile: Profile) -> bool:
     return profile.share == "9p" or bool(_HAS_9P.match(profile.template))
 
 
+def override_problem(share: str, code_ids: str) -> str | None:
+    """Why `--devbox-share=share` cannot be had with `code_ids`, or None: checked before
+    any guest starts (config/resolve.py) and again for each profile (code_share)."""
+    if share != "virtiofs" or code_ids == "passthrough":
+        return None
+    return (
+        "--devbox-share=virtiofs passes guest ids through on this host (its virtiofsd "
+        "cannot map them: guest root would be host root on the code dir): use "
+        f"--devbox-share=9p or sync, or opt in with {OPT_IN}"
+    )
+
+
 def code_share(profile: Profile, override: str = "", code_ids: str = DEFAULT_CODE_IDS) -> CodeShare:
     """The share and id mode of `profile`'s guests: `override` (--devbox-share) or the
     profile's share, made safe unless `code_ids` is passthrough."""
@@ -63,12 +75,9 @@ def code_share(profile: Profile, override: str = "", code_ids: str = DEFAULT_COD
         )
     if asked == "9p":
         return CodeShare("9p", IDS_MAPPED, "guest owners and modes stay in xattrs on the host")
-    if override:
-        raise ProfileError(
-            "--devbox-share=virtiofs passes guest ids through on this host (its virtiofsd "
-            "cannot map them: guest root would be host root on the code dir): use "
-            f"--devbox-share=9p or sync, or opt in with {OPT_IN}"
-        )
+    problem = override_problem(override, code_ids)
+    if problem is not None:
+        raise ProfileError(problem)
     if kernel_has_9p(profile):
         return CodeShare(
             "9p", IDS_MAPPED, "instead of virtiofs, whose ids this host cannot map (guest root)"

@@ -19,6 +19,7 @@ import pytest
 
 from ..errors import ProfileError
 from ..host.probes import cache_problem
+from .code_ids import override_problem
 from .option_table import OPTIONS, IniReader, Option
 from .profiles import load_hosts
 from .settings import Settings
@@ -178,12 +179,9 @@ def resolve(
         values["hosts"] = load_hosts(places.rootdir)
     except ProfileError as e:
         raise pytest.UsageError(str(e)) from None
-    if values.get("share") == "virtiofs" and values.get("code_ids", "auto") == "auto":
-        raise pytest.UsageError(
-            "devbox: --devbox-share=virtiofs passes guest ids through on this host (guest "
-            "root would be host root on the code dir): use 9p or sync, or opt in with "
-            "--devbox-code-ids=passthrough"
-        )
+    share_problem = override_problem(values.get("share", ""), values.get("code_ids", "auto"))
+    if share_problem is not None:
+        raise pytest.UsageError(f"devbox: {share_problem}")
     settings = Settings(**values)
     problem = cache_problem(settings.cache_dir) if distros or cache_used else None
     if problem is not None:
