@@ -26,6 +26,7 @@ from .banner import probe_banner
 from .channel_slots import MAX_CHANNELS, ChannelSlots
 from .exec_channel import OUTPUT_LIMIT, execute, for_history, stop_script, wire_command
 from .keys import check_host_key, host_key_algorithms, load_private_key, pinned_keys
+from .openssh import openssh_argv
 
 __all__ = ["MAX_CHANNELS", "Connection", "Result", "probe_banner"]
 
@@ -385,42 +386,17 @@ class Connection:
                 sftp.close()
 
     def ssh_command(self) -> list[str]:
-        """An OpenSSH command line that reaches the same guest, for a person to paste.
-
-        The guest runs untrusted test code as root: nothing of the user's own session
-        (agent, X display, forwarded ports, local commands) goes there, whatever their
-        ~/.ssh/config says; the jump to a remote host still comes from it.
-        """
-        argv = ["ssh", *self._via, "-i", str(self.key_path), "-p", str(self.port)]
-        for option in (
-            "IdentitiesOnly=yes",
-            # A list of files separated by whitespace: quoted, a path with a space is one.
-            f'UserKnownHostsFile="{_openssh_quoted(_openssh_path(self.known_hosts))}"',
-            f"HostKeyAlias={self.host_key_alias}",
-            "StrictHostKeyChecking=yes",
-            *GUEST_ISOLATION,
-        ):
-            argv += ["-o", option]
-        return [*argv, f"{self.username}@{self.host}"]
-
-
-# What ssh_command turns off: the user's config must not hand the guest their agent.
-GUEST_ISOLATION = (
-    "ForwardAgent=no",
-    "ForwardX11=no",
-    "ClearAllForwardings=yes",
-    "PermitLocalCommand=no",
-)
-
-
-def _openssh_path(path: Path) -> str:
-    """``path`` as OpenSSH reads a file option: '%' starts a token there, '%%' is one."""
-    return str(path).replace("%", "%%")
-
-
-def _openssh_quoted(text: str) -> str:
-    """``text`` for inside double quotes of an OpenSSH option (its argv_split escapes)."""
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+        """An OpenSSH command line that reaches the same guest, for a person to paste
+        (openssh.py: nothing of the user's own session goes to the guest)."""
+        return openssh_argv(
+            host=self.host,
+            port=self.port,
+            username=self.username,
+            key_path=self.key_path,
+            known_hosts=self.known_hosts,
+            host_key_alias=self.host_key_alias,
+            via=self._via,
+        )
 
 
 def _seen(transport: paramiko.Transport, e: BaseException) -> str:
