@@ -33,6 +33,7 @@ import paramiko
 
 from ..config.settings import GUEST_USER
 from ..errors import SyncError
+from ..log import Log
 from ..transport.ssh import Connection
 from .sync_files import FileList, Stat, diff, list_files
 
@@ -111,7 +112,7 @@ class CodeSync:
         user: Callable[[], Connection],
         root: Callable[[], Connection] | None,
         label: str,
-        log: Callable[[str], None],
+        log: Log,
         target: str = CODE,
         manifest: str = MANIFEST,
     ) -> None:

@@ -27,6 +27,7 @@ from ..config.settings import GUEST_USER
 from ..errors import CacheLockTimeout, ImageBuildError
 from ..host.atomic import atomic_write
 from ..host.layout import CacheLayout
+from ..log import Log
 from ..transport.keys import ensure_keypair
 from . import qemu_img, recipe
 from .index import revisions
@@ -76,7 +77,7 @@ class ImageCache:
         repos: Sequence[str] = (),
         public_index: bool = True,
         tcg: bool = True,
-        log: Callable[[str], None] = print,
+        log: Log = print,
         lock_timeout: float = 1800,
         guest_user: recipe.GuestUser | None = None,
         public_key: Path | None = None,

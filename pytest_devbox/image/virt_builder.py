@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ..config.profiles import Profile
 from ..errors import HostNotReady, ImageBuildError
 from ..host.atomic import atomic_write
 from ..host.layout import CacheLayout
+from ..log import Log
 from .index import Section, parse_sections
 from .recipe import hostname
 from .selinux import builder_flags
@@ -211,7 +212,7 @@ class VirtBuilder:
         # No --no-sync: the image is shared by every later session, so it must reach disk.
         return argv
 
-    def run(self, profile: Profile, argv: list[str], log: Callable[[str], None]) -> None:
+    def run(self, profile: Profile, argv: list[str], log: Log) -> None:
         """Run ``argv``, logging each output line (password hidden); raise on failure."""
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         proc = subprocess.Popen(

@@ -7,12 +7,13 @@ import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..config import code_ids
 from ..errors import DevboxError
+from ..log import Log
 
 if TYPE_CHECKING:
     from ..guest.machine import Machine
@@ -26,7 +27,7 @@ PROGRESS_VERBOSITY = -1
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def live_log(config: pytest.Config) -> Callable[[str], None]:
+def live_log(config: pytest.Config) -> Log:
     """A log that writes 'devbox: ...' lines to the terminal as they happen.
 
     Image builds and boots run in fixture setup, where pytest captures output; the

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,6 +19,7 @@ from ..config.resolve import Resolved
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
 from ..host.probes import resolve_accel
+from ..log import Log
 
 if TYPE_CHECKING:
     from ..config.profiles import Profile
@@ -46,7 +47,7 @@ class DevboxSession:
         selected: list[Profile],
         *,
         accel: str,
-        log: Callable[[str], None],
+        log: Log,
     ) -> None:
         self.settings = settings
         self.profiles = profiles
@@ -308,9 +309,7 @@ class DevboxSession:
         return counts
 
 
-def open_session(
-    resolved: Resolved, project_dir: Path, log: Callable[[str], None]
-) -> DevboxSession:
+def open_session(resolved: Resolved, project_dir: Path, log: Log) -> DevboxSession:
     """The session for resolved options: profiles loaded, distros and accel checked.
 
     Any problem is a pytest.UsageError (exit code 4), raised before anything boots.

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import DevboxError
 from ..host.atomic import atomic_write
 from ..host.layout import CacheLayout
+from ..log import Log
 
 # What boot.host_key_alias makes: the only aliases a record may name (it is data).
 _ALIAS = re.compile(r"devbox-[0-9A-Za-z._-]+")
@@ -119,7 +120,7 @@ def _mtime(path: Path) -> float:
 def load(
     cache_dir: Path,
     running: Callable[[str], Iterable[str]],
-    warn: Callable[[str], None],
+    warn: Log,
 ) -> dict[str, KeptGuest]:
     """Live kept guests by distro (the newest wins); see `load_all`."""
     return {g.distro: g for g in load_all(cache_dir, running, warn)}
@@ -128,7 +129,7 @@ def load(
 def load_all(
     cache_dir: Path,
     running: Callable[[str], Iterable[str]],
-    warn: Callable[[str], None],
+    warn: Log,
 ) -> list[KeptGuest]:
     """Live kept guests, oldest first. ``running(uri)`` names the devbox domains at a
     libvirt URI; records of any other guest are removed."""

@@ -8,7 +8,7 @@ say it was reused. Without the option a session never touches guests of `devbox 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from ..config.profiles import Profile
@@ -19,13 +19,12 @@ from ..guest.attach import attach as attach_running
 from ..guest.machine import Machine
 from ..guest.sites import Link
 from ..image.cache import ImageCache
+from ..log import Log
 from ..transport.ssh import Connection
 from . import kept
 
 
-def find(
-    settings: Settings, profile: Profile, warn: Callable[[str], None]
-) -> kept.KeptGuest | None:
+def find(settings: Settings, profile: Profile, warn: Log) -> kept.KeptGuest | None:
     """The running `devbox up` guest of ``profile`` sharing this session's code dir."""
     guests = kept.load_all(settings.cache_dir, kept.running_names, warn)
     # The newest of `devbox up`'s guests (a failed test's kept guest is evidence).
@@ -42,7 +41,7 @@ def attach(
     profile: Profile,
     cache: ImageCache,
     settings: Settings,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> Machine:
     """A Machine on ``guest`` (on the host its record names); `detach()` it at the end,
     which leaves the guest running."""

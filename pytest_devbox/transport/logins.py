@@ -17,11 +17,12 @@ from __future__ import annotations
 import shlex
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..config.settings import EXEC_CHOICES, GUEST_USER
 from ..errors import CommandFailed, CommandTimeout
+from ..log import Log
 from ..result import Result
 from .exec_channel import OUTPUT_LIMIT, for_history, shell_argv
 from .executor import PYTHONS, Executor
@@ -39,7 +40,7 @@ class Login:
         self,
         conn: Connection,
         mode: str = "auto",
-        log: Callable[[str], None] = print,
+        log: Log = print,
         pythons: Sequence[str] = PYTHONS,
     ) -> None:
         if mode not in EXEC_CHOICES:
@@ -131,9 +132,7 @@ class Login:
 class Logins:
     """root's login (connected during boot) and the devbox user's (made when needed)."""
 
-    def __init__(
-        self, root: Connection, mode: str = "auto", log: Callable[[str], None] = print
-    ) -> None:
+    def __init__(self, root: Connection, mode: str = "auto", log: Log = print) -> None:
         self.root = Login(root, mode, log)
         self._mode = mode
         self._log = log

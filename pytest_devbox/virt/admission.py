@@ -18,7 +18,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import libvirt
 from filelock import FileLock
 
 from ..errors import DevboxError
+from ..log import Log
 from .domain_xml import NAME_PREFIX, read_metadata
 from .qemu_user import is_local
 
@@ -118,7 +119,7 @@ def admitted(
     lock_path: Path,
     *,
     label: str,
-    log: Callable[[str], None],
+    log: Log,
     timeout: float,
     total_mib: int | None = None,
 ) -> Iterator[None]:

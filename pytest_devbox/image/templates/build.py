@@ -9,11 +9,12 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import TemplateBuildError
+from ...log import Log
 from .recipes import DISK_SIZE, TemplateRecipe
 
 STEP_TIMEOUT = 3600.0
@@ -30,7 +31,7 @@ class Steps:
     distro: str
     mirror: str
     env: Mapping[str, str]
-    log: Callable[[str], None]
+    log: Log
 
     def run(self, title: str, argv: Sequence[str]) -> None:
         self.log(f"{self.distro}: {title} ...")

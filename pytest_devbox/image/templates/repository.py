@@ -21,13 +21,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import filelock
 
 from ...errors import CacheLockTimeout
 from ...host.atomic import atomic_write
 from ...host.layout import CacheLayout
+from ...log import Log
 from ..index import format_index, sections_by_name
 from ..virt_builder import libguestfs_env
 from .build import Steps, build_disk
@@ -100,7 +100,7 @@ class TemplateRepo:
         root: Path,
         *,
         mirror: str = DEFAULT_MIRROR,
-        log: Callable[[str], None] = print,
+        log: Log = print,
         env: Mapping[str, str] | None = None,
         lock_timeout: float = 3 * 3600.0,
     ) -> None:
