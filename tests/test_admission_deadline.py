@@ -20,6 +20,7 @@ from test_domain import spec_for
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.errors import RestoreUnavailable
 from pytest_devbox.guest.machine import Machine
+from pytest_devbox.host import owner
 from pytest_devbox.host.layout import CacheLayout
 from pytest_devbox.image.cache import ImageCache
 from pytest_devbox.virt import admission
@@ -44,7 +45,10 @@ def conn() -> Iterator[libvirt.virConnect]:
 
 def _guest(conn: libvirt.virConnect, *, pid: int, host: str | None = None) -> dom.Domain:
     name = f"devbox-adm-{uuid.uuid4().hex[:8]}"
-    meta = {"owner_pid": str(pid), "owner_host": host or socket.gethostname()}
+    # Another host's owner is another scope: never this process, whatever its pid.
+    scope = owner.scope() if host is None else "f" * 12
+    token = owner.Owner(scope, pid, owner.start_time(pid) or 0).token
+    meta = {"owner_pid": str(pid), "owner_host": host or socket.gethostname(), "owner": token}
     spec = spec_for("9p", "tcg", name=name, memory_mib=GUEST_MIB, metadata=meta)
     return dom.Domain.create(conn, spec, autodestroy=False)
 

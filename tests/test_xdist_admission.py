@@ -21,6 +21,7 @@ from test_domain import spec_for
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DomainError
+from pytest_devbox.host import owner
 from pytest_devbox.plugin.session import DevboxSession
 from pytest_devbox.virt import admission
 from pytest_devbox.virt import domain as dom
@@ -48,7 +49,11 @@ def _session(tmp_path: Path) -> DevboxSession:
 def _own_guest_filling_the_host(conn: libvirt.virConnect) -> dom.Domain:
     """A guest of this process as big as this host's whole budget for guests."""
     mib = admission.budget_mib(admission.meminfo_mib()["MemTotal"])
-    meta = {"owner_pid": str(os.getpid()), "owner_host": socket.gethostname()}
+    meta = {
+        "owner_pid": str(os.getpid()),
+        "owner_host": socket.gethostname(),
+        "owner": owner.me().token,
+    }
     name = f"devbox-big-{uuid.uuid4().hex[:8]}"
     spec = spec_for("9p", "tcg", name=name, memory_mib=mib, metadata=meta)
     return dom.Domain.create(conn, spec, autodestroy=False)

@@ -15,8 +15,6 @@ across processes of one user.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import libvirt
 from filelock import FileLock
 
 from ..errors import DevboxError
+from ..host import owner
 from ..log import Log
 from .domain_xml import NAME_PREFIX, read_metadata
 from .qemu_user import is_local
@@ -91,7 +90,7 @@ def budget_mib(total_mib: int) -> int:
 
 def holders(conn: libvirt.virConnect) -> list[Holder]:
     """The running devbox guests on ``conn``, with what each takes."""
-    me = (str(os.getpid()), socket.gethostname())
+    me = owner.me().token  # the identity the sweep trusts too (host/owner.py)
     found = []
     for virdom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         try:
@@ -102,7 +101,7 @@ def holders(conn: libvirt.virConnect) -> list[Holder]:
             mib = virdom.maxMemory() // 1024 + OVERHEAD_MIB
         except libvirt.libvirtError:
             continue  # gone while we counted
-        ours = (meta.get("owner_pid"), meta.get("owner_host")) == me
+        ours = meta.get("owner") == me
         found.append(Holder(name, mib, ours))
     return sorted(found, key=lambda h: h.name)
 
