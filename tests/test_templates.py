@@ -174,8 +174,8 @@ def test_entries_keep_other_distros(tmp_path: Path) -> None:
     assert entries["debian-12"]["revision"] == "2"
 
 
-def test_build_waits_for_the_repo_lock(tmp_path: Path) -> None:
-    held = filelock.FileLock(str(tmp_path / ".lock"))
+def test_build_waits_for_its_distros_lock(tmp_path: Path) -> None:
+    held = filelock.FileLock(str(tmp_path / ".lock-debian-12"))
     impatient = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=0.2)
     with held, pytest.raises(CacheLockTimeout, match="another process"):
         impatient.build("debian-12")
@@ -199,10 +199,43 @@ def test_up_to_date_template_is_answered_while_another_build_holds_the_lock(
 ) -> None:
     repo = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=0.2)
     fake_template(repo, "debian-11", 1, DEFAULT_MIRROR)
-    with filelock.FileLock(str(tmp_path / ".lock")):
+    with filelock.FileLock(str(tmp_path / ".lock-debian-11")):
         assert repo.build("debian-11").built is False
         with pytest.raises(CacheLockTimeout):
             repo.build("debian-11", force=True)
+
+
+def test_two_distros_build_at_once_and_both_are_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tool runs are replaced (they take minutes, and the VM tier runs them for
+    # real); what is checked is the locking: debian-11's build does not wait for
+    # debian-12's, and the index ends up listing both.
+    import pytest_devbox.image.templates.repository as repository
+
+    both_building = threading.Barrier(2, timeout=10)
+
+    def fake_build_disk(recipe: object, steps: object, work: Path) -> Path:
+        both_building.wait()  # raises BrokenBarrierError if the builds were serialised
+        out = work / "disk.qcow2.xz"
+        out.write_bytes(work.name.encode())
+        return out
+
+    monkeypatch.setattr(repository, "build_disk", fake_build_disk)
+    repo = TemplateRepo(tmp_path, log=lambda _: None, lock_timeout=10)
+    outcomes: dict[str, BuildOutcome] = {}
+    threads = [
+        threading.Thread(target=lambda d=d: outcomes.__setitem__(d, repo.build(d)))
+        for d in ("debian-11", "debian-12")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert sorted(outcomes) == ["debian-11", "debian-12"]
+    assert all(o.built for o in outcomes.values())
+    assert set(repo.entries()) == {"debian-11", "debian-12"}
+    assert repo.is_up_to_date("debian-11") and repo.is_up_to_date("debian-12")
 
 
 @pytest.mark.vm

@@ -7,8 +7,10 @@ make it in image/templates/build.py; this module decides when to build and publi
 
 Every template records a *recipe* hash (suite, mirror, packages, scripts, disk size,
 build-script version) in a sidecar JSON file; a template whose recipe is unchanged is
-not rebuilt. Everything is written to temporary names and ``os.replace``d under a
-``FileLock``, so an interrupted build never leaves a broken repository.
+not rebuilt. Everything is written to temporary names and ``os.replace``d, so an
+interrupted build never leaves a broken repository. Each distro builds under a lock of
+its own, and only publishing (the index's read-modify-write) takes the repository's
+lock: two templates build at the same time, from one process or several.
 """
 
 from __future__ import annotations
@@ -155,19 +157,12 @@ class TemplateRepo:
         # is answered without waiting for a build of another distro to finish.
         if not force and self.is_up_to_date(distro):
             return self._kept(distro, start)
-        lock = filelock.FileLock(str(self.root / ".lock"), timeout=self._lock_timeout)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise CacheLockTimeout(
-                f"another process has been building templates in {self.root} for over "
-                f"{self._lock_timeout:g} s; wait for it, or stop it and remove {lock.lock_file}"
-            ) from None
+        lock = self._acquire(f".lock-{distro}", f"building {distro}")
         try:
             # Whoever held the lock may just have built it.
             if not force and self.is_up_to_date(distro):
                 return self._kept(distro, start)
-            self._remove_stale_work_dirs()
+            self._remove_stale_work_dirs(distro)
             work = self.root / f".build-{distro}-{os.getpid()}"
             work.mkdir()
             try:
@@ -182,6 +177,17 @@ class TemplateRepo:
 
     # -- internals -----------------------------------------------------------------
 
+    def _acquire(self, name: str, doing: str) -> filelock.BaseFileLock:
+        lock = filelock.FileLock(str(self.root / name), timeout=self._lock_timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise CacheLockTimeout(
+                f"another process has been {doing} in {self.root} for over "
+                f"{self._lock_timeout:g} s; wait for it, or stop it and remove {lock.lock_file}"
+            ) from None
+        return lock
+
     def _build(self, recipe: TemplateRecipe, work: Path) -> tuple[int, Path]:
         from ...host.probes import resolve_accel
 
@@ -194,6 +200,13 @@ class TemplateRepo:
 
     def _publish(self, recipe: TemplateRecipe, compressed: Path) -> tuple[int, Path]:
         """Install ``compressed`` as the next revision of ``recipe`` and list it."""
+        lock = self._acquire(".lock", "publishing a template")
+        try:
+            return self._publish_locked(recipe, compressed)
+        finally:
+            lock.release()
+
+    def _publish_locked(self, recipe: TemplateRecipe, compressed: Path) -> tuple[int, Path]:
         distro = recipe.distro
         t0 = time.monotonic()
         old = self.entries().get(distro, {})
@@ -264,7 +277,7 @@ class TemplateRepo:
         atomic_write(self.conf_path, text)
         return self.conf_path
 
-    def _remove_stale_work_dirs(self) -> None:
-        # We hold the lock, so any work dir left here belongs to a build that died.
-        for stale in self.root.glob(".build-*"):
+    def _remove_stale_work_dirs(self, distro: str) -> None:
+        # We hold this distro's lock, so its work dirs left here are of builds that died.
+        for stale in self.root.glob(f".build-{distro}-*"):
             shutil.rmtree(stale, ignore_errors=True)
