@@ -28,6 +28,11 @@ _PACKAGE_OPS = frozenset({"install", "update", "uninstall", "firstboot-install"}
 _PACKAGE_TOOLS = frozenset({"yum", "dnf", "apt-get", "apt"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SIZE_RE = re.compile(r"^[0-9]+(\.[0-9]+)?[KMGTPE]?$")
+_URL_RE = re.compile(r"^(https?|file)://\S+$")
+_DIGEST_RE = re.compile(r"^(sha256:[0-9A-Fa-f]{64}|sha512:[0-9A-Fa-f]{128})$")
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_FIRMWARES = ("bios", "uefi")
+_CPU_LEVELS = ("x86-64-v2", "x86-64-v3")
 _SELINUX_TEMPLATES = re.compile(r"^(centos|centosstream|fedora|rhel|alma|rocky|scientificlinux)-")
 
 
@@ -49,6 +54,19 @@ class Profile:
     disk_size: str | None = None
     extends: str | None = None
     selinux: bool | None = None
+    # A vendor's cloud image instead of a virt-builder template (image/cloud_*.py):
+    # imported once into the local template repository, then built like any template.
+    cloud_image: str | None = None
+    # Where the image is when the dated ``cloud_image`` is gone (vendors prune them).
+    cloud_image_latest: str | None = None
+    # "sha256:HEX" / "sha512:HEX", or a vendor checksum file (relative to the image URL).
+    checksum: str | None = None
+    checksum_url: str | None = None
+    firmware: str = "bios"
+    # The x86-64 micro-architecture level the distro's userland needs (RHEL 9: v2).
+    cpu_level: str | None = None
+    # End of life (YYYY-MM-DD): selecting it later warns.
+    eol: str | None = None
 
     @property
     def relabels(self) -> bool:
@@ -193,6 +211,13 @@ _FIELD_TYPES: dict[str, str] = {
     "disk_size": 'a size such as "8G" or "10240M"',
     "extends": "the name of another profile",
     "selinux": "true or false (the template has SELinux: label the files the build writes)",
+    "cloud_image": "an http://, https:// or file:// URL of a qcow2 or raw cloud image",
+    "cloud_image_latest": "an http://, https:// or file:// URL of a qcow2 or raw cloud image",
+    "checksum": 'a digest such as "sha256:HEX" or "sha512:HEX"',
+    "checksum_url": "a checksum file (SHA256SUMS, CHECKSUM): its URL, or its name beside the image",
+    "firmware": 'one of "bios", "uefi"',
+    "cpu_level": 'one of "x86-64-v2", "x86-64-v3"',
+    "eol": 'a date such as "2026-12-31"',
 }
 assert set(_FIELD_TYPES) == {f.name for f in fields(Profile)} - {"name"}
 
@@ -226,6 +251,30 @@ def _check_field(where: str, key: str, value: Any) -> Any:
         return value
     if key == "disk_size":
         if not isinstance(value, str) or not _SIZE_RE.match(value):
+            raise bad()
+        return value
+    if key in ("cloud_image", "cloud_image_latest"):
+        if not isinstance(value, str) or not _URL_RE.match(value):
+            raise bad()
+        return value
+    if key == "checksum":
+        if not isinstance(value, str) or not _DIGEST_RE.match(value):
+            raise bad()
+        return value.lower()
+    if key == "checksum_url":
+        if not isinstance(value, str) or not value.strip():
+            raise bad()
+        return value
+    if key == "firmware":
+        if value not in _FIRMWARES:
+            raise bad()
+        return value
+    if key == "cpu_level":
+        if value not in _CPU_LEVELS:
+            raise bad()
+        return value
+    if key == "eol":
+        if not isinstance(value, str) or not _DATE_RE.match(value):
             raise bad()
         return value
     raise AssertionError(key)  # pragma: no cover
@@ -315,11 +364,15 @@ def load_profiles(project_dir: Path | None) -> dict[str, Profile]:
         elif name in BUILTIN_PROFILES:
             base = BUILTIN_PROFILES[name]
         if base is None:
-            if "template" not in values:
+            if "template" not in values and "cloud_image" not in values:
                 raise ProfileError(
                     f"{where}: field 'template' is required for a new profile "
-                    "(a virt-builder os-version such as 'debian-12'), or set 'extends'"
+                    "(a virt-builder os-version such as 'debian-12'), or set 'cloud_image' "
+                    "or 'extends'"
                 )
+            # A cloud image becomes a template of the local repository named like the
+            # profile (image/cloud_import.py), unless the profile names it itself.
+            values.setdefault("template", name)
             profile = Profile(name=name, **values)
         else:
             profile = replace(base, name=name, **values)

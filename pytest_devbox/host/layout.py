@@ -5,6 +5,7 @@
 <root>/virt-builder-config/<digest>/ virt-builder config dirs (our repos only)
 <root>/virt-builder-cache/           virt-builder's template download cache
 <root>/templates/                    local Debian templates and their index
+<root>/downloads/                    vendors' cloud images, verified before import
 <root>/ssh/                          the key pair and pinned host keys
 <root>/run/<run id>/                 one session's overlays and console logs
 <root>/kept/                         records of guests kept past their session
@@ -62,6 +63,11 @@ class CacheLayout:
     @property
     def templates(self) -> Path:
         return self.root / "templates"
+
+    @property
+    def downloads(self) -> Path:
+        """Vendors' cloud images as downloaded (partial ones resume from here)."""
+        return self.root / "downloads"
 
     @property
     def ssh(self) -> Path:
