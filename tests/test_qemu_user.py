@@ -3,7 +3,9 @@ ACLs (setfacl), libvirt's real capabilities format and its test driver."""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -57,13 +59,38 @@ class _Caps:
 
 def test_caller_policy_labels_the_domain_with_our_ids() -> None:
     who = qemu_user.identity(_Caps(WORKSTATION_CAPS), "qemu:///system", "caller")
-    assert (who.uid, who.gid, who.label) == (os.getuid(), os.getgid(), (os.getuid(), os.getgid()))
+    # Our group, or libvirt's QEMU group (107 here) when we are not in it.
+    gid = os.getgid() if 107 in qemu_user.groups_of(os.getuid(), os.getgid()) else 107
+    assert (who.uid, who.gid, who.label) == (os.getuid(), gid, (os.getuid(), gid))
     kept = qemu_user.identity(_Caps(WORKSTATION_CAPS), "qemu:///system", "libvirt")
     assert (kept.uid, kept.gid, kept.label) == (64055, 107, None)
     assert not kept.is_root
     # Our uid means nothing to a remote host's QEMU: no label there.
     remote = qemu_user.identity(_Caps(WORKSTATION_CAPS), "qemu+ssh://h/system", "caller")
     assert remote.label is None
+
+
+def test_a_user_outside_libvirts_qemu_group_gets_it_as_the_labels_group() -> None:
+    # libvirt's per-domain dir is libvirt-qemu:kvm 0750: a QEMU running as a user in
+    # `libvirt` alone enters it only with kvm as its group (the workstation test boots so).
+    member = next(
+        (g for g in grp.getgrall() if any(_uid_of(m) is not None for m in g.gr_mem)), None
+    )
+    assert qemu_user.label_gid(OTHER, OTHER, 107) == 107  # no such user: in no group
+    assert qemu_user.label_gid(OTHER, 107, 107) == 107  # it is their own group
+    if member is not None:
+        name = next(m for m in member.gr_mem if _uid_of(m) is not None)
+        uid = _uid_of(name)
+        assert uid is not None
+        own = pwd.getpwuid(uid).pw_gid
+        assert qemu_user.label_gid(uid, own, member.gr_gid) == own  # a member keeps theirs
+
+
+def _uid_of(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
 
 
 def test_test_driver_without_dac_model_is_taken_as_root() -> None:

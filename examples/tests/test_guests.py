@@ -110,7 +110,9 @@ def test_commands_run_as_you_and_root_is_one_argument_away(devbox: Machine) -> N
             owner = devbox.run(f"stat -c %u:%g /code/{written.name}").stdout.strip()
             assert owner == f"{os.getuid()}:{os.getgid()}"
             return
-        assert (written.stat().st_uid, written.stat().st_gid) == (os.getuid(), os.getgid())
+        # Its group is yours too, unless you are not in libvirt's QEMU group (kvm on
+        # Debian): QEMU then runs in that group, to enter libvirt's per-domain dirs.
+        assert written.stat().st_uid == os.getuid()
     finally:
         written.unlink(missing_ok=True)
 

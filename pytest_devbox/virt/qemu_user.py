@@ -48,6 +48,8 @@ class QemuIdentity:
 
     def describe(self) -> str:
         how = "you, by a per-domain label" if self.label else "libvirt's configured user"
+        if self.label and self.gid != os.getgid():
+            how += f", in group {_group_name(self.gid)}, which libvirt's domain dirs belong to"
         return f"{self.name} (uid {self.uid}, gid {self.gid}; {how})"
 
     def reach_problem(
@@ -89,6 +91,13 @@ class QemuIdentity:
             return  # the reach check that follows says what is wrong
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def is_local(uri: str) -> bool:
     """Whether ``uri`` names this host's libvirt (no host part): only then do our uid
     and our files mean anything to the QEMU it starts."""
@@ -112,11 +121,24 @@ def default_identity(capabilities_xml: str) -> tuple[int, int] | None:
 
 def identity(conn: Any, uri: str, policy: str = "caller") -> QemuIdentity:
     """Who QEMU will run as for a guest started through ``conn`` under ``policy``."""
-    base = default_identity(conn.getCapabilities()) or (0, 0)
+    configured = default_identity(conn.getCapabilities())
+    base = configured or (0, 0)
     me = (os.getuid(), os.getgid())
     if policy == "caller" and is_local(uri) and base != me:
-        return QemuIdentity(*me, label=me)
+        # Never root's group: only a real QEMU group (from the DAC base label) is taken.
+        gid = label_gid(*me, base[1]) if configured and base[1] != 0 else me[1]
+        return QemuIdentity(me[0], gid, label=(me[0], gid))
     return QemuIdentity(*base, label=None)
+
+
+def label_gid(uid: int, gid: int, qemu_gid: int) -> int:
+    """The group of our per-domain label: the caller's own, unless the caller is not
+    in libvirt's QEMU group. libvirt makes each domain's private directory (its
+    master key, monitor sockets) as its configured user and group, mode 0750, so a
+    QEMU running as a user in `libvirt` alone could not enter it; with that group as
+    its primary one it can, and keeps the user's own groups as supplementary ones.
+    What QEMU creates (overlays, 9p files under /code) is then the user's, in that group."""
+    return gid if qemu_gid in groups_of(uid, gid) else qemu_gid
 
 
 # POSIX ACL xattr entries (linux/posix_acl_xattr.h): tag, permissions, id.
