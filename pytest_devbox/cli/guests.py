@@ -34,6 +34,7 @@ TEMPLATE_BUILD_MIB = 1280
 
 
 def cmd_template_build(args: argparse.Namespace, ctx: Context) -> int:
+    from ..image.templates.recipes import template_recipe
     from ..image.templates.repository import DEFAULT_MIRROR, TemplateRepo, default_repo_dir
 
     repo = TemplateRepo(
@@ -44,6 +45,8 @@ def cmd_template_build(args: argparse.Namespace, ctx: Context) -> int:
     # At the same time: one build's mmdebstrap waits on the mirror while another's
     # guestfish appliance uses the CPU (the demo's two builds took 8 min one after the other).
     names = list(dict.fromkeys(args.names))
+    for distro in names:
+        template_recipe(distro)  # an unknown name is a usage error before any build
     at_once = limit(len(names), TEMPLATE_BUILD_MIB)
     outcomes = run_bounded(names, lambda d: repo.build(d, force=args.force), at_once)
     failed = 0

@@ -1,9 +1,9 @@
 """What a local template is made of: suite, packages, the mmdebstrap hook and the
 guestfish script, and the hash of all that. Pure: nothing here runs a tool.
 
-A template is a bootable qcow2 disk made in four steps (image/templates/build.py): ``mmdebstrap``
-writes a minbase root file system as a tarball, ``guestfish`` lays it on a partitioned
-disk (ext4 + extlinux), ``qemu-img`` converts it to qcow2 and ``xz`` compresses it.
+A template is a bootable qcow2 disk made in three steps (image/templates/build.py):
+``mmdebstrap`` writes a minbase root file system as a tarball, ``guestfish`` lays it on a
+partitioned disk (ext4 + extlinux), ``qemu-img`` converts it to qcow2 (not compressed).
 
 A *variant* is a suite's recipe plus packages, a hook tail and guestfish lines
 (``debian-12-selinux``). The plain recipes' texts are exactly what they were before
@@ -29,7 +29,7 @@ DEBIAN_SUITES: dict[str, str] = {
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 # Bump whenever the scripts below change in a way the rendered text does not show.
-BUILD_SCRIPT_VERSION = 1
+BUILD_SCRIPT_VERSION = 2  # 2: no xz (build.py)
 DISK_SIZE = 4 * 1024**3
 ROOT_PARTITION = "/dev/sda1"
 

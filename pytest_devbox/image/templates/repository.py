@@ -195,18 +195,18 @@ class TemplateRepo:
         # An explicit LIBGUESTFS_BACKEND_SETTINGS in the caller's environment wins.
         env = {**libguestfs_env(resolve_accel() == "tcg"), **base}
         steps = Steps(recipe.distro, self.mirror, env, self.log)
-        compressed = build_disk(recipe, steps, work)
-        return self._publish(recipe, compressed)
+        disk = build_disk(recipe, steps, work)
+        return self._publish(recipe, disk)
 
-    def _publish(self, recipe: TemplateRecipe, compressed: Path) -> tuple[int, Path]:
-        """Install ``compressed`` as the next revision of ``recipe`` and list it."""
+    def _publish(self, recipe: TemplateRecipe, disk: Path) -> tuple[int, Path]:
+        """Install the template ``disk`` as the next revision of ``recipe`` and list it."""
         lock = self._acquire(".lock", "publishing a template")
         try:
-            return self._publish_locked(recipe, compressed)
+            return self._publish_locked(recipe, disk)
         finally:
             lock.release()
 
-    def _publish_locked(self, recipe: TemplateRecipe, compressed: Path) -> tuple[int, Path]:
+    def _publish_locked(self, recipe: TemplateRecipe, disk: Path) -> tuple[int, Path]:
         distro = recipe.distro
         t0 = time.monotonic()
         old = self.entries().get(distro, {})
@@ -215,7 +215,7 @@ class TemplateRepo:
         except (KeyError, ValueError):
             previous = None
         revision = next_revision(previous)
-        final = self.root / f"{distro}-r{revision}.qcow2.xz"
+        final = self.root / f"{distro}-r{revision}.qcow2"
         entry = {
             "name": recipe.title,
             "osinfo": recipe.osinfo,
@@ -223,15 +223,15 @@ class TemplateRepo:
             "file": final.name,
             "format": "qcow2",
             "size": str(DISK_SIZE),
-            "compressed_size": str(compressed.stat().st_size),
-            "checksum[sha512]": _sha512(compressed),
+            "compressed_size": str(disk.stat().st_size),
+            "checksum[sha512]": _sha512(disk),
             "revision": str(revision),
             "expand": ROOT_PARTITION,
             "notes": recipe.notes.format(mirror=self.mirror),
         }
         # Template first, then the state that vouches for it, then the index that
         # publishes it: an interruption at any point leaves the old entry usable.
-        os.replace(compressed, final)
+        os.replace(disk, final)
         atomic_write(
             self._state_path(distro),
             json.dumps({"recipe": recipe_hash(distro, self.mirror), "revision": revision}),
