@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile
+from pytest_devbox.config.settings import DEFAULT_URI
 from pytest_devbox.guest.machine import Machine
 from pytest_devbox.guest.restore import stack_at
 from pytest_devbox.host.layout import default_cache_dir
@@ -112,7 +113,7 @@ def main() -> None:
         )
     share = args.share
     if share == "virtiofs":
-        stack = stack_at("qemu:///system")
+        stack = stack_at(DEFAULT_URI)
         if stack is None or not stack.virtiofs_restore:
             why = stack.restore_line() if stack else "libvirt cannot be reached"
             raise SystemExit(f"--share virtiofs cannot restore here: {why}; use --share 9p")

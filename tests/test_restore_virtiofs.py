@@ -8,11 +8,13 @@ opted in with code_ids="passthrough" (config/code_ids.py), as a user would.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
 import pytest
+from guests import GUEST_GID, GUEST_UID
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.settings import Settings
@@ -50,6 +52,8 @@ def _code(tmp: Path, name: str) -> Path:
     d = tmp / name
     d.mkdir()
     (d / "which.txt").write_text(f"{name}\n")
+    if os.geteuid() == 0:  # the guest user writes there (ids pass through)
+        os.chown(d, GUEST_UID, GUEST_GID)
     return d
 
 

@@ -202,7 +202,7 @@ def _run(argv: list[str]) -> str:
     return r.stdout + r.stderr
 
 
-def probe(lib_version: int, qemu_version: int, uri: str = "qemu:///system") -> Stack:
+def probe(lib_version: int, qemu_version: int, uri: str) -> Stack:
     """The stack behind a libvirt connection (its getLibVersion and getVersion)."""
     return Stack(
         libvirt=decode(lib_version) if lib_version else None,
