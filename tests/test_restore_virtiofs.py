@@ -42,6 +42,14 @@ def stack() -> Stack:
     return found
 
 
+@pytest.fixture(scope="module")
+def rust_stack() -> Stack:
+    found = stack_at(URI)
+    if found is None or found.virtiofsd.kind != "rust":
+        pytest.skip(f"no Rust virtiofsd: {found.describe() if found else URI}")
+    return found
+
+
 def _restore(cache: ImageCache, code_dir: Path) -> Machine:
     return Machine.restore(
         PROFILE, cache=cache, code_dir=code_dir, uri=URI, share="virtiofs", code_ids="passthrough"
@@ -116,7 +124,7 @@ def test_the_pool_restores_a_virtiofs_profile(
 
 
 def test_libvirt_s_idmap_is_refused_by_a_virtiofsd_libvirt_runs_as_root(
-    stack: Stack, tmp_path: Path
+    rust_stack: Stack, tmp_path: Path
 ) -> None:
     """Why id mapping is off under the system daemon (host/stack.py): libvirt passes
     <idmap> on as --uid-map/--gid-map, and virtiofsd refuses those as root. The disk is
@@ -151,5 +159,5 @@ def test_libvirt_s_idmap_is_refused_by_a_virtiofsd_libvirt_runs_as_root(
         conn.close()
     logs = sorted(Path("/var/log/libvirt/qemu").glob(f"{name}-*virtiofsd.log"))
     said = "".join(p.read_text(errors="replace") for p in logs)
-    print(f"{stack.describe()}: {e.value.get_error_message()}; virtiofsd: {said.strip()}")
+    print(f"{rust_stack.describe()}: {e.value.get_error_message()}; virtiofsd: {said.strip()}")
     assert "uid_map can only be used by unprivileged user" in said
