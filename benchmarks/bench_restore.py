@@ -117,7 +117,10 @@ def main() -> None:
         if stack is None or not stack.virtiofs_restore:
             why = stack.restore_line() if stack else "libvirt cannot be reached"
             raise SystemExit(f"--share virtiofs cannot restore here: {why}; use --share 9p")
-    profile = replace(BUILTIN_PROFILES[args.distro], name=f"{args.distro}-{share}", share=share)
+    base = BUILTIN_PROFILES[args.distro]
+    # The built-in's own name (and so its image) when its share is the one asked for.
+    name = args.distro if share == base.share else f"{args.distro}-{share}"
+    profile = replace(base, name=name, share=share)
     ids = "passthrough" if share == "virtiofs" else "auto"
     accel = resolve_accel()
     uid = args.guest_uid
