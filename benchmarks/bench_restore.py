@@ -1,8 +1,9 @@
 """Boot vs restore, to the first command, from one cached image in one run (printed,
 never asserted).
 
-For a 9p profile of DISTRO (default debian-11; restores need 9p) on the same image,
-accel, memory and vCPUs:
+For DISTRO (default debian-11) sharing /code over SHARE (default 9p; virtiofs where the
+host stack can save it, host/stack.py, with guest ids passed through as the opt-in
+--devbox-code-ids=passthrough gives them) on the same image, accel, memory and vCPUs:
 
 - raw_boot_s: QEMU started directly on an overlay of the image (no libvirt, no share)
   until sshd's banner arrives: the floor of any boot;
@@ -13,7 +14,8 @@ accel, memory and vCPUs:
 The table ends with the figures as one JSON line (what benchmarks/run.py collects);
 `--json` prints that line alone.
 
-    .venv/bin/python benchmarks/bench_restore.py [--distro D] [-n N] [--guest-uid UID] [--json]
+    .venv/bin/python benchmarks/bench_restore.py [--distro D] [--share 9p|virtiofs] [-n N]
+        [--guest-uid UID] [--json]
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_devbox.config.profiles import BUILTIN_PROFILES, Profile
+from pytest_devbox.config.settings import DEFAULT_URI
 from pytest_devbox.guest.machine import Machine
+from pytest_devbox.guest.restore import stack_at
 from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.host.probes import resolve_accel
 from pytest_devbox.image import qemu_img
@@ -98,11 +102,26 @@ def to_first_command(start: Callable[[], Machine]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--distro", default="debian-11")
+    ap.add_argument("--share", choices=("9p", "virtiofs"), default="9p")
     ap.add_argument("-n", type=int, default=3, help="restores to take the median of")
     ap.add_argument("--guest-uid", type=int, default=os.getuid())
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    profile = replace(BUILTIN_PROFILES[args.distro], name=f"{args.distro}-9p", share="9p")
+    if args.distro not in BUILTIN_PROFILES:
+        raise SystemExit(
+            f"unknown distro {args.distro!r}: use one of {', '.join(BUILTIN_PROFILES)}"
+        )
+    share = args.share
+    if share == "virtiofs":
+        stack = stack_at(DEFAULT_URI)
+        if stack is None or not stack.virtiofs_restore:
+            why = stack.restore_line() if stack else "libvirt cannot be reached"
+            raise SystemExit(f"--share virtiofs cannot restore here: {why}; use --share 9p")
+    base = BUILTIN_PROFILES[args.distro]
+    # The built-in's own name (and so its image) when its share is the one asked for.
+    name = args.distro if share == base.share else f"{args.distro}-{share}"
+    profile = replace(base, name=name, share=share)
+    ids = "passthrough" if share == "virtiofs" else "auto"
     accel = resolve_accel()
     uid = args.guest_uid
     cache = ImageCache(
@@ -116,10 +135,10 @@ def main() -> None:
         code.mkdir()
 
         def boot() -> Machine:
-            return Machine.start(profile, cache=cache, code_dir=code, log=quiet)
+            return Machine.start(profile, cache=cache, code_dir=code, code_ids=ids, log=quiet)
 
         def restore() -> Machine:
-            return Machine.restore(profile, cache=cache, code_dir=code, log=quiet)
+            return Machine.restore(profile, cache=cache, code_dir=code, code_ids=ids, log=quiet)
 
         t0 = time.monotonic()
         restore().close()  # saves the slot when the cache has none
@@ -130,6 +149,7 @@ def main() -> None:
     restore_s = statistics.median(restores)
     figures = {
         "distro": profile.name,
+        "share": share,
         "accel": accel,
         "memory_mib": profile.memory_mib,
         "vcpus": profile.vcpus,

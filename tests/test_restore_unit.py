@@ -15,7 +15,14 @@ from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.config.resolve import Places, resolve
 from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DomainError
-from pytest_devbox.guest.restore import _RESEED_PY, freshen_command, restore_xml, unrestorable
+from pytest_devbox.guest.restore import (
+    _RESEED_PY,
+    PREPARE_SAVE,
+    freshen_command,
+    restore_xml,
+    unrestorable,
+)
+from pytest_devbox.host.stack import Stack, Virtiofsd
 from pytest_devbox.plugin.report import summary_rows
 from pytest_devbox.plugin.session import DevboxSession
 from pytest_devbox.pool.pool import Pool
@@ -53,8 +60,12 @@ def test_genid_only_when_asked() -> None:
     assert ET.fromstring(domain_xml.build_xml(spec(genid=False))).find("genid") is None
 
 
-def test_save_and_the_xml_a_restore_gets(testconn: libvirt.virConnect, tmp_path: Path) -> None:
-    d = dom.Domain.create(testconn, spec(), autodestroy=False)
+@pytest.mark.parametrize("share", ["9p", "virtiofs"])
+def test_save_and_the_xml_a_restore_gets(
+    testconn: libvirt.virConnect, tmp_path: Path, share: str
+) -> None:
+    ids = "mapped" if share == "9p" else "passthrough"
+    d = dom.Domain.create(testconn, spec(share=share, ids=ids), autodestroy=False)
     uuid = d.virdom.UUIDString()
     save = tmp_path / "state.save"
     d.save(save)
@@ -74,6 +85,8 @@ def test_save_and_the_xml_a_restore_gets(testconn: libvirt.virConnect, tmp_path:
     assert root.findtext("genid") == ET.fromstring(saved).findtext("genid")
     assert root.find("devices/disk/source").get("file") == str(tmp_path / "run/overlay.qcow2")  # type: ignore[union-attr]
     assert root.find("devices/filesystem/source").get("dir") == "/home/dev/second"  # type: ignore[union-attr]
+    driver = root.find("devices/filesystem/driver")
+    assert (driver is not None and driver.get("type") == "virtiofs") is (share == "virtiofs")
     assert {s.get("path") for s in root.iterfind("devices/*/source[@path]")} == {
         str(tmp_path / "run" / "console.log")
     }
@@ -103,10 +116,19 @@ def test_a_save_without_a_disk_is_not_ours() -> None:
         )
 
 
-def test_only_9p_profiles_are_restored() -> None:
+def test_virtiofs_profiles_are_restored_only_where_the_stack_saves_them() -> None:
     assert unrestorable(P9) is None
     why = unrestorable(VIRTIOFS)
-    assert why is not None and "virtiofs" in why and "QEMU 8.2" in why and '"9p"' in why
+    assert why is not None and "virtiofs" in why and '"9p"' in why
+    bookworm = Stack((9, 0, 0), (7, 2, 22), Virtiofsd("/usr/lib/qemu/virtiofsd", "c", (7, 2, 22)))
+    why = unrestorable(VIRTIOFS, stack=bookworm) or ""
+    assert why.startswith("virtiofs guests boot in full: QEMU 7.2.22 (needs >= 8.2.0)")
+    assert "QEMU >= 8.2.0, the Rust virtiofsd >= 1.11.0 and libvirt >= 10.5.0" in why
+    rust = Virtiofsd("/usr/libexec/virtiofsd", "rust", (1, 13, 2), ("migrate-precopy",))
+    assert unrestorable(VIRTIOFS, stack=Stack((11, 3, 0), (10, 0, 13), rust)) is None
+    # What a save is prepared with: /code unmounted (and virtiofs's inodes forgotten).
+    assert PREPARE_SAVE["virtiofs"].startswith("umount /code && sync && ")
+    assert "drop_caches" in PREPARE_SAVE["virtiofs"]
 
 
 def test_freshen_sets_the_clock_and_reseeds() -> None:
@@ -135,7 +157,7 @@ def test_a_bad_restore_value_is_a_usage_error(tmp_path: Path) -> None:
         (
             VIRTIOFS,
             {"code_ids": "passthrough"},
-            "its /code share is virtiofs, which cannot be saved before QEMU 8.2",
+            "virtiofs guests boot in full: QEMU 0.0.2 (needs >= 8.2.0)",
         ),
         (P9, {"keep": True}, "--devbox-keep guests are booted"),
     ],

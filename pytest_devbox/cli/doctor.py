@@ -14,6 +14,7 @@ from ..config import code_ids
 from ..config.option_table import spell_for_command
 from ..errors import DevboxError, HostNotReady
 from ..host.probes import cache_problem, find_virtiofsd, host_kernel, kvm_problem, virtiofsd_ids
+from ..host.stack import probe as probe_stack
 from ..transport.tunnel import Tunnel, parse_uri
 from ..virt import domain, qemu_user, volumes
 from .context import Context
@@ -85,6 +86,22 @@ def qemu_user_check(uri: str, paths: Sequence[Path], policy: str) -> Check:
     return Check("qemu user", True, f"{who.describe()}; reaches the cache and code dir")
 
 
+def stack_checks(uri: str) -> list[Check]:
+    """The host stack's versions and what they allow (host/stack.py): informational,
+    never a failure (without them virtiofs guests boot, and ids stay safe over 9p)."""
+    conn = domain.connect(uri)
+    try:
+        stack = probe_stack(conn.getLibVersion(), conn.getVersion(), uri)
+    finally:
+        conn.close()
+    where = "" if qemu_user.is_local(uri) else " (virtiofsd: this host's, not the remote's)"
+    return [
+        Check("stack", True, stack.describe() + where, required=False),
+        Check("virtiofs restore", stack.virtiofs_restore, stack.restore_line(), required=False),
+        Check("virtiofs id map", stack.id_mapping, stack.idmap_line(), required=False),
+    ]
+
+
 def run_checks(
     uri: str,
     cache_dir: Path,
@@ -108,6 +125,7 @@ def run_checks(
     if problem is None:
         paths = [cache_dir] if code_dir is None else [cache_dir, code_dir]
         checks.append(qemu_user_check(uri, paths, qemu_user_policy))
+        checks += stack_checks(uri)
         if remote_pool is not None:
             checks += remote_checks(uri, remote_pool)
     checks += [_accel_check(accel), _virtiofsd_check(), *_tool_checks(), _kernel_check()]

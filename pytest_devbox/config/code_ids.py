@@ -1,11 +1,14 @@
 """Which share and id mode a guest's /code gets, so guest root is not host root there.
 
 With ids passed through (virtiofs as libvirt starts it; 9p when QEMU runs as root), guest
-root can leave a setuid-root file or a device node in the host's working tree. The host
-stack this project supports (libvirt 9.0, QEMU 7.2, the C virtiofsd) cannot translate
-virtiofs ids: libvirt's <idmap> (10.0) only sets up a user namespace for an unprivileged
-virtiofsd, and squashing every guest id onto one host id needs the Rust virtiofsd's
---translate-uid/--translate-gid, which libvirt does not pass. 9p in "mapped" mode can:
+root can leave a setuid-root file or a device node in the host's working tree. No stack
+maps virtiofs ids under libvirt's system daemon (host/stack.py): libvirt (>= 10.0) passes
+<idmap> on as --uid-map/--gid-map, and virtiofsd, which that daemon runs as root, refuses
+them ("uid_map can only be used by unprivileged user", seen with libvirt 11.3 and the
+Rust virtiofsd 1.13.2 in a Debian 13 root); squashing every guest id onto one host id
+needs the Rust virtiofsd's --translate-uid/--translate-gid, which libvirt does not pass.
+So virtiofs stays the opt-in below on every system-daemon host, Debian 13 included
+(where it also restores from save slots). 9p in "mapped" mode can:
 QEMU keeps the guest's owner, mode and device numbers in xattrs, and the host file is
 QEMU's user's, with a plain mode (no setuid, no device node).
 

@@ -11,10 +11,15 @@ a new port forward (QEMU's user network forgets it), the clock stepped to the ho
 
 Guests sharing /code over 9p are restored, and so are those with share "sync" (no
 device at all; the save is made before anything is copied, so a restored guest gets a
-full copy of the code dir, as a booted one does): virtiofs (vhost-user-fs) cannot be
-saved before QEMU 8.2, and hot-plugging a virtiofs share crashed libvirt 9.0's daemon
-when tried by hand, so virtiofs guests boot. Restored guests have no AUTODESTROY: the
-reaper (guest/reaper.py) and the sweep destroy them when their process dies.
+full copy of the code dir, as a booted one does). Virtiofs guests are restored where the
+host stack can save them (host/stack.py: QEMU >= 8.2, the Rust virtiofsd >= 1.11,
+libvirt >= 10.5); elsewhere they boot (hot-plugging a virtiofs share crashed libvirt
+9.0's daemon when tried by hand, so there is no save-without-it-then-plug). virtiofsd
+puts the guest's open inodes in the save, and the new virtiofsd of a restore reopens
+them by path in its own directory: so /code is unmounted and the guest's caches dropped
+before the save (only the root inode is left), and a restore onto another code dir
+finds nothing missing. Restored guests have no AUTODESTROY: the reaper
+(guest/reaper.py) and the sweep destroy them when their process dies.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import libvirt
 from ..config.profiles import Profile
 from ..errors import DevboxError, DomainError, RestoreUnavailable
 from ..host.layout import CacheLayout
+from ..host.stack import Stack
+from ..host.stack import probe as probe_stack
 from ..image import qemu_img
 from ..image.cache import ImageInfo
 from ..log import Log
@@ -48,9 +55,15 @@ from .reaper import Reaper
 from .slots import MAX_SLOTS, Lease, SaveCache, host_fingerprint, save_key
 from .sweep import owner_dead
 
-# QEMU >= 8.2 can migrate vhost-user-fs (with a virtiofsd that supports it); that is
-# untested here, so virtiofs profiles always boot.
+# Shares every stack can save; virtiofs only where host/stack.py says so.
 RESTORE_SHARES = ("9p", "sync")
+# Before a save: /code unmounted (9p refuses a save while mounted; virtiofs would carry
+# the guest's open inodes into it), written out, and virtiofs's cached inodes forgotten.
+PREPARE_SAVE = {
+    "9p": "umount /code && sync",
+    "virtiofs": "umount /code && sync && echo 3 > /proc/sys/vm/drop_caches",
+    "sync": "sync",
+}
 # The guest's RNG gets host bytes and is reseeded at once (RNDADDENTROPY credits them,
 # RNDRESEEDCRNG reseeds; Linux >= 4.17), or the kernel's vmgenid driver (Linux >= 5.18)
 # reseeded it when the restore changed the <genid>. Without either, every clone of one
@@ -78,17 +91,42 @@ RESEEDED = ("reseed=ioctl", "reseed=vmgenid")
 MakeSpec = Callable[[str, Path, Path], domain_xml.DomainSpec]  # (name, disk, console) -> spec
 
 
-def unrestorable(profile: Profile, share: str = "") -> str | None:
+def unrestorable(profile: Profile, share: str = "", stack: Stack | None = None) -> str | None:
     """Why guests of `profile` with `share` (default: the profile's) are booted, not
-    restored; None when they can be restored."""
+    restored, on a host with `stack` (None: one that cannot save virtiofs); None when
+    they can be restored."""
     share = share or profile.share
-    if share not in RESTORE_SHARES:
-        return (
-            f"its /code share is {share}, which cannot be saved before QEMU 8.2 "
-            f'(restored guests share /code over 9p: share = "9p" in a profile restores '
-            "in seconds)"
-        )
-    return None
+    if share in RESTORE_SHARES or (share == "virtiofs" and stack and stack.virtiofs_restore):
+        return None
+    if share == "virtiofs":
+        line = stack.restore_line() if stack else "virtiofs guests cannot be saved here"
+        return f'{line} (a profile with share = "9p" restores in seconds)'
+    return f"its /code share is {share}, which cannot be saved"
+
+
+def host_stack(virconn: libvirt.virConnect) -> Stack:
+    """The stack behind a connection (host/stack.py), once per URI and process."""
+    uri = virconn.getURI()
+    if uri not in _STACKS:
+        _STACKS[uri] = probe_stack(virconn.getLibVersion(), virconn.getVersion(), uri)
+    return _STACKS[uri]
+
+
+def stack_at(uri: str) -> Stack | None:
+    """The stack behind `uri` (None when libvirt cannot be reached: the boot that
+    follows says why)."""
+    try:
+        virconn = dom.connect(uri)
+    except DevboxError:
+        return None
+    try:
+        return host_stack(virconn)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            virconn.close()
+
+
+_STACKS: dict[str, Stack] = {}
 
 
 def restore_xml(
@@ -174,7 +212,7 @@ class RestoreJob:
 def restore_guest(job: RestoreJob) -> Restored:
     """A guest of `job.profile` restored from a slot (built first when there is none).
     RestoreUnavailable when that cannot be done: the caller boots instead."""
-    reason = unrestorable(job.profile, job.share)
+    reason = unrestorable(job.profile, job.share, host_stack(job.virconn))
     if reason:
         raise RestoreUnavailable(reason)
     saves = SaveCache(job.cache_root)
@@ -252,9 +290,7 @@ def _save_booted(job: RestoreJob, lease: Lease, state: Path, disk: Path) -> None
         boot = Boot(domain, job.profile.name, slot.build_console, Deadline(job.timeout), job.tail)
         ssh = wait_ready(boot, connection=job.connection, share=job.share)
         try:
-            # 9p blocks a save while mounted (QEMU adds a migration blocker on attach).
-            unmount = "umount /code && " if job.share == "9p" else ""
-            ssh.run(unmount + "sync", cwd=None, timeout=60)
+            ssh.run(PREPARE_SAVE[job.share], cwd=None, timeout=60)
         finally:
             ssh.close()
         domain.save(state)

@@ -17,7 +17,7 @@ from ..config.settings import GUEST_USER, Settings
 from ..errors import BootTimeout, DevboxError, RestoreUnavailable, UnknownDistro
 from ..guest.machine import Machine
 from ..guest.plan import new_run_id
-from ..guest.restore import unrestorable
+from ..guest.restore import stack_at, unrestorable
 from ..guest.sweep import remove_run_dir, sweep_leftovers
 from ..host.parallel import limit, run_bounded
 from ..host.probes import resolve_accel
@@ -257,7 +257,9 @@ class Pool:
         s = self.settings
         if s.restore == "off" or profile.name in self._boot_only:
             return None
-        why = unrestorable(profile, self.share_for(profile))
+        share = self.share_for(profile)
+        stack = stack_at(s.uri_for(profile.name)) if share == "virtiofs" else None
+        why = unrestorable(profile, share, stack)
         if not is_local(s.uri_for(profile.name)):
             # Restore slots are save files in the local cache, which a remote libvirtd
             # cannot read or write.
