@@ -68,13 +68,14 @@ class Steps:
         self.log(f"{self.distro}: {title} done in {seconds:.1f} s")
 
 
-def build_disk(recipe: TemplateRecipe, steps: Steps, work: Path) -> Path:
-    """Make ``recipe``'s template in ``work``; return the compressed qcow2 in it."""
+def build_disk(recipe: TemplateRecipe, steps: Steps, work: Path, *, xz: bool = True) -> Path:
+    """Make ``recipe``'s template in ``work``; return the qcow2 in it (xz-compressed
+    unless ``xz`` is False: the tests' vendor-like cloud image is served as plain qcow2)."""
     root_uuid = str(uuid.uuid4())
     rootfs = _rootfs(recipe, steps, work, root_uuid)
     disk = _disk(recipe, steps, work, rootfs, root_uuid)
     rootfs.unlink()
-    return _compress(steps, work, disk)
+    return _compress(steps, work, disk, xz=xz)
 
 
 def _rootfs(recipe: TemplateRecipe, steps: Steps, work: Path, root_uuid: str) -> Path:
@@ -112,13 +113,15 @@ def _disk(recipe: TemplateRecipe, steps: Steps, work: Path, rootfs: Path, root_u
     return disk
 
 
-def _compress(steps: Steps, work: Path, disk: Path) -> Path:
+def _compress(steps: Steps, work: Path, disk: Path, *, xz: bool = True) -> Path:
     qcow2 = work / "disk.qcow2"
     steps.run(
         "qemu-img convert to qcow2",
         ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow2)],
     )
     disk.unlink()
+    if not xz:
+        return qcow2
     # 16 MiB blocks let virt-builder decompress in parallel; -T0 uses every core.
     steps.run(
         "xz compress",
