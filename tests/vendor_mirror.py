@@ -165,7 +165,7 @@ class Faults:
     """What the server does wrong, changeable while it runs."""
 
     drop_after: int | None = None  # bytes of a body sent before the connection is cut
-    drops_left: int = 0  # how many responses are cut that way
+    drops_left: int = 0  # how many responses longer than that are cut
     ignore_range: bool = False
     status: dict[str, int] = dataclasses.field(default_factory=dict)  # path -> 404/410
 
@@ -229,10 +229,13 @@ class MirrorServer:
                     self._body(name, path, start)
 
             def _body(self, name: str, path: Path, start: int) -> None:
+                remaining = path.stat().st_size - start
                 with outer._lock:
                     cut = outer.faults.drop_after if outer.faults.drops_left > 0 else None
-                    if cut is not None:
+                    if cut is not None and cut < remaining:
                         outer.faults.drops_left -= 1
+                    else:  # a body shorter than the cut (a checksum file) is sent whole
+                        cut = None
                 sent = 0
                 with open(path, "rb") as f:
                     f.seek(start)
