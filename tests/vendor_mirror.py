@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -167,6 +168,8 @@ class Faults:
     drop_after: int | None = None  # bytes of a body sent before the connection is cut
     drops_left: int = 0  # how many responses longer than that are cut
     ignore_range: bool = False
+    stall_after: int | None = None  # bytes of a body sent before the server stops sending
+    stall: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: stalled
     status: dict[str, int] = dataclasses.field(default_factory=dict)  # path -> 404/410
 
 
@@ -252,6 +255,13 @@ class MirrorServer:
                         sent += len(block)
                         if cut is not None and sent >= cut:
                             break
+                        stall_at = outer.faults.stall_after
+                        if stall_at is not None and sent >= stall_at:
+                            # Hold the connection open, sending nothing: a client killed
+                            # now leaves its partial file behind.
+                            outer.faults.stall.set()
+                            while outer.faults.stall_after is not None:
+                                time.sleep(0.05)
                 with outer._lock:
                     outer.sent[name] = outer.sent.get(name, 0) + sent
                 if cut is not None:

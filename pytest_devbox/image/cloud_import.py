@@ -45,9 +45,11 @@ NEUTRALISE_SCRIPT = r"""#!/bin/sh
 set -eu
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id /etc/ssh/ssh_host_*
+# @CLOUD_INIT@ (the benchmark keeps it, to show what it costs)
 if [ -d /etc/cloud ]; then
     touch /etc/cloud/cloud-init.disabled
 fi
+# @END@
 
 if command -v netplan >/dev/null 2>&1; then
     mkdir -p /etc/netplan
@@ -265,13 +267,14 @@ class CloudImporter:
             lock.release()
 
     def import_file(
-        self, profile: Profile, path: Path, *, neutralise: bool = True
+        self, profile: Profile, path: Path, *, keep_cloud_init: bool = False
     ) -> ImportOutcome:
         """A local file as ``profile``'s template (``devbox image import``).
 
         The file must have the profile's digest when the profile pins one (``checksum``);
         a ``checksum_url`` is not asked for (this is the offline way in), so the file's
-        own sha256 is recorded.
+        own sha256 is recorded. ``keep_cloud_init`` (benchmarks/bench_cloud.py) does all
+        the neutralisation but that; such an import is never taken as current by ``ensure``.
         """
         from .checksums import ChecksumMismatch, file_digest
 
@@ -286,30 +289,45 @@ class CloudImporter:
         url = profile.cloud_image or path.resolve().as_uri()
         lock = self.repo.distro_lock(profile.template)
         try:
-            return self._import(profile, path, url, digest, neutralise=neutralise)
+            return self._import(profile, path, url, digest, keep_cloud_init=keep_cloud_init)
         finally:
             lock.release()
 
     # --- internals ----------------------------------------------------------------
 
     def _still_current(self, profile: Profile, recorded: tuple[str, str], offline: bool) -> bool:
+        """True when the import is of the image the profile names now, by its digest (the
+        URL may differ: a mirror, a new port, the latest URL serving the same file)."""
         if offline:
             return True
         if profile.checksum:
             return profile.checksum == recorded[1]
-        try:
-            return download.expected_digest(profile, recorded[0]) == recorded[1]
-        except download.DownloadError as e:
-            # The vendor's server is out of reach: the image imported before stands.
-            self.log(f"[{profile.name}] cannot check the image upstream ({e}); using the import")
-            return True
+        urls = [u for u in (profile.cloud_image, profile.cloud_image_latest) if u]
+        for url in urls:
+            try:
+                return download.expected_digest(profile, url) == recorded[1]
+            except download.Gone:
+                continue
+            except download.DownloadError as e:
+                # The vendor's server is out of reach: the image imported before stands.
+                self.log(
+                    f"[{profile.name}] cannot check the image upstream ({e}); using the import"
+                )
+                return True
+        return False
 
     def _kept(self, profile: Profile, recorded: tuple[str, str]) -> ImportOutcome:
         entry = self.repo.entries()[profile.template]
         return ImportOutcome(profile.template, False, _int(entry), *recorded)
 
     def _import(
-        self, profile: Profile, source: Path, url: str, digest: str, *, neutralise: bool = True
+        self,
+        profile: Profile,
+        source: Path,
+        url: str,
+        digest: str,
+        *,
+        keep_cloud_init: bool = False,
     ) -> ImportOutcome:
         label = profile.name
         t0 = time.monotonic()
@@ -321,8 +339,7 @@ class CloudImporter:
         try:
             disk = self._prepare(source, work, label)
             found = self._inspect(disk, label)
-            if neutralise:
-                self._neutralise(disk, work, label)
+            self._neutralise(disk, work, label, keep_cloud_init)
             entry = {
                 "name": found.product or f"{profile.name} (cloud image)",
                 "osinfo": found.osinfo or f"{found.distro}{found.version}",
@@ -339,7 +356,7 @@ class CloudImporter:
                     "url": url,
                     "digest": digest,
                     "version": IMPORT_VERSION,
-                    "neutralised": neutralise,
+                    "neutralised": not keep_cloud_init,
                     "root": found.root,
                     "os": f"{found.distro} {found.version}".strip(),
                 }
@@ -385,9 +402,13 @@ class CloudImporter:
         )
         return parse_inspection(xml_text, str(disk))
 
-    def _neutralise(self, disk: Path, work: Path, label: str) -> None:
+    def _neutralise(self, disk: Path, work: Path, label: str, keep_cloud_init: bool) -> None:
         script = work / "neutralise.sh"
-        script.write_text(NEUTRALISE_SCRIPT)
+        text = NEUTRALISE_SCRIPT
+        if keep_cloud_init:
+            head, rest = text.split("# @CLOUD_INIT@", 1)
+            text = head + rest.split("# @END@", 1)[1]
+        script.write_text(text)
         commands = work / "neutralise.commands"
         # Last: label what the script wrote, in an SELinux guest (a no-op elsewhere).
         commands.write_text(f"run {script}\n{RELABEL_COMMAND}\n")
