@@ -15,6 +15,7 @@ new revision, so a new image cache key; the same one means nothing is done at al
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -210,11 +211,11 @@ def parse_inspection(xml_text: str, source: str) -> Inspection:
 
 
 def expand_partition(root: str) -> str | None:
-    """The partition virt-resize grows: the root's own, if it is one (not an LV)."""
-    name = root.rsplit("/", 1)[-1]
-    if root.startswith("/dev/") and name[:2] in ("sd", "vd") and name[-1:].isdigit():
-        return "/dev/sda" + name[3:]
-    return None
+    """The partition virt-resize grows: the root's own (a btrfs subvolume's too), never
+    an LV's (its PV is not known here: such a template keeps its size)."""
+    m = re.fullmatch(r"(?:btrfsvol:)?/dev/[sv]da([0-9]+)(?:/.*)?", root)
+    # The template's disk is the first one virt-resize sees: /dev/sda.
+    return f"/dev/sda{m.group(1)}" if m else None
 
 
 def _virtual_size(path: Path, env: Mapping[str, str], log: Log, label: str) -> int:
