@@ -41,7 +41,8 @@ DEFAULT_DISK_SIZE = 4 * 1024**3
 # Run inside the guest by virt-customize (`run`): POSIX sh, no bashisms, every step a
 # no-op where the guest lacks what it changes. DHCP on the first NIC: the stack the image
 # itself uses, in this order: netplan (Ubuntu, Debian 12+ cloud images), NetworkManager
-# (the RHEL family, Fedora), systemd-networkd, ifupdown (older Debian).
+# (the RHEL family, Fedora; a keyfile NetworkManager ignores unless only root may read it:
+# nm-settings-keyfile(5)), systemd-networkd, ifupdown (older Debian).
 NEUTRALISE_SCRIPT = r"""#!/bin/sh
 set -eu
 : > /etc/machine-id
