@@ -122,3 +122,12 @@ def test_devbox_image_import_refuses_what_it_cannot_import(tmp_path: Path) -> No
     r = _devbox(tmp_path, "image", "import", str(tmp_path / "nope.qcow2"), "--distro", "mine")
     assert r.returncode == 1 and "nope.qcow2: no such file" in r.stderr
     assert TemplateRepo(tmp_path / "cache" / "templates").entries() == {}
+
+
+def test_a_cloud_images_kernel_is_not_guessed_to_have_9p() -> None:
+    from pytest_devbox.config.code_ids import code_share
+
+    url = "https://cloud.debian.org/images/cloud/trixie/latest/debian-13-genericcloud-amd64.qcow2"
+    cloud = Profile(name="d13", template="debian-13", cloud_image=url, checksum_url="SHA512SUMS")
+    assert code_share(cloud).share == "sync"  # its cloud kernel has no 9p
+    assert code_share(Profile(name="d13", template="debian-13")).share == "9p"
