@@ -11,6 +11,8 @@ restore):
     parallel  two distros from a cold image cache at once vs each alone (minutes)
     xdist     `pytest -n 4 examples` on debian-11 and debian-12, watched from libvirt
     ssh       SSH latency against a throwaway local sshd (no guest)
+    cloud     the vendor-like cloud image booted with cloud-init enabled vs imported
+              (neutralised): boot_to_command_raw_s, boot_to_command_imported_s
 
 With --json the benchmarks' own output goes to stderr and stdout holds only the merged
 object: each figure under its own name, or `NAME.figure` when an earlier benchmark of
@@ -39,6 +41,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "parallel": ["bench_parallel.py"],
     "xdist": ["bench_xdist.py"],
     "ssh": ["bench_ssh.py", "latency"],
+    "cloud": ["bench_cloud.py"],
 }
 DEFAULT = ("guest", "restore")
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..config.option_table import OPTIONS, argument_attrs, flag_help, spell_for_command
 from ..errors import DevboxError
-from . import doctor
+from . import doctor, images
 from . import guests as c
 from .context import USAGE_ERRORS, Context, load_context
 from .run import cmd_run
@@ -91,6 +91,14 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="repository dir (default: CACHE/templates)")  # fmt: skip
     p.add_argument("--mirror", help="Debian mirror URL")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+    p = _sub(sub, "image", "import a local cloud image file as a distro's template",
+             "devbox image import ./rocky-9.qcow2 --distro rocky-9", images.cmd_image_import,
+             ("cache_dir", "accel"))  # fmt: skip
+    p.add_argument("action", choices=["import"])
+    p.add_argument("file", metavar="FILE", help="a qcow2 or raw image (or .xz of one)")
+    p.add_argument("--distro", required=True, metavar="NAME",
+                   help="the profile (with cloud_image) whose template it becomes")  # fmt: skip
 
     p = _sub(sub, "build", "build (or check) the cached images of distros",
              "devbox build debian-12 centos-7", c.cmd_build,

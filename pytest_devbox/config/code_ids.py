@@ -48,7 +48,11 @@ class CodeShare:
 
 
 def kernel_has_9p(profile: Profile) -> bool:
-    """Whether the guest kernel of `profile` can mount 9p (its template's family says)."""
+    """Whether the guest kernel of `profile` can mount 9p (its template's family says).
+    A cloud image's kernel is the vendor's choice, not its family's: Debian's cloud kernel
+    (linux-image-cloud-amd64) has no 9p. Only its own `share = "9p"` says it has."""
+    if profile.cloud_image:
+        return profile.share == "9p"
     return profile.share == "9p" or bool(_HAS_9P.match(profile.template))
 
 

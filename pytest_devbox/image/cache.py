@@ -82,8 +82,11 @@ class ImageCache:
         guest_user: recipe.GuestUser | None = None,
         public_key: Path | None = None,
         project: Path | None = None,
+        offline: bool = False,
     ) -> None:
         self.root = Path(root)
+        # Cloud images (image/cloud_import.py): offline, never a download or a HEAD.
+        self.offline = offline
         self.layout = CacheLayout(self.root)
         self.builder = VirtBuilder(self.layout, repos=repos, public_index=public_index, tcg=tcg)
         self.log = log
@@ -206,10 +209,27 @@ class ImageCache:
     def image_for(self, profile: Profile, *, rebuild: bool = False) -> ImageInfo:
         """Return the cached image for ``profile``, building it first if needed."""
         executable()  # a host without virt-builder is told so before anything else
+        if profile.cloud_image:
+            self.import_cloud_image(profile)
         key = self.key_for(profile)
         return self.ensure(
             profile, key, lambda tmp: self._run_builder(profile, tmp), rebuild=rebuild
         )
+
+    def import_cloud_image(self, profile: Profile) -> None:
+        """Download and import ``profile``'s cloud image as its template, if not done yet.
+
+        Once per digest, under the template's lock (a concurrent session waits, then
+        finds it done). A new import is a new template revision: the key is worked out
+        again from the index read afresh.
+        """
+        from .cloud_import import CloudImporter
+
+        importer = CloudImporter(self.root, tcg=self.builder.tcg, log=self.log)
+        outcome = importer.ensure(profile, offline=self.offline)
+        if outcome.imported:
+            self._keys.pop(profile, None)
+            self.builder.forget(self.builder.local_index.as_uri())
 
     def ensure(
         self,

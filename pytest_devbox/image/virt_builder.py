@@ -169,6 +169,10 @@ class VirtBuilder:
             self._indexes[uri] = read_index(uri)
         return self._indexes[uri]
 
+    def forget(self, uri: str) -> None:
+        """Read ``uri`` afresh next time (our local index changed under us)."""
+        self._indexes.pop(uri, None)
+
     def indexes(self, profile: Profile) -> list[IndexRead]:
         """Every index ``profile`` may be built from, in repository order."""
         return [self.index(uri) for uri in self.repo_uris(profile)]

@@ -95,6 +95,7 @@ class Pool:
                 log=self.log,
                 guest_user=(GUEST_USER, os.getuid(), os.getgid()),
                 project=s.rootdir,
+                offline=s.offline,
             )
         return self._cache
 

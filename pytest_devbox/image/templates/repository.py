@@ -244,6 +244,52 @@ class TemplateRepo:
         self.log(f"{distro}: checksum and index in {time.monotonic() - t0:.1f} s")
         return revision, final
 
+    def publish_disk(
+        self, distro: str, disk: Path, entry: Mapping[str, str], state: Mapping[str, object]
+    ) -> tuple[int, Path]:
+        """Install ``disk`` (a qcow2 in this directory) as the next revision of ``distro``.
+
+        For templates made elsewhere than from a recipe (image/cloud_import.py): ``entry``
+        gives the index fields besides file, sizes, checksum and revision; ``state`` is
+        recorded in the sidecar (with the revision). The caller holds ``distro``'s lock.
+        """
+        lock = self._acquire(".lock", "publishing a template")
+        try:
+            old = self.entries().get(distro, {})
+            try:
+                previous: int | None = int(old["revision"])
+            except (KeyError, ValueError):
+                previous = None
+            revision = next_revision(previous)
+            final = self.root / f"{distro}-r{revision}.qcow2"
+            size = disk.stat().st_size
+            fields = {
+                **entry,
+                "file": final.name,
+                "compressed_size": str(size),
+                "checksum[sha512]": _sha512(disk),
+                "revision": str(revision),
+            }
+            os.replace(disk, final)
+            atomic_write(self._state_path(distro), json.dumps({**state, "revision": revision}))
+            sections = self.entries()
+            sections[distro] = fields
+            atomic_write(self.index_path, format_index(sections))
+            if old.get("file") and old["file"] != final.name:
+                (self.root / old["file"]).unlink(missing_ok=True)
+            return revision, final
+        finally:
+            lock.release()
+
+    def distro_lock(self, distro: str) -> filelock.BaseFileLock:
+        """Take the lock a build (or an import) of ``distro`` holds; the caller releases it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self._acquire(f".lock-{distro}", f"building {distro}")
+
+    def state(self, distro: str) -> dict[str, object]:
+        """The sidecar of ``distro``'s template ({} when there is none)."""
+        return self._read_state(distro)
+
     def _kept(self, distro: str, start: float) -> BuildOutcome:
         entry = self.entries()[distro]
         self.log(f"{distro}: template is up to date (revision {entry['revision']})")
