@@ -28,7 +28,10 @@ from pytest_devbox.virt import domain as dom
 pytestmark = pytest.mark.vm
 
 
-@pytest.mark.parametrize("machine_name, fstype", [("debian12", "9p"), ("debian11_9p", "9p")])
+@pytest.mark.parametrize(
+    "machine_name, fstype",
+    [("debian12", "9p"), pytest.param("debian11_9p", "9p", marks=pytest.mark.host_tier)],
+)
 def test_share_both_ways(
     request: pytest.FixtureRequest, code_dir: Path, machine_name: str, fstype: str
 ) -> None:

@@ -50,6 +50,7 @@ def _urandom(m: Machine) -> str:
     return m.run("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'", cwd=None).stdout
 
 
+@pytest.mark.host_tier
 def test_restored_guests_are_usable_pristine_and_distinct(
     profile: Profile, cache: ImageCache, code_dir: Path
 ) -> None:

@@ -106,6 +106,7 @@ def test_a_removed_directory_goes_unless_the_guest_wrote_into_it(
     assert m.run("ls -A guest-wrote").stdout == "mine\n"
 
 
+@pytest.mark.host_tier
 def test_a_pytest_run_with_share_sync(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
