@@ -17,7 +17,7 @@ import pytest
 
 from ..config import project_files
 from ..config.option_table import COMMAND_FLAGS, OPTIONS
-from ..config.profiles import Profile, load_profiles, select
+from ..config.profiles import Profile, canonical, load_profiles, select
 from ..config.resolve import Places, resolve
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
@@ -164,4 +164,6 @@ def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None)
         cli, project.read, places, env=env, flags=COMMAND_FLAGS, cache_used=cache_used
     )
     profiles = load_profiles(project.rootdir)
-    return Context(resolved.settings, profiles, resolved.distros, project)
+    # Aliases (alma-9) become the canonical names (almalinux-9) that guests record.
+    distros = [canonical(d, profiles) for d in resolved.distros]
+    return Context(resolved.settings, profiles, distros, project)

@@ -380,14 +380,18 @@ def marker_limits(node: Any, profiles: dict[str, Profile]) -> tuple[set[str] | N
                 f"{where}: @pytest.mark.devbox needs distro names or exclude=[...]",
                 pytrace=False,
             )
+        from ..config.profiles import canonical
+
         for name in names:
-            if not isinstance(name, str) or name not in profiles:
+            if not isinstance(name, str) or canonical(name, profiles) not in profiles:
                 pytest.fail(
                     f"{where}: @pytest.mark.devbox names unknown distro {name!r}; "
                     f"known distros: {', '.join(sorted(profiles))}",
                     pytrace=False,
                 )
+        # An alias (alma-9) limits its canonical profile (almalinux-9), the test id's.
+        named = {canonical(n, profiles) for n in mark.args}
         if mark.args:
-            include = set(mark.args) if include is None else include & set(mark.args)
-        exclude.update(excluded)
+            include = named if include is None else include & named
+        exclude.update(canonical(n, profiles) for n in excluded)
     return include, exclude
