@@ -66,6 +66,7 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
         from .dryrun import print_plans
 
         return print_plans(cache, profiles)
+    ctx.check_offline(profiles)
     for profile in profiles:
         t0 = time.monotonic()
         info = cache.image_for(profile, rebuild=ctx.settings.rebuild)
@@ -109,6 +110,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
 
 def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
     """Boot `profiles` at once as guests that stay up; one line per distro."""
+    ctx.check_offline(profiles)
     pool = ctx.pool(profiles, keep=True, **changes)
     names = [p.name for p in profiles]
     outcomes = run_bounded(names, pool.get, at_once=len(names))

@@ -440,6 +440,16 @@ def canonical(name: str, profiles: Mapping[str, Profile]) -> str:
     return target if target is not None and target in profiles else name
 
 
+def eol_warning(profile: Profile, today: datetime.date | None = None) -> str | None:
+    """The warning line for a distro past its end of life, or None."""
+    if not catalogue.past_eol(profile.eol, today):
+        return None
+    return (
+        f"warning: {profile.name} reached its end of life on {profile.eol}: it gets no "
+        "more fixes from its vendor (its recipe points it at the archive where one exists)"
+    )
+
+
 def select(names: Iterable[str], profiles: Mapping[str, Profile]) -> list[Profile]:
     """Return the profiles for ``names`` in the order given, without duplicates.
 

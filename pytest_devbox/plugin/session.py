@@ -18,6 +18,7 @@ from ..config.option_table import HOW_TO_SELECT
 from ..config.resolve import Resolved
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
+from ..host import cpu_level
 from ..host.probes import resolve_accel
 from ..log import Log
 
@@ -321,12 +322,23 @@ def open_session(resolved: Resolved, project_dir: Path, log: Log) -> DevboxSessi
         selected = select(resolved.distros, profiles) if resolved.distros else []
     except (ProfileError, UnknownDistro) as e:
         raise pytest.UsageError(f"devbox: {e}") from e
+    if resolved.settings.offline:
+        from ..image.availability import offline_problem
+
+        for p in selected:
+            problem = offline_problem(p, resolved.settings.cache_dir)
+            if problem is not None:
+                raise pytest.UsageError(f"devbox: {problem}")
     accel = ""
     if selected:
         try:
             accel = resolve_accel(resolved.settings.accel)  # cheap: file checks, no libvirt
         except DevboxError as e:
             raise pytest.UsageError(f"devbox: {e}") from e
+        for p in selected if accel == "kvm" else ():  # KVM guests get the host's CPU
+            problem = cpu_level.kvm_problem(p.name, p.cpu_level)
+            if problem is not None:
+                raise pytest.UsageError(f"devbox: {problem}")
     return DevboxSession(resolved.settings, profiles, selected, accel=accel, log=log)
 
 

@@ -101,6 +101,24 @@ def kvm_problem_of(conn: libvirt.virConnect) -> str | None:
     return None
 
 
+def uefi_problem(conn: libvirt.virConnect, accel: str = "tcg") -> str | None:
+    """Why guests at `conn` cannot boot with UEFI firmware, or None when they can: its
+    domain capabilities list no "efi" firmware (libvirt finds OVMF through the QEMU
+    firmware descriptors the ovmf package installs)."""
+    virttype = "kvm" if accel == "kvm" else "qemu"
+    try:
+        caps = conn.getDomainCapabilities(None, "x86_64", "pc", virttype, 0)
+    except libvirt.libvirtError as e:
+        return f"libvirt cannot tell its firmware ({e.get_error_message() or e})"
+    values = ET.fromstring(caps).findall("os/enum[@name='firmware']/value")
+    if any(v.text == "efi" for v in values):
+        return None
+    return (
+        f"libvirt at {conn.getURI()} finds no UEFI firmware: install OVMF on that host "
+        "(Debian/Ubuntu: apt-get install ovmf; Fedora: edk2-ovmf)"
+    )
+
+
 # --- one domain -----------------------------------------------------------------------
 
 _USERNET_FWD = re.compile(
@@ -129,6 +147,10 @@ class Domain:
         closes, even if this process is SIGKILLed; without (`devbox up`), it runs until
         destroyed or powered off, and `devbox destroy`/the sweep find it by its metadata."""
         flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
+        if spec.firmware == "uefi":
+            problem = uefi_problem(conn, spec.accel)
+            if problem is not None:
+                raise DomainError(f"cannot start {spec.name}: it boots with UEFI but {problem}")
         try:
             virdom = conn.createXML(build_xml(spec), flags)
         except libvirt.libvirtError as e:
