@@ -74,3 +74,26 @@ def test_uefi_without_ovmf_fails_before_boot_saying_what_to_install() -> None:
             dom.Domain.create(conn, spec("uefi"))
     finally:
         conn.close()
+
+
+class _OldQemu:
+    """What a libvirt connection to a QEMU older than 7.2 answers: no such host here."""
+
+    def getVersion(self) -> int:
+        return 7_001_000
+
+
+def test_tcg_refuses_x86_64_v3_on_a_qemu_before_7_2() -> None:
+    v3 = domain_xml.DomainSpec(
+        name="devbox-rocky-10-r0", disk=Path("/nonexistent.qcow2"), code_dir=Path("/tmp"),
+        share="sync", accel="tcg", console_log=Path("/tmp/c.log"), ids="none",
+        cpu_level="x86-64-v3",
+    )  # fmt: skip
+    problem = dom.tcg_level_problem(_OldQemu(), v3)  # type: ignore[arg-type]
+    assert problem is not None and "QEMU 7.1" in problem and "from 7.2 on" in problem
+    with pytest.raises(DomainError, match="cannot start devbox-rocky-10-r0: its distro needs"):
+        dom.Domain.create(_OldQemu(), v3)  # type: ignore[arg-type]
+    # v2 and no level need nothing of TCG's version.
+    for level in ("x86-64-v2", None):
+        spec_ = domain_xml.DomainSpec(**{**v3.__dict__, "cpu_level": level})
+        assert dom.tcg_level_problem(_OldQemu(), spec_) is None  # type: ignore[arg-type]

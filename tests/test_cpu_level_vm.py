@@ -17,6 +17,7 @@ from pytest_devbox.config.profiles import BUILTIN_PROFILES
 from pytest_devbox.guest.machine import Machine
 from pytest_devbox.host import cpu_level
 from pytest_devbox.image.cache import ImageCache
+from pytest_devbox.virt import domain as dom
 
 pytestmark = pytest.mark.vm
 
@@ -44,3 +45,5 @@ def test_under_tcg_the_domain_asks_for_the_maximum_cpu(v3_guest: Machine) -> Non
     xml = ET.fromstring(v3_guest.domain.virdom.XMLDesc(0))
     assert xml.get("type") == "qemu"
     assert xml.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
+    # This host's QEMU is one the version check lets through, and it did boot.
+    assert v3_guest.domain.virdom.connect().getVersion() >= dom.TCG_V3_QEMU

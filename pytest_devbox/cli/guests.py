@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.option_table import spell_for_command
-from ..config.profiles import select
+from ..config.profiles import canonical, select
 from ..errors import DevboxError
 from ..host.parallel import limit, run_bounded
 from ..pool import kept
@@ -370,6 +370,8 @@ def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageProblem("name guests or distros to destroy, or give --all")
     rows = guest_rows(ctx)
     here = ctx.settings.code_dir.resolve()
+    # A distro may be named by an alias (alma-9): guests record the canonical name.
+    args.names = [canonical(n, ctx.profiles) for n in args.names]
     # --all means the guests kept in this cache, a distro name this project's of them;
     # any other guest (a pytest session's, another user's) goes only when named in full.
     targets = [

@@ -124,6 +124,7 @@ class Plan:
             qemu_is_root=qemu.is_root,
             ids=self.code.ids,
             firmware=p.firmware,
+            cpu_level=p.cpu_level,
         )
 
     def _metadata(self, disk: Path, keep: bool) -> dict[str, str]:

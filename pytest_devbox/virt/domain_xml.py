@@ -55,6 +55,9 @@ class DomainSpec:
     # "bios" (SeaBIOS) or "uefi": libvirt picks an OVMF build from the host's firmware
     # descriptors (/usr/share/qemu/firmware, Debian's ovmf package).
     firmware: str = "bios"
+    # The x86-64 level the guest's userland needs: no XML of its own (TCG's CPU is
+    # "maximum", KVM's the host's), checked before the start (virt/domain.py).
+    cpu_level: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
