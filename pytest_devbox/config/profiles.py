@@ -445,8 +445,8 @@ def eol_warning(profile: Profile, today: datetime.date | None = None) -> str | N
     if not catalogue.past_eol(profile.eol, today):
         return None
     return (
-        f"warning: {profile.name} reached its end of life on {profile.eol}: it gets no "
-        "more fixes from its vendor (its recipe points it at the archive where one exists)"
+        f"warning: {profile.name} reached its end of life on {profile.eol}: "
+        "its vendor no longer fixes it"
     )
 
 
