@@ -125,7 +125,7 @@ def test_destroy_nothing_matching(capsys: pytest.CaptureFixture[str], tmp_path: 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "nosuch", "--", "ls"], "unknown distro 'nosuch'; known distros: centos-7"),
+        (["run", "nosuch", "--", "ls"], "unknown distro 'nosuch'; known distros: almalinux-10, "),
         (["run", "debian-12"], "nothing to run: devbox run DISTRO -- COMMAND"),
         (["run", "debian-11,,debian-12", "--", "ls"], "contains an empty distro name"),
         (["run", "--uri", "qemu", "debian-12", "--", "ls"], "--uri='qemu': not a libvirt URI"),

@@ -58,6 +58,8 @@ GOLDEN = {
     "9p-kvm.xml": spec_for("9p", "kvm", memory_mib=2048, vcpus=1),
     # A workstation: QEMU runs as the calling user; 9p mapped all the same.
     "9p-as-user.xml": spec_for("9p", "tcg", run_as=(1000, 1000), qemu_is_root=False),
+    # A profile with firmware = "uefi": OVMF chosen by libvirt, secure boot off.
+    "9p-uefi.xml": spec_for("9p", "tcg", firmware="uefi"),
     "metadata.xml": spec_for(
         "9p",
         "tcg",

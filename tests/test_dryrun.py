@@ -36,6 +36,7 @@ run-command ssh-keygen -A
 )
 UNKNOWN = "????????????????"
 HEAD = """# @D@: template @T@
+# firmware bios, cpu any x86-64, end of life @EOL@
 # template revision: unknown
 # cache key unknown: template '@T@' (distro '@D@') is in none of the configured \
 virt-builder repositories; searched: no repository.
@@ -46,7 +47,7 @@ $ @VB@ @T@ --format qcow2 -o '@CACHE@/images/@D@-@K@.qcow2.partial' \
 # commands file @CACHE@/recipes/@D@-@K@.commands:
 """
 CENTOS7 = (
-    HEAD.replace("@D@", "centos-7").replace("@T@", "centos-7.8")
+    HEAD.replace("@D@", "centos-7").replace("@T@", "centos-7.8").replace("@EOL@", "2024-06-30")
     + r"""run-command sed -i -e 's/^mirrorlist=/#mirrorlist=/' -e 's|^#\?baseurl=http://mirror.centos.org/centos/\$releasever/|baseurl=http://vault.centos.org/7.8.2003/|' /etc/yum.repos.d/CentOS-*.repo
 install yum-utils
 run-command yum-config-manager --enable centosplus
@@ -61,6 +62,7 @@ append-line /etc/fstab:/code /code 9p trans=virtio,version=9p2000.L,msize=262144
 CENTOS8 = (
     HEAD.replace("@D@", "centos-8")
     .replace("@T@", "centos-8.2")
+    .replace("@EOL@", "2021-12-31")
     .replace("@FLAGS@", "@FLAGS@ --no-network")
     + r"""run-command sed -i -e 's/^mirrorlist=/#mirrorlist=/' -e 's|^#\?baseurl=http://mirror.centos.org/\$contentdir/\$releasever/|baseurl=http://vault.centos.org/8.2.2004/|' /etc/yum.repos.d/CentOS-*.repo
 """  # noqa: E501
@@ -134,8 +136,8 @@ def test_dry_run_shows_the_revision_and_key_a_local_index_gives(
     )
     assert main(["build", "--dry-run", "--offline", "--cache", str(cache), "debian-12"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == f"# template revision 7 (x86_64) in {index.as_uri()}"
-    key = lines[2].removeprefix("# cache key ")
+    assert lines[2] == f"# template revision 7 (x86_64) in {index.as_uri()}"
+    key = lines[3].removeprefix("# cache key ")
     assert len(key) == 16 and "?" not in key
-    assert f"-o {cache}/images/debian-12-{key}.qcow2.partial" in lines[3]
+    assert f"-o {cache}/images/debian-12-{key}.qcow2.partial" in lines[4]
     assert lines[-1] == "run-command ssh-keygen -A"  # no SELinux in debian-12: no relabel

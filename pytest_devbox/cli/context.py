@@ -17,7 +17,7 @@ import pytest
 
 from ..config import project_files
 from ..config.option_table import COMMAND_FLAGS, OPTIONS
-from ..config.profiles import Profile, load_profiles, select
+from ..config.profiles import Profile, canonical, eol_warning, load_profiles, select
 from ..config.resolve import Places, resolve
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
@@ -64,7 +64,24 @@ class Context:
                 f"name a distro, e.g. `devbox {what} debian-12` (or set the devbox ini "
                 "option or $PYTEST_DEVBOX for this project)"
             )
-        return select(self.distros, self.profiles)
+        chosen = select(self.distros, self.profiles)
+        for p in chosen:
+            warning = eol_warning(p)
+            if warning is not None:
+                log(f"devbox: {warning}")
+        return chosen
+
+    def check_offline(self, profiles: Sequence[Profile]) -> None:
+        """With --offline, a distro whose vendor image is not in the cache is a usage
+        error now, before anything starts (image/availability.py)."""
+        if not self.settings.offline:
+            return
+        from ..image.availability import offline_problem
+
+        for p in profiles:
+            problem = offline_problem(p, self.settings.cache_dir)
+            if problem is not None:
+                raise UsageProblem(problem)
 
     def pool(self, profiles: Sequence[Profile], **changes: Any) -> Pool:
         from ..pool.pool import Pool
@@ -164,4 +181,6 @@ def load_context(args: argparse.Namespace, env: Mapping[str, str] | None = None)
         cli, project.read, places, env=env, flags=COMMAND_FLAGS, cache_used=cache_used
     )
     profiles = load_profiles(project.rootdir)
-    return Context(resolved.settings, profiles, resolved.distros, project)
+    # Aliases (alma-9) become the canonical names (almalinux-9) that guests record.
+    distros = [canonical(d, profiles) for d in resolved.distros]
+    return Context(resolved.settings, profiles, distros, project)

@@ -126,6 +126,7 @@ def run_checks(
         paths = [cache_dir] if code_dir is None else [cache_dir, code_dir]
         checks.append(qemu_user_check(uri, paths, qemu_user_policy))
         checks += stack_checks(uri)
+        checks.append(uefi_check(uri, accel))
         if remote_pool is not None:
             checks += remote_checks(uri, remote_pool)
     checks += [_accel_check(accel), _virtiofsd_check(), *_tool_checks(), _kernel_check()]
@@ -181,6 +182,23 @@ def remote_checks(uri: str, pool_dir: str) -> list[Check]:
     finally:
         conn.close()
     return checks
+
+
+def uefi_check(uri: str, accel: str) -> Check:
+    """Whether profiles with firmware = "uefi" can boot: only they need OVMF."""
+    conn = domain.connect(uri)
+    try:
+        problem = domain.uefi_problem(conn, "tcg" if kvm_problem() or accel == "tcg" else "kvm")
+    finally:
+        conn.close()
+    return Check(
+        "uefi firmware",
+        problem is None,
+        "OVMF found" if problem is None else problem.split(": install")[0],
+        "install the ovmf package (`sudo apt-get install ovmf`): profiles with "
+        'firmware = "uefi" need it',
+        required=False,
+    )
 
 
 def _accel_check(accel: str) -> Check:

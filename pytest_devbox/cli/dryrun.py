@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable, Iterable
+from urllib.parse import urljoin
 
+from ..config import catalogue
 from ..config.profiles import Profile
 from ..errors import ImageBuildError
 from ..image import recipe
+from ..image.availability import cache_state
 from ..image.cache import ImageCache
 from ..image.index import revisions
 
@@ -35,9 +38,55 @@ def _revision_lines(cache: ImageCache, profile: Profile) -> list[str]:
     return lines
 
 
+def checksum_source(profile: Profile) -> str:
+    """Where the image's digest comes from: the pinned digest, else the checksum file's
+    URL (a bare name is beside the image), with its format when the catalogue knows it."""
+    if profile.checksum is not None:
+        return f"pinned {profile.checksum}"
+    if profile.checksum_url is None or profile.cloud_image is None:
+        return "none: the download is not verified"
+    url = profile.checksum_url
+    if "://" not in url:
+        url = urljoin(profile.cloud_image, url)
+    entry = catalogue.BY_NAME.get(profile.name)
+    if entry is None or entry.checksum_file != profile.checksum_url:
+        return url
+    return f"{url} ({entry.checksum_format}, {entry.signed})"
+
+
+def _cloud_lines(cache: ImageCache, profile: Profile) -> list[str]:
+    """What a cloud-image profile downloads and how it is checked, before the build."""
+    if profile.cloud_image is None:
+        return []
+    lines = [
+        f"# cloud image {profile.cloud_image}",
+        f"# latest      {profile.cloud_image_latest or '(none: the dated URL only)'}",
+        f"# checksum    {checksum_source(profile)}",
+    ]
+    entry = catalogue.BY_NAME.get(profile.name)
+    if entry is not None and entry.digest is not None and profile.cloud_image == entry.image:
+        lines.append(f"# digest      {entry.digest} (the dated image's, per {entry.source})")
+    state = cache_state(profile, cache.root)
+    lines.append(
+        f"# imported as template {profile.template} of the local repository; in the cache: "
+        + {"-": "not yet (a download)", "imported": "imported", "built": "built"}[state]
+    )
+    return lines
+
+
+def _facts_line(profile: Profile) -> str:
+    eol = f", end of life {profile.eol}" if profile.eol else ""
+    return f"# firmware {profile.firmware}, cpu {profile.cpu_level or 'any x86-64'}{eol}"
+
+
 def plan(cache: ImageCache, profile: Profile) -> str:
     """What building ``profile`` into ``cache`` would run, as reviewable text."""
-    lines = [f"# {profile.name}: template {profile.template}", *_revision_lines(cache, profile)]
+    lines = [
+        f"# {profile.name}: template {profile.template}",
+        *_cloud_lines(cache, profile),
+        _facts_line(profile),
+        *_revision_lines(cache, profile),
+    ]
     try:
         key = cache.key_for(profile)
         lines.append(f"# cache key {key}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.option_table import spell_for_command
-from ..config.profiles import select
+from ..config.profiles import canonical, select
 from ..errors import DevboxError
 from ..host.parallel import limit, run_bounded
 from ..pool import kept
@@ -69,6 +69,7 @@ def cmd_build(args: argparse.Namespace, ctx: Context) -> int:
         from .dryrun import print_plans
 
         return print_plans(cache, profiles)
+    ctx.check_offline(profiles)
     for profile in profiles:
         t0 = time.monotonic()
         info = cache.image_for(profile, rebuild=ctx.settings.rebuild)
@@ -112,6 +113,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
 
 def start_kept(ctx: Context, profiles: list[Profile], **changes: Any) -> int:
     """Boot `profiles` at once as guests that stay up; one line per distro."""
+    ctx.check_offline(profiles)
     pool = ctx.pool(profiles, keep=True, **changes)
     names = [p.name for p in profiles]
     outcomes = run_bounded(names, pool.get, at_once=len(names))
@@ -371,6 +373,8 @@ def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageProblem("name guests or distros to destroy, or give --all")
     rows = guest_rows(ctx)
     here = ctx.settings.code_dir.resolve()
+    # A distro may be named by an alias (alma-9): guests record the canonical name.
+    args.names = [canonical(n, ctx.profiles) for n in args.names]
     # --all means the guests kept in this cache, a distro name this project's of them;
     # any other guest (a pytest session's, another user's) goes only when named in full.
     targets = [

@@ -20,6 +20,7 @@ from ..config.option_table import OPTIONS, argument_attrs, flag_help, spell_for_
 from ..errors import DevboxError
 from . import doctor, images
 from . import guests as c
+from .catalog import cmd_catalog
 from .context import USAGE_ERRORS, Context, load_context
 from .run import cmd_run
 
@@ -109,6 +110,15 @@ def _add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print the virt-builder command and commands file; build nothing, no network",
     )
+
+    p = _sub(sub, "catalog", "list the distros, their vendor images and cache state",
+             "devbox catalog\ndevbox catalog --check rocky-9 ubuntu-24.04", cmd_catalog,
+             ("cache_dir",))  # fmt: skip
+    p.add_argument("words", nargs="*", metavar="DISTRO", help="only these (default: all)")
+    p.add_argument("--check", action="store_true",
+                   help="ask each vendor URL (HEAD) whether its image is still there")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="per URL, for --check (default: 5)")  # fmt: skip
 
     p = _sub(sub, "key", "print the image cache key of distros (for a CI cache)",
              "devbox key debian-12", c.cmd_key, ("cache_dir", "offline", "repos"))  # fmt: skip

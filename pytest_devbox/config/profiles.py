@@ -7,6 +7,7 @@ a ``devbox.toml`` beside it (``[distros.NAME]``).
 
 from __future__ import annotations
 
+import datetime
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import ProfileError, UnknownDistro
+from . import catalogue
 from .settings import SHARE_CHOICES
 
 if sys.version_info >= (3, 11):
@@ -166,37 +168,70 @@ def _builtin(
     selinux: bool | None = None,
 ) -> Profile:
     return Profile(
-        name=name, template=template or name, share=share, customize=customize, selinux=selinux
+        name=name,
+        template=template or name,
+        share=share,
+        customize=customize,
+        selinux=selinux,
+        eol=catalogue.OTHER_EOL.get(name),
     )
+
+
+def _from_catalogue(entry: catalogue.Entry, today: datetime.date | None = None) -> Profile:
+    """The profile of a vendor cloud image: imported under its own name as a template
+    of the local repository (image/cloud_*.py), then built like any template."""
+    return Profile(
+        name=entry.name,
+        template=entry.name,
+        share=entry.share,
+        customize=catalogue.customize_lines(entry, today),
+        selinux=entry.selinux,
+        memory_mib=entry.memory_mib,
+        cloud_image=entry.image,
+        cloud_image_latest=entry.latest,
+        checksum_url=entry.checksum_file,
+        firmware=entry.firmware,
+        cpu_level=entry.cpu_level,
+        eol=entry.eol,
+    )
+
+
+# Fedora 40-42 are past EOL: their repositories are in the archive now.
+_FEDORA_EOL = (catalogue.FEDORA_ARCHIVE,)
+
+
+def builtin_profiles(today: datetime.date | None = None) -> dict[str, Profile]:
+    """Every built-in by name; `today` decides which EOL rewrites apply."""
+    old = (
+        _builtin("centos-7", "9p", (_CENTOS7_VAULT, *_CENTOS7_9P), template="centos-7.8"),
+        # No fstab line of its own: image/recipe.py mounts /code the way the share says, so
+        # a profile extending centos-8 with another share mounts that one.
+        _builtin("centos-8", "virtiofs", (_CENTOS8_VAULT,), template="centos-8.2"),
+        _builtin("centosstream-8", "virtiofs", (_CENTOSSTREAM8_VAULT,)),
+        _builtin("debian-10", "9p"),
+        _builtin("debian-11", "virtiofs"),
+        _builtin("debian-12", "virtiofs"),
+        # An enforcing Debian (image/templates/recipes.py): proves the relabel step here,
+        # where no RHEL-family template can be downloaded.
+        _builtin("debian-12-selinux", "virtiofs", selinux=True),
+        _builtin("debian-13", "virtiofs"),
+        _builtin("fedora-40", "virtiofs", _FEDORA_EOL),
+        # 9p is broken in Linux 6.9-6.11, Fedora 41's (Lima fedora-41.yaml; fixed by
+        # torvalds/linux be2ca38): virtiofs.
+        _builtin("fedora-41", "virtiofs", _FEDORA_EOL),
+        _builtin("fedora-42", "virtiofs", _FEDORA_EOL),
+        _builtin("ubuntu-18.04", "9p"),
+        _builtin("ubuntu-20.04", "virtiofs"),
+    )
+    # centosstream-9 is an alias of the catalogue's centos-stream-9 now (ALIASES): the
+    # 2022 virt-builder build it used to name is superseded by CentOS's own image.
+    cloud = tuple(_from_catalogue(e, today) for e in catalogue.ENTRIES)
+    return {p.name: p for p in sorted((*old, *cloud), key=lambda p: p.name)}
 
 
 # The share follows the guest kernel: virtiofs from Linux 5.4 (RHEL 8's 4.18 has it
 # backported), 9p before.
-BUILTIN_PROFILES: Mapping[str, Profile] = MappingProxyType(
-    {
-        p.name: p
-        for p in (
-            _builtin("centos-7", "9p", (_CENTOS7_VAULT, *_CENTOS7_9P), template="centos-7.8"),
-            # No fstab line of its own: image/recipe.py mounts /code the way the share says, so
-            # a profile extending centos-8 with another share mounts that one.
-            _builtin("centos-8", "virtiofs", (_CENTOS8_VAULT,), template="centos-8.2"),
-            _builtin("centosstream-8", "virtiofs", (_CENTOSSTREAM8_VAULT,)),
-            _builtin("centosstream-9", "virtiofs"),
-            _builtin("debian-10", "9p"),
-            _builtin("debian-11", "virtiofs"),
-            _builtin("debian-12", "virtiofs"),
-            # An enforcing Debian (image/templates/recipes.py): proves the relabel step here,
-            # where no RHEL-family template can be downloaded.
-            _builtin("debian-12-selinux", "virtiofs", selinux=True),
-            _builtin("debian-13", "virtiofs"),
-            _builtin("fedora-40", "virtiofs"),
-            _builtin("fedora-41", "virtiofs"),
-            _builtin("fedora-42", "virtiofs"),
-            _builtin("ubuntu-18.04", "9p"),
-            _builtin("ubuntu-20.04", "virtiofs"),
-        )
-    }
-)
+BUILTIN_PROFILES: Mapping[str, Profile] = MappingProxyType(builtin_profiles())
 
 
 # --- user profiles ------------------------------------------------------------------------
@@ -346,6 +381,8 @@ def load_profiles(project_dir: Path | None) -> dict[str, Profile]:
                 )
             values[key] = _check_field(where, key, value)
         parent_name = values.get("extends")
+        if parent_name is not None and parent_name not in raw:
+            parent_name = canonical(parent_name, BUILTIN_PROFILES)
         base: Profile | None = None
         if parent_name is not None:
             if parent_name in chain or (parent_name == name and name not in BUILTIN_PROFILES):
@@ -361,8 +398,9 @@ def load_profiles(project_dir: Path | None) -> dict[str, Profile]:
                     f"{where}: field 'extends' names an unknown profile {parent_name!r}; "
                     "known profiles: " + ", ".join(known)
                 )
-        elif name in BUILTIN_PROFILES:
-            base = BUILTIN_PROFILES[name]
+        elif canonical(name, BUILTIN_PROFILES) in BUILTIN_PROFILES:
+            # Named like a built-in (or an alias of one): starts from it.
+            base = BUILTIN_PROFILES[canonical(name, BUILTIN_PROFILES)]
         if base is None:
             if "template" not in values and "cloud_image" not in values:
                 raise ProfileError(
@@ -392,11 +430,31 @@ def effective_share(profile: Profile, override: str = "") -> str:
     return override or profile.share
 
 
+def canonical(name: str, profiles: Mapping[str, Profile]) -> str:
+    """`name` as `profiles` know it: itself when a profile has that name (a project's
+    own profile beats an alias), else the profile an alias such as `alma-9` stands
+    for, else unchanged (an unknown name stays unknown for the caller's message)."""
+    if name in profiles:
+        return name
+    target = catalogue.ALIASES.get(name)
+    return target if target is not None and target in profiles else name
+
+
+def eol_warning(profile: Profile, today: datetime.date | None = None) -> str | None:
+    """The warning line for a distro past its end of life, or None."""
+    if not catalogue.past_eol(profile.eol, today):
+        return None
+    return (
+        f"warning: {profile.name} reached its end of life on {profile.eol}: "
+        "its vendor no longer fixes it"
+    )
+
+
 def select(names: Iterable[str], profiles: Mapping[str, Profile]) -> list[Profile]:
     """Return the profiles for ``names`` in the order given, without duplicates.
 
-    ``"all"`` stands for every profile. An unknown name raises UnknownDistro listing
-    the known ones.
+    ``"all"`` stands for every profile; an alias (``alma-9``) its canonical profile.
+    An unknown name raises UnknownDistro listing the known ones.
     """
     chosen: dict[str, Profile] = {}
     for raw_name in names:
@@ -407,6 +465,7 @@ def select(names: Iterable[str], profiles: Mapping[str, Profile]) -> list[Profil
             for p in profiles.values():
                 chosen.setdefault(p.name, p)
             continue
+        name = canonical(name, profiles)
         if name not in profiles:
             raise UnknownDistro(
                 f"unknown distro {name!r}; known distros: {', '.join(sorted(profiles))} "

@@ -24,7 +24,7 @@ from ..config.code_ids import CodeShare, code_share
 from ..config.profiles import Profile
 from ..config.settings import DEFAULT_CODE_IDS
 from ..errors import HostNotReady
-from ..host import owner
+from ..host import cpu_level, owner
 from ..host.layout import CacheLayout
 from ..host.probes import resolve_accel
 from ..image.cache import ImageCache, ImageInfo
@@ -76,6 +76,10 @@ class Plan:
         if not code_dir.is_dir():
             raise HostNotReady(f"code dir {code_dir} does not exist: pass an existing directory")
         chosen = resolve_accel(accel)
+        if chosen == "kvm":  # before any image is built: the guest could not run anyway
+            problem = cpu_level.kvm_problem(profile.name, profile.cpu_level)
+            if problem is not None:
+                raise HostNotReady(problem)
         image = cache.image_for(profile, rebuild=rebuild)
         run_id = run_id or new_run_id()
         workdir = claim_run_dir(cache.root, run_id)
@@ -119,6 +123,8 @@ class Plan:
             run_as=qemu.label,
             qemu_is_root=qemu.is_root,
             ids=self.code.ids,
+            firmware=p.firmware,
+            cpu_level=p.cpu_level,
         )
 
     def _metadata(self, disk: Path, keep: bool) -> dict[str, str]:

@@ -208,6 +208,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         return
     # The pool is closed by now (sessionfinish runs first); its stats remain.
     report.write_summary(terminalreporter, state)
+    for line in report.eol_warnings(state.selected):
+        terminalreporter.write_line(f"devbox: {line}", yellow=True)
     before = config.stash.get(_audit_key, None)
     if before is not None:
         new = code_audit.appeared(before, code_audit.scan(state.settings.code_dir))

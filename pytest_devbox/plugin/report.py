@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..config import code_ids
+from ..config.profiles import Profile, eol_warning
 from ..errors import DevboxError
 from ..log import Log
 
@@ -53,11 +54,19 @@ def header_line(state: DevboxSession) -> str | None:
     if not state.selected:
         return None
     s = state.settings
-    return (
-        f"devbox: uri={s.uri} accel={state.accel} "
-        f"distros={','.join(state.selected_names)} cache={s.cache_dir}\n"
-        f"devbox: {code_ids.header_line(s.code_ids)}"
+    return "\n".join(
+        [
+            f"devbox: uri={s.uri} accel={state.accel} "
+            f"distros={','.join(state.selected_names)} cache={s.cache_dir}",
+            f"devbox: {code_ids.header_line(s.code_ids)}",
+            *(f"devbox: {w}" for w in eol_warnings(state.selected)),
+        ]
     )
+
+
+def eol_warnings(profiles: Iterable[Profile]) -> list[str]:
+    """One line per selected distro past its end of life (header and summary)."""
+    return [w for w in (eol_warning(p) for p in profiles) if w is not None]
 
 
 # --- a failed test: the guests' console and commands --------------------------------

@@ -18,6 +18,7 @@ from ..config.option_table import HOW_TO_SELECT
 from ..config.resolve import Resolved
 from ..config.settings import Settings
 from ..errors import DevboxError, ProfileError, UnknownDistro
+from ..host import cpu_level
 from ..host.probes import resolve_accel
 from ..log import Log
 
@@ -321,12 +322,23 @@ def open_session(resolved: Resolved, project_dir: Path, log: Log) -> DevboxSessi
         selected = select(resolved.distros, profiles) if resolved.distros else []
     except (ProfileError, UnknownDistro) as e:
         raise pytest.UsageError(f"devbox: {e}") from e
+    if resolved.settings.offline:
+        from ..image.availability import offline_problem
+
+        for p in selected:
+            problem = offline_problem(p, resolved.settings.cache_dir)
+            if problem is not None:
+                raise pytest.UsageError(f"devbox: {problem}")
     accel = ""
     if selected:
         try:
             accel = resolve_accel(resolved.settings.accel)  # cheap: file checks, no libvirt
         except DevboxError as e:
             raise pytest.UsageError(f"devbox: {e}") from e
+        for p in selected if accel == "kvm" else ():  # KVM guests get the host's CPU
+            problem = cpu_level.kvm_problem(p.name, p.cpu_level)
+            if problem is not None:
+                raise pytest.UsageError(f"devbox: {problem}")
     return DevboxSession(resolved.settings, profiles, selected, accel=accel, log=log)
 
 
@@ -380,14 +392,18 @@ def marker_limits(node: Any, profiles: dict[str, Profile]) -> tuple[set[str] | N
                 f"{where}: @pytest.mark.devbox needs distro names or exclude=[...]",
                 pytrace=False,
             )
+        from ..config.profiles import canonical
+
         for name in names:
-            if not isinstance(name, str) or name not in profiles:
+            if not isinstance(name, str) or canonical(name, profiles) not in profiles:
                 pytest.fail(
                     f"{where}: @pytest.mark.devbox names unknown distro {name!r}; "
                     f"known distros: {', '.join(sorted(profiles))}",
                     pytrace=False,
                 )
+        # An alias (alma-9) limits its canonical profile (almalinux-9), the test id's.
+        named = {canonical(n, profiles) for n in mark.args}
         if mark.args:
-            include = set(mark.args) if include is None else include & set(mark.args)
-        exclude.update(excluded)
+            include = named if include is None else include & named
+        exclude.update(canonical(n, profiles) for n in excluded)
     return include, exclude

@@ -101,6 +101,43 @@ def kvm_problem_of(conn: libvirt.virConnect) -> str | None:
     return None
 
 
+# TCG emulates AVX, AVX2, FMA and F16C (x86-64-v3) from QEMU 7.2 on (qemu issue #844,
+# "Close gap for x86_64-v3 ABI in TCG"); v2 long before.
+TCG_V3_QEMU = 7_002_000
+
+
+def tcg_level_problem(conn: libvirt.virConnect, spec: DomainSpec) -> str | None:
+    """Why a TCG guest's CPU cannot have `spec.cpu_level` with this QEMU, or None."""
+    if spec.accel != "tcg" or spec.cpu_level != "x86-64-v3":
+        return None
+    version = conn.getVersion()  # QEMU's: major * 1,000,000 + minor * 1,000 + micro
+    if version >= TCG_V3_QEMU:
+        return None
+    have = f"{version // 1_000_000}.{version // 1000 % 1000}"
+    return (
+        f"its distro needs an x86-64-v3 CPU, which QEMU emulates from 7.2 on and this host "
+        f"has QEMU {have}: upgrade QEMU, or use KVM on a host with AVX2"
+    )
+
+
+def uefi_problem(conn: libvirt.virConnect, accel: str = "tcg") -> str | None:
+    """Why guests at `conn` cannot boot with UEFI firmware, or None when they can: its
+    domain capabilities list no "efi" firmware (libvirt finds OVMF through the QEMU
+    firmware descriptors the ovmf package installs)."""
+    virttype = "kvm" if accel == "kvm" else "qemu"
+    try:
+        caps = conn.getDomainCapabilities(None, "x86_64", "pc", virttype, 0)
+    except libvirt.libvirtError as e:
+        return f"libvirt cannot tell its firmware ({e.get_error_message() or e})"
+    values = ET.fromstring(caps).findall("os/enum[@name='firmware']/value")
+    if any(v.text == "efi" for v in values):
+        return None
+    return (
+        f"libvirt at {conn.getURI()} finds no UEFI firmware: install OVMF on that host "
+        "(Debian/Ubuntu: apt-get install ovmf; Fedora: edk2-ovmf)"
+    )
+
+
 # --- one domain -----------------------------------------------------------------------
 
 _USERNET_FWD = re.compile(
@@ -129,6 +166,13 @@ class Domain:
         closes, even if this process is SIGKILLed; without (`devbox up`), it runs until
         destroyed or powered off, and `devbox destroy`/the sweep find it by its metadata."""
         flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
+        problem = tcg_level_problem(conn, spec)
+        if problem is not None:
+            raise DomainError(f"cannot start {spec.name}: {problem}")
+        if spec.firmware == "uefi":
+            problem = uefi_problem(conn, spec.accel)
+            if problem is not None:
+                raise DomainError(f"cannot start {spec.name}: it boots with UEFI but {problem}")
         try:
             virdom = conn.createXML(build_xml(spec), flags)
         except libvirt.libvirtError as e:

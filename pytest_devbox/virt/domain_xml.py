@@ -20,6 +20,7 @@ METADATA_PREFIX = "devbox"
 SHARE_TAG = "/code"
 # sync: no device at all, /code is a copy made over SSH (guest/sync.py).
 ACCELS = ("kvm", "tcg")
+FIRMWARES = ("bios", "uefi")
 # The netdev id libvirt derives from a user-set alias: "host" + alias. Setting the alias
 # ourselves keeps the id the monitor commands need independent of device numbering.
 NET_ALIAS = "ua-devbox-net"
@@ -51,12 +52,20 @@ class DomainSpec:
     # A VM generation id: libvirt gives each restore of a save a new one, and Linux
     # >= 5.18 then reseeds its RNG, so clones of one save do not share random bytes.
     genid: bool = False
+    # "bios" (SeaBIOS) or "uefi": libvirt picks an OVMF build from the host's firmware
+    # descriptors (/usr/share/qemu/firmware, Debian's ovmf package).
+    firmware: str = "bios"
+    # The x86-64 level the guest's userland needs: no XML of its own (TCG's CPU is
+    # "maximum", KVM's the host's), checked before the start (virt/domain.py).
+    cpu_level: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
             raise DomainError(f"domain name {self.name!r} must start with {NAME_PREFIX!r}")
         if self.share not in SHARE_CHOICES:
             raise DomainError(f"unknown share kind {self.share!r}: use one of {SHARE_CHOICES}")
+        if self.firmware not in FIRMWARES:
+            raise DomainError(f"unknown firmware {self.firmware!r}: use one of {FIRMWARES}")
         if self.accel not in ACCELS:
             raise DomainError(f"unknown accel {self.accel!r}: use one of {ACCELS}")
         if self.share == "virtiofs" and self.ids != "passthrough":
@@ -84,7 +93,16 @@ def add_metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
         _sub(meta, f"{{{METADATA_NS}}}item", str(values[key]), key=key)
 
 
-def _os(parent: ET.Element) -> None:
+def _os(parent: ET.Element, firmware: str) -> None:
+    if firmware == "uefi":
+        # Firmware autoselection (libvirt >= 5.2): an OVMF build for the `pc` machine.
+        # Secure boot off: it needs q35 with SMM, and the images boot without it.
+        os_ = _sub(parent, "os", firmware="efi")
+        _sub(os_, "type", "hvm", arch="x86_64", machine="pc")
+        fw = _sub(os_, "firmware")
+        _sub(fw, "feature", enabled="no", name="secure-boot")
+        _sub(os_, "boot", dev="hd")
+        return
     os_ = _sub(parent, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine="pc")
     _sub(os_, "boot", dev="hd")
@@ -191,7 +209,7 @@ def build_xml(spec: DomainSpec) -> str:
     if spec.share == "virtiofs":
         _memory_backing(root)
     _sub(root, "vcpu", str(spec.vcpus))
-    _os(root)
+    _os(root, spec.firmware)
     features = _sub(root, "features")
     _sub(features, "acpi")  # the guest can power itself off
     _sub(features, "vmport", state="off")  # no VMware backdoor port and vmmouse
