@@ -68,7 +68,8 @@ def test_virtiofs_is_only_the_explicit_passthrough() -> None:
         ("ubuntu-20.04", "9p", "mapped"),
         ("debian-10", "9p", "mapped"),  # a 9p profile stays 9p, now mapped
         ("centos-7", "9p", "mapped"),  # its kernel-plus has 9p: the profile says 9p
-        ("centosstream-9", "sync", "none"),  # RHEL-family kernel: no 9p
+        ("centos-stream-9", "sync", "none"),  # RHEL-family kernel: no 9p
+        ("debian-13-cloud", "sync", "none"),  # Debian's cloud kernel: no 9p
         ("fedora-42", "sync", "none"),
     ],
 )
