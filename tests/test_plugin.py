@@ -49,9 +49,14 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def header(result: pytest.RunResult) -> list[str]:
-    # The /code ids line has tests of its own (test_code_ids.py).
+    # The /code ids line and the end-of-life warnings (debian-11's passed on 2026-08-31)
+    # have tests of their own (test_code_ids.py, test_catalogue*.py).
     lines = [line for line in result.outlines if line.startswith("devbox:")]
-    return [line for line in lines if not line.startswith("devbox: /code ids:")]
+    return [
+        line
+        for line in lines
+        if not line.startswith("devbox: /code ids:") and "reached its end of life" not in line
+    ]
 
 
 def collected(result: pytest.RunResult) -> list[str]:
