@@ -200,49 +200,20 @@ class TemplateRepo:
 
     def _publish(self, recipe: TemplateRecipe, disk: Path) -> tuple[int, Path]:
         """Install the template ``disk`` as the next revision of ``recipe`` and list it."""
-        lock = self._acquire(".lock", "publishing a template")
-        try:
-            return self._publish_locked(recipe, disk)
-        finally:
-            lock.release()
-
-    def _publish_locked(self, recipe: TemplateRecipe, disk: Path) -> tuple[int, Path]:
-        distro = recipe.distro
         t0 = time.monotonic()
-        old = self.entries().get(distro, {})
-        try:
-            previous: int | None = int(old["revision"])
-        except (KeyError, ValueError):
-            previous = None
-        revision = next_revision(previous)
-        final = self.root / f"{distro}-r{revision}.qcow2"
         entry = {
             "name": recipe.title,
             "osinfo": recipe.osinfo,
             "arch": "x86_64",
-            "file": final.name,
             "format": "qcow2",
             "size": str(DISK_SIZE),
-            "compressed_size": str(disk.stat().st_size),
-            "checksum[sha512]": _sha512(disk),
-            "revision": str(revision),
             "expand": ROOT_PARTITION,
             "notes": recipe.notes.format(mirror=self.mirror),
         }
-        # Template first, then the state that vouches for it, then the index that
-        # publishes it: an interruption at any point leaves the old entry usable.
-        os.replace(disk, final)
-        atomic_write(
-            self._state_path(distro),
-            json.dumps({"recipe": recipe_hash(distro, self.mirror), "revision": revision}),
-        )
-        sections = self.entries()
-        sections[distro] = entry
-        atomic_write(self.index_path, format_index(sections))
-        if old.get("file") and old["file"] != final.name:
-            (self.root / old["file"]).unlink(missing_ok=True)
-        self.log(f"{distro}: checksum and index in {time.monotonic() - t0:.1f} s")
-        return revision, final
+        state = {"recipe": recipe_hash(recipe.distro, self.mirror)}
+        published = self.publish_disk(recipe.distro, disk, entry, state)
+        self.log(f"{recipe.distro}: checksum and index in {time.monotonic() - t0:.1f} s")
+        return published
 
     def publish_disk(
         self, distro: str, disk: Path, entry: Mapping[str, str], state: Mapping[str, object]
@@ -270,6 +241,8 @@ class TemplateRepo:
                 "checksum[sha512]": _sha512(disk),
                 "revision": str(revision),
             }
+            # Template first, then the state that vouches for it, then the index that
+            # publishes it: an interruption at any point leaves the old entry usable.
             os.replace(disk, final)
             atomic_write(self._state_path(distro), json.dumps({**state, "revision": revision}))
             sections = self.entries()
