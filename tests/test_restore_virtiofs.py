@@ -26,7 +26,8 @@ from pytest_devbox.pool.pool import Pool
 from pytest_devbox.virt import domain as dom
 from pytest_devbox.virt import domain_xml
 
-pytestmark = pytest.mark.vm
+# host_tier: scripts/host-test runs these in its Debian 13 root, where the stack saves virtiofs.
+pytestmark = [pytest.mark.vm, pytest.mark.host_tier]
 
 URI = "qemu:///system"
 PROFILE = BUILTIN_PROFILES["debian-12"]  # a virtiofs profile

@@ -66,10 +66,14 @@ OS_RELEASE = {
 # qemu-system-x86 [ubuntu-pages], qemu-utils [lcitool], ovmf [mkosi], guestfs-tools
 # [ubuntu-pages], libguestfs-tools [lcitool] (guestfish and guestmount), mmdebstrap
 # [ubuntu-pages], xz-utils [lcitool], openssh-client [lcitool, mkosi], openssh-server
-# [mkosi], sudo, python3-venv, python3-dev, libvirt-dev, pkgconf, gcc [lcitool].
+# [mkosi], sudo, python3-venv, python3-dev, libvirt-dev, pkgconf, gcc [lcitool]; gpg:
+# virt-builder will not start without it ("no GNU Privacy Guard (GnuPG, gpg) binary was
+# found", seen in the Debian 13 root), guestfs-tools only Recommends gnupg
+# (`apt-cache show guestfs-tools`), and setup-host installs no recommends. Fedora's
+# guestfs-tools.spec has "Requires: gnupg2" [fedora-specs].
 APT = names("""
     libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils ovmf
-    guestfs-tools libguestfs-tools mmdebstrap xz-utils openssh-client openssh-server sudo
+    guestfs-tools libguestfs-tools gpg mmdebstrap xz-utils openssh-client openssh-server sudo
     python3-venv python3-dev libvirt-dev pkgconf gcc
 """)
 # libvirtd and virtlogd by their sockets: the units libvirt-daemon-system enables
