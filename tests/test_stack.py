@@ -124,8 +124,7 @@ def test_a_rust_daemon_is_told_from_its_version_and_capabilities(tmp_path: Path)
 
 
 @pytest.mark.skipif(
-    not os.access("/usr/lib/qemu/virtiofsd", os.X_OK)
-    or os.path.islink("/usr/lib/qemu/virtiofsd"),
+    not os.access("/usr/lib/qemu/virtiofsd", os.X_OK) or os.path.islink("/usr/lib/qemu/virtiofsd"),
     reason="no C virtiofsd (QEMU <= 7.2; Debian 13 links that path to the Rust one)",
 )
 def test_this_host_s_c_virtiofsd_is_probed_as_one() -> None:
