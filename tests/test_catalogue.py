@@ -269,6 +269,10 @@ def test_dry_run_of_the_vendor_distros_offline(tmp_path: Path) -> None:
         assert f"# checksum    {image_dir}/{entry.checksum_file} ({entry.checksum_format}," in text
         assert f"# digest      {entry.digest} " in text
         assert "in the cache: not yet (a download)" in text
+        # The template is the import's: no network index is asked about its name.
+        assert "# template revision: made by the import, on the first run\n" in text
+        assert "# cache key known after the import" in text
+        assert "builder.libguestfs.org" not in text
         assert re.search(r"^# commands file .*\.commands:$", text, re.MULTILINE)
         assert "$ " in text and "--commands-from-file" in text
     assert not (tmp_path / "images").exists()

@@ -27,6 +27,10 @@ UNKNOWN_KEY = "?" * 16
 def _revision_lines(cache: ImageCache, profile: Profile) -> list[str]:
     lines, known = [], False
     for read in cache.builder.indexes(profile):
+        # A cloud image's template is the import's, in the local repository: what a
+        # network index says of that name is not where it comes from.
+        if profile.cloud_image is not None and not read.uri.startswith("file:"):
+            continue
         if read.sections is None:
             lines.append(f"# template revision unknown in {read.uri}: the index {read.problem}")
             continue
@@ -34,7 +38,11 @@ def _revision_lines(cache: ImageCache, profile: Profile) -> list[str]:
             lines.append(f"# template revision {rev} ({arch}) in {uri}")
             known = True
     if not known:
-        lines.append("# template revision: unknown")
+        lines.append(
+            "# template revision: made by the import, on the first run"
+            if profile.cloud_image is not None
+            else "# template revision: unknown"
+        )
     return lines
 
 
@@ -92,7 +100,11 @@ def plan(cache: ImageCache, profile: Profile) -> str:
         lines.append(f"# cache key {key}")
     except ImageBuildError as e:
         key = UNKNOWN_KEY
-        lines.append(f"# cache key unknown: {str(e).splitlines()[0]}")
+        lines.append(
+            "# cache key known after the import (it pins the imported revision)"
+            if profile.cloud_image is not None and cache_state(profile, cache.root) == "-"
+            else f"# cache key unknown: {str(e).splitlines()[0]}"
+        )
     image = cache.layout.image(profile.name, key)
     commands = cache.layout.commands_file(profile.name, key)
     public_key = cache.public_key()
