@@ -6,7 +6,11 @@ repository: once neutralised as every import is (image/cloud_import.py), once wi
 of that but cloud-init left enabled. Both go through the same image build and boot with
 no datasource, and the time from domain start to the first command is printed for each
 (boot_to_command_raw_s, boot_to_command_imported_s), with what cloud-init left in the
-guest's journal.
+guest's journal. Measured here (TCG, loaded host): 41.2 s raw against 39.1 s imported:
+Debian 13's cloud-init (25.1) runs ds-identify, which finds no datasource under plain
+QEMU and disables cloud-init from its generator ("disabled-by-generator"), so the wait
+for a datasource never starts; the marker saves that check. The long wait is where
+ds-identify is not in the way (its policy "enabled", older cloud-init).
 
     .venv/bin/python benchmarks/bench_cloud.py
 """
@@ -68,7 +72,7 @@ def _boot(profile: Profile, cache: ImageCache) -> tuple[float, float, str]:
             m.run("true")
             first = time.perf_counter() - t0
             status = m.run(
-                "cloud-init status --long 2>&1 | head -5; "
+                "cloud-init status --long 2>&1 | head -4; "
                 "systemd-analyze 2>/dev/null | head -1; "
                 "systemd-analyze blame 2>/dev/null | head -3",
                 check=False,
@@ -88,8 +92,12 @@ def main() -> None:
     neutral = _profile("bench-cloud-imported", image, digest)
     _imported(importer, raw, image, keep=True)
     _imported(importer, neutral, image, keep=False)
+    # The raw template is built as a plain template of the repository: a profile that
+    # names the cloud image would have the image cache import it again, neutralised
+    # (an import that kept cloud-init is never current).
+    raw_build = Profile(name=raw.name, template=raw.template, share="sync")
     figures: dict[str, float] = {}
-    for label, profile in (("raw", raw), ("imported", neutral)):
+    for label, profile in (("raw", raw_build), ("imported", neutral)):
         t0 = time.perf_counter()
         built = cache.image_for(profile).built
         print(
