@@ -32,9 +32,12 @@ __all__ = [
     "list_devbox_domains",
 ]
 
+# Debian and Ubuntu run the monolithic libvirtd, Fedora the modular virtqemud
+# (scripts/host-packages says which units each host enables).
 _START_LIBVIRTD = (
-    "start libvirtd: `scripts/setup-host`, or `sudo systemctl start libvirtd` "
-    "(without systemd: `sudo virtlogd -d && sudo libvirtd -d`)"
+    "start libvirt's daemon: `scripts/setup-host`, or `sudo systemctl start libvirtd` "
+    "(Fedora: `sudo systemctl start virtqemud.socket`; without systemd: "
+    "`sudo virtlogd -d && sudo libvirtd -d`)"
 )
 
 _JOIN_LIBVIRT = (
