@@ -13,12 +13,9 @@ import pytest
 
 from pytest_devbox.config.profiles import Profile
 from pytest_devbox.image.cache import ImageCache
-from pytest_devbox.image.cloud_import import (
-    NEUTRALISE_SCRIPT,
-    expand_partition,
-    parse_inspection,
-)
+from pytest_devbox.image.cloud_import import expand_partition, parse_inspection
 from pytest_devbox.image.download import DownloadError
+from pytest_devbox.image.neutralise import NEUTRALISE_SCRIPT
 from pytest_devbox.image.templates.repository import TemplateRepo
 
 # virt-inspector 1.48 (Debian 12) on the tests' vendor-like Debian 13 image, trimmed.

@@ -27,10 +27,6 @@ UNKNOWN_KEY = "?" * 16
 def _revision_lines(cache: ImageCache, profile: Profile) -> list[str]:
     lines, known = [], False
     for read in cache.builder.indexes(profile):
-        # A cloud image's template is the import's, in the local repository: what a
-        # network index says of that name is not where it comes from.
-        if profile.cloud_image is not None and not read.uri.startswith("file:"):
-            continue
         if read.sections is None:
             lines.append(f"# template revision unknown in {read.uri}: the index {read.problem}")
             continue

@@ -4,7 +4,8 @@ The image (qcow2 or raw, maybe xz) is copied to a qcow2 in the repository, inspe
 with ``virt-inspector`` (its root partition becomes the index's ``expand=``), and
 neutralised once, with ``virt-customize`` on the copy: an empty machine-id, no SSH host
 keys (a unit makes them at boot where sshd does not: Debian, Ubuntu), cloud-init
-disabled (with no datasource it costs a boot 30-100 s of waiting), the DHCP that
+disabled (where ds-identify does not rule it out, it waits for a datasource at every
+boot), the DHCP that
 cloud-init would have configured written for the image's own network stack, and a
 serial console for our console logs. Then it is listed in the index like any template:
 the profile's ``customize`` lines, the image cache, overlays, restore and sync apply
@@ -29,110 +30,15 @@ from ..errors import DevboxError, ImageBuildError
 from ..host.layout import CacheLayout
 from ..log import Log
 from . import download
+from .neutralise import neutralise_script
 from .selinux import RELABEL_COMMAND, builder_flags
 from .templates.repository import TemplateRepo, default_repo_dir
 from .virt_builder import libguestfs_env
 
-# Bump when the neutralisation below changes: every import is redone.
+# Bump when the neutralisation (image/neutralise.py) changes: every import is redone.
 IMPORT_VERSION = 1
 STEP_TIMEOUT = 3600.0
 DEFAULT_DISK_SIZE = 4 * 1024**3
-
-# Run inside the guest by virt-customize (`run`): POSIX sh, no bashisms, every step a
-# no-op where the guest lacks what it changes. DHCP on the first NIC: the stack the image
-# itself uses, in this order: netplan (Ubuntu, Debian 12+ cloud images), NetworkManager
-# (the RHEL family, Fedora; a keyfile NetworkManager ignores unless only root may read it:
-# nm-settings-keyfile(5)), systemd-networkd, ifupdown (older Debian).
-NEUTRALISE_SCRIPT = r"""#!/bin/sh
-set -eu
-: > /etc/machine-id
-rm -f /var/lib/dbus/machine-id /etc/ssh/ssh_host_*
-# @CLOUD_INIT@ (the benchmark keeps it, to show what it costs)
-if [ -d /etc/cloud ]; then
-    touch /etc/cloud/cloud-init.disabled
-fi
-# @END@
-
-if command -v netplan >/dev/null 2>&1; then
-    mkdir -p /etc/netplan
-    cat > /etc/netplan/90-devbox-dhcp.yaml <<'EOF'
-network:
-  version: 2
-  ethernets:
-    devbox-nic:
-      match:
-        name: "e*"
-      dhcp4: true
-EOF
-    chmod 600 /etc/netplan/90-devbox-dhcp.yaml
-    echo "devbox-import: network by netplan"
-elif [ -d /etc/NetworkManager ] && command -v NetworkManager >/dev/null 2>&1; then
-    mkdir -p /etc/NetworkManager/system-connections
-    cat > /etc/NetworkManager/system-connections/devbox-dhcp.nmconnection <<'EOF'
-[connection]
-id=devbox-dhcp
-type=ethernet
-autoconnect=true
-
-[ipv4]
-method=auto
-
-[ipv6]
-method=auto
-EOF
-    chmod 600 /etc/NetworkManager/system-connections/devbox-dhcp.nmconnection
-    echo "devbox-import: network by NetworkManager"
-elif [ -x /lib/systemd/systemd-networkd ] || [ -x /usr/lib/systemd/systemd-networkd ]; then
-    mkdir -p /etc/systemd/network
-    printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n' \
-        > /etc/systemd/network/80-devbox-dhcp.network
-    systemctl enable systemd-networkd.service
-    echo "devbox-import: network by systemd-networkd"
-elif [ -f /etc/network/interfaces ]; then
-    mkdir -p /etc/network/interfaces.d
-    for nic in eth0 ens3 enp1s0; do
-        printf 'allow-hotplug %s\niface %s inet dhcp\n' "$nic" "$nic"
-    done > /etc/network/interfaces.d/90-devbox-dhcp
-    grep -q 'interfaces.d' /etc/network/interfaces \
-        || echo 'source /etc/network/interfaces.d/*' >> /etc/network/interfaces
-    echo "devbox-import: network by ifupdown"
-else
-    echo "devbox-import: no network stack found" >&2
-fi
-
-# Debian's and Ubuntu's ssh.service fail without host keys and do not make them; the
-# RHEL family's sshd-keygen does. ssh-keygen -A makes only the missing ones.
-if command -v ssh-keygen >/dev/null 2>&1 && [ -d /etc/systemd/system ]; then
-    cat > /etc/systemd/system/devbox-ssh-keygen.service <<'EOF'
-[Unit]
-Description=Generate missing SSH host keys
-Before=ssh.service sshd.service ssh.socket
-ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-RemainAfterExit=yes
-
-[Install]
-WantedBy=multi-user.target
-EOF
-    systemctl enable devbox-ssh-keygen.service
-fi
-
-# Kernel messages on the serial console, which our console logs read.
-if ! grep -rqs 'console=ttyS0' /etc/default/grub /boot/grub/grub.cfg /boot/grub2/grub.cfg \
-        /boot/loader/entries /boot/extlinux/extlinux.conf /etc/kernel/cmdline; then
-    if command -v grubby >/dev/null 2>&1; then
-        grubby --update-kernel=ALL --args='console=tty0 console=ttyS0,115200n8'
-    elif [ -f /etc/default/grub ] && command -v update-grub >/dev/null 2>&1; then
-        sed -i 's/^GRUB_CMDLINE_LINUX="/&console=tty0 console=ttyS0,115200n8 /' /etc/default/grub
-        update-grub
-    else
-        echo "devbox-import: no serial console configured" >&2
-    fi
-fi
-"""
 
 
 @dataclass(frozen=True)
@@ -406,11 +312,7 @@ class CloudImporter:
 
     def _neutralise(self, disk: Path, work: Path, label: str, keep_cloud_init: bool) -> None:
         script = work / "neutralise.sh"
-        text = NEUTRALISE_SCRIPT
-        if keep_cloud_init:
-            head, rest = text.split("# @CLOUD_INIT@", 1)
-            text = head + rest.split("# @END@", 1)[1]
-        script.write_text(text)
+        script.write_text(neutralise_script(keep_cloud_init=keep_cloud_init))
         commands = work / "neutralise.commands"
         # Last: label what the script wrote, in an SELinux guest (a no-op elsewhere).
         commands.write_text(f"run {script}\n{RELABEL_COMMAND}\n")

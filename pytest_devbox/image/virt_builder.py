@@ -127,6 +127,10 @@ class VirtBuilder:
         uris: list[str] = []
         if self.local_index.is_file():
             uris.append(self.local_index.as_uri())
+        # A cloud image's template is its import, published in the local repository
+        # (image/cloud_import.py): no other index may offer that name.
+        if profile is not None and profile.cloud_image is not None:
+            return uris
         uris += self.repos
         if profile is not None:
             uris += [as_uri(r) for r in profile.repos]
