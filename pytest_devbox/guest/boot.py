@@ -51,6 +51,7 @@ class Launch:
     share: str = ""  # every guest's share instead of the profile's; "": the profile's
     remote_pool: str = DEFAULT_REMOTE_POOL
     code_ids: str = DEFAULT_CODE_IDS  # passthrough: the explicit opt-in (config/code_ids.py)
+    link: domain_xml.PrivateLink | None = None  # a second NIC to a topology's other guest
     log: Log = print
 
     def plan(self, profile: Profile, cache: ImageCache, code_dir: Path) -> Plan:
@@ -86,7 +87,9 @@ def boot(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch) ->
         files = site.files(name)
         reached = plan.reached_paths(files.overlay)
         qemu = qemu_for(virconn, launch.uri, launch.qemu_user, reached, plan.workdir)
-        spec = plan.spec(name, files.overlay, files.console, qemu, keep=launch.keep)
+        spec = plan.spec(
+            name, files.overlay, files.console, qemu, keep=launch.keep, link=launch.link
+        )
         autodestroy = not (launch.keep or launch.keepable)
         seconds = plan.deadline_seconds(launch.boot_timeout)
         domain = create_domain(
@@ -129,7 +132,7 @@ def restore(profile: Profile, cache: ImageCache, code_dir: Path, launch: Launch)
 
         def make_spec(name: str, disk: Path, console: Path) -> domain_xml.DomainSpec:
             # A restored guest ends with its session (it holds a slot): never kept.
-            return plan.spec(name, disk, console, qemu, keep=False)
+            return plan.spec(name, disk, console, qemu, keep=False, link=launch.link)
 
         job = RestoreJob(
             profile=profile,

@@ -31,6 +31,7 @@ from ..log import Log
 from ..result import Result
 from ..transport.exec_channel import OUTPUT_LIMIT
 from ..transport.logins import Logins
+from ..virt.domain_xml import PrivateLink
 from . import boot
 from .boot import Launch, close_quietly
 from .parts import GuestParts
@@ -67,6 +68,8 @@ class Machine:
         self.keepable = parts.keepable
         self._reaper = parts.reaper  # watches a keepable guest until it is kept or destroyed
         self.closed = False
+        self.address: str | None = None
+        """Its address on its topology's private network (guest/topology.py); else None."""
         self._testinfra: dict[str | None, Any] = {}
         self._code: CodeSync | None = None
         if self.share == "sync":
@@ -137,6 +140,7 @@ class Machine:
         sync_exclude: Sequence[str] = (),
         code_ids: str = DEFAULT_CODE_IDS,
         remote_pool: str = DEFAULT_REMOTE_POOL,
+        link: PrivateLink | None = None,
     ) -> Machine:
         """Boot `profile` on a fresh overlay of its cached image and wait until it is usable.
 
@@ -149,7 +153,7 @@ class Machine:
         launch = Launch(
             uri=uri, accel=accel, qemu_user=qemu_user, run_id=run_id, rebuild=rebuild,
             keep=keep, keepable=keepable, boot_timeout=boot_timeout, share=share,
-            remote_pool=remote_pool, code_ids=code_ids, log=log,
+            remote_pool=remote_pool, code_ids=code_ids, link=link, log=log,
         )  # fmt: skip
         parts = boot.boot(profile, cache, code_dir, launch)
         machine = cls(parts, exec_mode=exec_mode, log=log, sync_exclude=sync_exclude)
@@ -173,12 +177,13 @@ class Machine:
         share: str = "",
         sync_exclude: Sequence[str] = (),
         code_ids: str = DEFAULT_CODE_IDS,
+        link: PrivateLink | None = None,
     ) -> Machine:
         """Like `start`, but restore a saved booted guest of `profile` (saving one first
         when there is none yet). RestoreUnavailable when it cannot: boot instead."""
         launch = Launch(
             uri=uri, accel=accel, qemu_user=qemu_user, run_id=run_id, rebuild=rebuild,
-            boot_timeout=boot_timeout, share=share, code_ids=code_ids, log=log,
+            boot_timeout=boot_timeout, share=share, code_ids=code_ids, link=link, log=log,
         )  # fmt: skip
         parts = boot.restore(profile, cache, code_dir, launch)
         machine = cls(parts, exec_mode=exec_mode, log=log, sync_exclude=sync_exclude)

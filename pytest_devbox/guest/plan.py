@@ -107,7 +107,14 @@ class Plan:
         return boot_timeout or BOOT_TIMEOUT[self.accel]
 
     def spec(
-        self, name: str, disk: Path, console: Path, qemu: QemuIdentity, *, keep: bool
+        self,
+        name: str,
+        disk: Path,
+        console: Path,
+        qemu: QemuIdentity,
+        *,
+        keep: bool,
+        link: domain_xml.PrivateLink | None = None,
     ) -> domain_xml.DomainSpec:
         p = self.profile
         return domain_xml.DomainSpec(
@@ -125,6 +132,7 @@ class Plan:
             ids=self.code.ids,
             firmware=p.firmware,
             cpu_level=p.cpu_level,
+            link=link,
         )
 
     def _metadata(self, disk: Path, keep: bool) -> dict[str, str]:

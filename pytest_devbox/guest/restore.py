@@ -130,12 +130,21 @@ _STACKS: dict[str, Stack] = {}
 
 
 def restore_xml(
-    saved: str, *, disk: Path, code_dir: Path, console_log: Path, metadata: Mapping[str, str]
+    saved: str,
+    *,
+    disk: Path,
+    code_dir: Path,
+    console_log: Path,
+    metadata: Mapping[str, str],
+    link: domain_xml.PrivateLink | None = None,
 ) -> str:
     """The XML of a save image (as libvirt gives it) changed for one restore: a disk
-    overlay, /code's directory, the console file and the metadata of its own. libvirt's
-    ABI check lets a restore change these and nothing that the guest can see."""
+    overlay, /code's directory, the console file, the metadata and the private link's
+    ports of its own. libvirt's ABI check lets a restore change these and nothing that
+    the guest can see."""
     root = ET.fromstring(saved)
+    if link is not None:
+        domain_xml.set_link_ports(root, link)
     disk_source = root.find("devices/disk[@device='disk']/source")
     if disk_source is None:
         raise DomainError("the saved guest has no disk: the save image is not one of ours")
@@ -266,6 +275,8 @@ def _key(job: RestoreJob) -> str:
         metadata={},
         genid=True,
     )
+    if spec.link is not None:  # its MAC is the save's; its ports are each restore's
+        spec = dataclasses.replace(spec, link=spec.link.shape())
     return save_key(
         cache_root=job.cache_root,
         image_key=job.image.key,
@@ -311,6 +322,7 @@ def _restore(job: RestoreJob, lease: Lease) -> Restored:
         code_dir=spec.code_dir,
         console_log=console,
         metadata=spec.metadata,
+        link=spec.link,
     )
     _clear_leftover(job, slot.name)
     reaper = Reaper.for_uri(job.virconn.getURI(), CacheLayout(job.cache_root).reaper_log)

@@ -18,7 +18,7 @@ from ..config.option_table import DISTROS, HOW_TO_SELECT, add_options
 from ..config.resolve import resolve_config
 from ..errors import DevboxError
 from ..guest import code_audit
-from . import extras, report
+from . import extras, report, topology
 from .broker import WORKER_INPUT_KEY, WORKER_OUTPUT_KEY
 from .session import DevboxSession, distro_in_nodeid, matrix, open_session
 
@@ -30,6 +30,7 @@ state_key = pytest.StashKey[DevboxSession]()
 _used_key = pytest.StashKey[list["Machine"]]()
 _audit_key = pytest.StashKey[frozenset[code_audit.Finding]]()
 DISTRO_PARAM = "_devbox_distro"
+TOPOLOGY_PARAM = "_devbox_topology"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "devbox(*distros, exclude=()): run this test only on these of the selected devbox "
         "distros, or on all selected but the excluded ones.",
+    )
+    config.addinivalue_line(
+        "markers",
+        "devbox_topology(**roles): the roles of the devbox_topology fixture's guests and "
+        'their distros ("*": each selected one), e.g. server="debian-12", client="*".',
     )
     if config.getoption("help", False) or config.getoption("version", False):
         return
@@ -125,10 +131,13 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if DISTRO_PARAM not in metafunc.fixturenames:
-        return
     state = metafunc.config.stash.get(state_key, None)
-    if state is None:
+    if state is not None and TOPOLOGY_PARAM in metafunc.fixturenames:
+        combos, _why = topology.combinations(state, metafunc.definition)
+        if combos:  # function scope: each test's group is its own
+            ids = [topology.combination_id(c) for c in combos]
+            metafunc.parametrize(TOPOLOGY_PARAM, combos, indirect=True, ids=ids)
+    if DISTRO_PARAM not in metafunc.fixturenames or state is None:
         return
     distros, _why = state.distros_for(metafunc.definition)
     # Session scope: `devbox` and a user's fixture of any scope built on it exist once per
@@ -148,6 +157,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # that skip and give every later test the first test's reason.
             _, why = state.distros_for(item)
             item.add_marker(pytest.mark.skip(reason=why or f"no devbox distro: {HOW_TO_SELECT}"))
+        elif TOPOLOGY_PARAM in getattr(item, "fixturenames", ()) and _roles_of(item) is None:
+            _, why = topology.combinations(state, item)
+            item.add_marker(pytest.mark.skip(reason=why or f"no devbox distro: {HOW_TO_SELECT}"))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -164,6 +176,11 @@ def _distro_of(item: pytest.Item) -> str | None:
     return callspec.params.get(DISTRO_PARAM) if callspec is not None else None
 
 
+def _roles_of(item: pytest.Item) -> dict[str, str] | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(TOPOLOGY_PARAM) if callspec is not None else None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -172,6 +189,8 @@ def pytest_runtest_makereport(
     test_report: pytest.TestReport = outcome.get_result()
     distro = _distro_of(item)
     if distro is None:
+        if _roles_of(item) is not None and test_report.failed:
+            _failed_guests(item, test_report, [])
         return
     # Travels with the report (also through xdist) so the summary can count per distro.
     test_report.devbox_distro = distro  # type: ignore[attr-defined]
@@ -188,18 +207,30 @@ def pytest_runtest_makereport(
         # `devbox` (itself or through a fixture of its own) used it.
         if shared is not None and uses_shared:
             machines.append(shared)
-        fresh: list[Machine] = item.stash.get(_used_key, [])
-        machines += fresh
-        item.stash[extras.FAILED_GUESTS] = machines
-        # By name, with the report (through xdist too): the pool that owns them keeps
-        # them with --devbox-keep-failed (plugin/session.py).
-        test_report.devbox_guests = [m.name for m in machines]  # type: ignore[attr-defined]
-        report.add_guest_sections(test_report, machines)
-        if state is not None and state.settings.keep_failed and machines:
-            report.add_kept_section(test_report, machines, shared)
-        root = state.settings.artifacts_dir if state is not None else None
-        if root is not None and machines:
-            report.add_artifacts(test_report, machines, root, item.nodeid)
+        _failed_guests(item, test_report, machines, shared)
+
+
+def _failed_guests(
+    item: pytest.Item,
+    test_report: pytest.TestReport,
+    machines: list[Machine],
+    shared: Machine | None = None,
+) -> None:
+    """A failed test's guests (`machines` and its fresh ones, a topology's included):
+    their sections in the report; kept with --devbox-keep-failed."""
+    state = item.config.stash.get(state_key, None)
+    fresh: list[Machine] = item.stash.get(_used_key, [])
+    machines = machines + fresh
+    item.stash[extras.FAILED_GUESTS] = machines
+    # By name, with the report (through xdist too): the pool that owns them keeps
+    # them with --devbox-keep-failed (plugin/session.py).
+    test_report.devbox_guests = [m.name for m in machines]  # type: ignore[attr-defined]
+    report.add_guest_sections(test_report, machines)
+    if state is not None and state.settings.keep_failed and machines:
+        report.add_kept_section(test_report, machines, shared)
+    root = state.settings.artifacts_dir if state is not None else None
+    if root is not None and machines:
+        report.add_artifacts(test_report, machines, root, item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -307,3 +338,41 @@ def devbox_fresh(
             _fail_setup(_devbox_distro, error)
         _record(request, machine)
         yield machine
+
+
+@pytest.fixture
+def _devbox_topology(request: pytest.FixtureRequest) -> dict[str, str]:
+    """{role: distro} of this test instance (set by pytest_generate_tests)."""
+    roles: dict[str, str] | None = getattr(request, "param", None)
+    if roles is None:  # pragma: no cover - collection_modifyitems skipped the test
+        pytest.skip(f"no devbox distro selected: {HOW_TO_SELECT}")
+    return roles
+
+
+@pytest.fixture
+def devbox_topology(
+    request: pytest.FixtureRequest, _devbox_topology: dict[str, str]
+) -> Generator[dict[str, Machine], None, None]:
+    """Fresh guests of the test's @pytest.mark.devbox_topology roles on a private network
+    of their own: {role: guest}, each guest a `devbox` handle with `.address`, its
+    address there; each resolves the others' role names. Function scope: the group is
+    started for this test alone (restored from save slots where the stack allows it) and
+    destroyed after it (kept, with ssh lines, by --devbox-keep-failed when it failed).
+    """
+    from ..pool.topology import topology as start_topology
+
+    state = _state(request)
+    for distro in dict.fromkeys(_devbox_topology.values()):
+        _ready(state, distro)
+    label = topology.combination_id(_devbox_topology)
+    with contextlib.ExitStack() as stack:
+        error = ""
+        try:
+            group = stack.enter_context(start_topology(state.pool, _devbox_topology))
+        except DevboxError as e:
+            error = str(e)
+        if error:
+            _fail_setup(f"the topology {label}", error)
+        for machine in group.values():
+            _record(request, machine)
+        yield group

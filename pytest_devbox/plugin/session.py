@@ -287,6 +287,10 @@ class DevboxSession:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         distro = getattr(report, "devbox_distro", None)
         if distro is None:
+            # A topology's test has several distros: not counted per distro, but its
+            # guests are kept with --devbox-keep-failed all the same.
+            if report.failed and self._pool is not None:
+                self._pool.mark_failed(getattr(report, "devbox_guests", ()), report.nodeid)
             return
         # A test has one outcome: any failed phase fails it, a skip beats a pass.
         previous = self.results.get(report.nodeid, (distro, ""))[1]

@@ -23,6 +23,7 @@ from ..host.parallel import limit, run_bounded
 from ..host.probes import resolve_accel
 from ..image.cache import ImageCache
 from ..log import Log
+from ..virt.domain_xml import PrivateLink
 from ..virt.qemu_user import is_local
 from . import kept
 
@@ -215,9 +216,10 @@ class Pool:
         machine.close()
 
     @contextlib.contextmanager
-    def fresh(self, distro: str) -> Iterator[Machine]:
-        """A machine of its own for one test, destroyed at exit (kept with keep=True)."""
-        machine = self._start(distro)
+    def fresh(self, distro: str, *, link: PrivateLink | None = None) -> Iterator[Machine]:
+        """A machine of its own for one test, destroyed at exit (kept with keep=True);
+        with `link`, a second NIC on a private link (pool/topology.py)."""
+        machine = self._start(distro, link)
         self._adopt(machine, shared=False)
         try:
             yield machine
@@ -225,7 +227,7 @@ class Pool:
             if not self.settings.keep and machine.name not in self._failed:
                 machine.close()
 
-    def _start(self, distro: str) -> Machine:
+    def _start(self, distro: str, link: PrivateLink | None = None) -> Machine:
         profile = self.profiles.get(distro)
         if profile is None:
             raise UnknownDistro(
@@ -235,10 +237,10 @@ class Pool:
         stats = self.stats[distro]
         # --devbox-rebuild rebuilds each image once per session, not once per machine.
         rebuild = self.settings.rebuild and distro not in self._rebuilt
-        machine = self._restore(profile, rebuild)
+        machine = self._restore(profile, rebuild, link)
         if machine is None:
             # A restore that got as far as the image rebuilt it already.
-            machine = self._boot(profile, rebuild and distro not in self._rebuilt)
+            machine = self._boot(profile, rebuild and distro not in self._rebuilt, link)
         self._rebuilt.add(distro)
         if machine.started == "restored":
             stats.restores += 1
@@ -253,7 +255,9 @@ class Pool:
             stats.build_seconds = machine.image.build_seconds
         return machine
 
-    def _restore(self, profile: Profile, rebuild: bool) -> Machine | None:
+    def _restore(
+        self, profile: Profile, rebuild: bool, link: PrivateLink | None = None
+    ) -> Machine | None:
         """A restored machine, or None (saying why, once per distro) to boot instead."""
         s = self.settings
         if s.restore == "off" or profile.name in self._boot_only:
@@ -272,7 +276,7 @@ class Pool:
         elif why is None:
             self._rebuilt.add(profile.name)
             try:
-                return Machine.restore(profile, **self._launch_args(profile, rebuild))
+                return Machine.restore(profile, **self._launch_args(profile, rebuild, link))
             except RestoreUnavailable as e:
                 why = str(e)
         self._boot_only[profile.name] = why
@@ -284,7 +288,9 @@ class Pool:
         profile's own share; a remote host's guests sync whatever this says: guest/sites.py)."""
         return code_share(profile, self.settings.share, self.settings.code_ids).share
 
-    def _launch_args(self, profile: Profile, rebuild: bool) -> dict[str, Any]:
+    def _launch_args(
+        self, profile: Profile, rebuild: bool, link: PrivateLink | None = None
+    ) -> dict[str, Any]:
         """What a boot and a restore of this session's guests of `profile` are both told."""
         s = self.settings
         return {
@@ -300,10 +306,11 @@ class Pool:
             "rebuild": rebuild,
             "boot_timeout": s.boot_timeout,
             "exec_mode": s.exec_mode,
+            "link": link,
             "log": self.log,
         }
 
-    def _boot(self, profile: Profile, rebuild: bool) -> Machine:
+    def _boot(self, profile: Profile, rebuild: bool, link: PrivateLink | None = None) -> Machine:
         s = self.settings
         stats = self.stats[profile.name]
         attempts = 1 + max(0, s.boot_retries)
@@ -314,7 +321,7 @@ class Pool:
                     keep=s.keep,
                     keepable=s.keep_failed,
                     remote_pool=s.remote_pool,
-                    **self._launch_args(profile, rebuild),
+                    **self._launch_args(profile, rebuild, link),
                 )
             except BootTimeout as e:
                 if attempt + 1 >= attempts:

@@ -6,6 +6,7 @@ deterministic so golden files are stable. virt/domain.py hands the result to lib
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,38 @@ NET_ALIAS = "ua-devbox-net"
 NETDEV_ID = "host" + NET_ALIAS
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+
+
+@dataclass(frozen=True)
+class PrivateLink:
+    """A guest's second NIC: one end of a point-to-point Ethernet link to another guest
+    of its topology, carried as UDP datagrams between the two QEMUs on 127.0.0.1.
+
+    Why `type='udp'` and not `type='mcast'` (tried here, libvirt 9.0 / QEMU 7.2): libvirt
+    9.0 drops an mcast interface's `<local address>`, so QEMU joins and sends the group on
+    the default route's interface: guest frames would go out onto the host's LAN (TTL 1),
+    not stay on loopback. A udp interface keeps both its ends on 127.0.0.1 (QEMU binds
+    `local`, sends to `source`). A restore may change both ports (libvirt's ABI check
+    does not look at a NIC's source), so the ports are given to each restore and are not
+    part of a save's key; the MAC is (the ABI check compares it), hence one MAC per end.
+    Any local process can send datagrams to these ports: the link isolates groups from
+    each other, not from the host's users.
+    """
+
+    mac: str  # fixed per end: a save of one end restores only as that end
+    local_port: int  # QEMU binds 127.0.0.1:local_port
+    peer_port: int  # and sends to 127.0.0.1:peer_port (the other end's local port)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", self.mac):
+            raise DomainError(f"private link MAC {self.mac!r} must be 52:54:00:xx:xx:xx")
+        for port in (self.local_port, self.peer_port):
+            if not 0 <= port <= 65535:
+                raise DomainError(f"private link port {port} is not a UDP port")
+
+    def shape(self) -> PrivateLink:
+        """The link without its ports: what a save of it depends on."""
+        return PrivateLink(self.mac, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -58,6 +91,8 @@ class DomainSpec:
     # The x86-64 level the guest's userland needs: no XML of its own (TCG's CPU is
     # "maximum", KVM's the host's), checked before the start (virt/domain.py).
     cpu_level: str | None = None
+    # A second NIC on a private link to another guest (a topology); None: the user NIC only.
+    link: PrivateLink | None = None
 
     def __post_init__(self) -> None:
         if not self.name.startswith(NAME_PREFIX):
@@ -142,6 +177,28 @@ def _interface(devices: ET.Element) -> None:
     _sub(iface, "rom", enabled="no")  # no iPXE: we never net-boot, and its banner waits
 
 
+LINK_HOST = "127.0.0.1"
+
+
+def _link_interface(devices: ET.Element, link: PrivateLink) -> None:
+    iface = _sub(devices, "interface", type="udp")
+    _sub(iface, "mac", address=link.mac)
+    source = _sub(iface, "source", address=LINK_HOST, port=str(link.peer_port))
+    _sub(source, "local", address=LINK_HOST, port=str(link.local_port))
+    _sub(iface, "model", type="virtio")
+    _sub(iface, "rom", enabled="no")
+
+
+def set_link_ports(root: ET.Element, link: PrivateLink) -> None:
+    """Point the udp interface of a domain XML (a save's) at `link`'s ports."""
+    source = root.find("devices/interface[@type='udp']/source")
+    local = None if source is None else source.find("local")
+    if source is None or local is None:
+        raise DomainError("the saved guest has no private link NIC: its save key is wrong")
+    source.set("port", str(link.peer_port))
+    local.set("port", str(link.local_port))
+
+
 def _accessmode(share: str, ids: str, qemu_is_root: bool) -> str:
     if share == "9p" and ids == "mapped":
         # QEMU keeps the guest's owner, mode and device numbers in user.virtfs.* xattrs:
@@ -178,6 +235,8 @@ def _devices(parent: ET.Element, spec: DomainSpec) -> None:
     devices = _sub(parent, "devices")
     _disk(devices, spec.disk)
     _interface(devices)
+    if spec.link is not None:
+        _link_interface(devices, spec.link)
     if spec.share != "sync":
         _filesystem(devices, spec)
     _console(devices, spec.console_log)
