@@ -226,7 +226,8 @@ def restore_guest(job: RestoreJob) -> Restored:
         raise RestoreUnavailable(reason)
     saves = SaveCache(job.cache_root)
     key = _key(job)
-    lease = saves.lease(job.profile.name, key)
+    family = _family(job)
+    lease = saves.lease(family, key)
     if lease is None:
         raise RestoreUnavailable(f"all {MAX_SLOTS} restore slots are in use")
     refused = saves.refused(lease.slot) if saves.valid(lease.slot) else ""
@@ -239,7 +240,7 @@ def restore_guest(job: RestoreJob) -> Restored:
             job.log(f"{job.profile.name}: booting a guest to save for restores (once per image)")
             saves.install(lease, lambda state, disk: _save_booted(job, lease, state, disk))
             job.log(f"{job.profile.name}: saved in {time.monotonic() - t0:.1f} s")
-            saves.prune(job.profile.name, key)
+            saves.prune(family, key)
         return _restore(job, lease)
     except NoMemory:
         lease.release()
@@ -265,6 +266,13 @@ def _after_failure(job: RestoreJob, saves: SaveCache, lease: Lease, e: DevboxErr
     else:
         saves.invalidate(lease.slot)
         job.log(f"{job.profile.name}: restore slot {lease.slot.index} failed: rebuilt next time")
+
+
+def _family(job: RestoreJob) -> str:
+    """Whose slots these are: the profile's, or one end of a private link's (its own
+    saves, with that end's NIC), so neither prunes the other's saves when it saves."""
+    link = job.make_spec(domain_xml.NAME_PREFIX + "slot", Path("/disk"), Path("/console")).link
+    return job.profile.name if link is None else f"{job.profile.name}-link{link.mac[-2:]}"
 
 
 def _key(job: RestoreJob) -> str:
