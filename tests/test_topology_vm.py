@@ -36,7 +36,7 @@ share = "9p"
 # Shared by the sessions' test files: a web server on the server role, started in the
 # background as the devbox user; and a client that fetches from it.
 HELPERS = """
-import json, os, time
+import json, os, shlex, time
 from pathlib import Path
 
 SERVE = ("mkdir -p /tmp/www && echo {token} > /tmp/www/token && "
@@ -53,6 +53,26 @@ def serve(guest, port, token):
 def fetch(guest, url):
     return guest.run(FETCH.format(url=url), check=False)
 
+# A UDP listener on the private network: every datagram it gets, broadcasts included,
+# goes to /tmp/udp.log. What another topology's guests send must never arrive here.
+LISTENER = ('import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); '
+            's.bind(("", 9999)); '
+            '[open("/tmp/udp.log", "ab").write(s.recv(100) + b" ") for _ in iter(int, 1)]')
+SENDER = ('import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); '
+          's.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1); '
+          '[s.sendto(sys.argv[1].encode(), (to, 9999)) for _ in range(20) for to in sys.argv[2:]]')
+
+def listen(guest):
+    guest.run(f"nohup python3 -c {shlex.quote(LISTENER)} >/dev/null 2>&1 & "
+              "for i in $(seq 50); do ss -lun | grep -q ':9999 ' && exit 0; sleep 0.2; done; "
+              "exit 1")
+
+def send(guest, text, *to):
+    guest.run(f"python3 -c {shlex.quote(SENDER)} {text} {' '.join(to)}")
+
+def heard(guest):
+    return guest.run("cat /tmp/udp.log 2>/dev/null", check=False).stdout
+
 def signal_ready(data):
     Path(os.environ["TOPO_READY"]).write_text(json.dumps(data))
 
@@ -64,13 +84,15 @@ def wait_done():
 """
 HOLDING = """
 import pytest
-from helpers import fetch, serve, signal_ready, wait_done
+from helpers import fetch, heard, listen, serve, signal_ready, wait_done
 
 @pytest.mark.devbox_topology(server="debian-12", client="debian-11-9p")
 def test_holds(devbox_topology):
     server, client = devbox_topology["server"], devbox_topology["client"]
     assert server.address == "10.77.0.1" and client.address == "10.77.0.2"
     serve(server, 8077, "from-a")
+    listen(server)
+    listen(client)
     by_address = fetch(client, f"http://{server.address}:8077/token")
     assert by_address.stdout.strip() == "from-a", by_address
     by_name = fetch(client, "http://server:8077/token")
@@ -79,10 +101,14 @@ def test_holds(devbox_topology):
     assert hosts == ["10.77.0.1", "server", "10.77.0.2", "client"], hosts
     signal_ready({role: g.name for role, g in devbox_topology.items()})
     wait_done()
+    # Nothing the other topology sent (unicast to these addresses, broadcast) got here.
+    assert "from-b" not in heard(server) + heard(client)
 """
 OTHER = """
+import time
+
 import pytest
-from helpers import fetch, serve
+from helpers import fetch, heard, listen, send, serve
 
 @pytest.mark.devbox_topology(server="debian-12", client="debian-11-9p")
 def test_sees_only_its_own(devbox_topology):
@@ -95,6 +121,15 @@ def test_sees_only_its_own(devbox_topology):
     other = fetch(client, f"http://{server.address}:8077/token")
     assert other.exit_status != 0 and "from-a" not in other.stdout, other
     assert "from-a" not in fetch(server, "http://10.77.0.1:8077/token").stdout
+    # Datagrams to both addresses and the broadcast address reach this topology's own
+    # listener (the probe works); the holding topology checks that none reached it.
+    listen(server)
+    send(client, "from-b", "10.77.0.1", "10.77.0.2", "10.77.0.255")
+    for _ in range(20):
+        if "from-b" in heard(server):
+            break
+        time.sleep(0.5)
+    assert "from-b" in heard(server)
 """
 
 
