@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -133,6 +134,16 @@ def test_sees_only_its_own(devbox_topology):
 """
 
 
+FAILING = """
+import pytest
+
+@pytest.mark.devbox_topology(server="debian-12", client="debian-11-9p")
+def test_fails(devbox_topology):
+    devbox_topology["server"].run("touch /tmp/kept-here")
+    assert devbox_topology["client"].address == "nowhere"
+"""
+
+
 def _project(tmp_path: Path, name: str, test: str) -> Path:
     d = tmp_path / name
     d.mkdir()
@@ -142,11 +153,11 @@ def _project(tmp_path: Path, name: str, test: str) -> Path:
     return d
 
 
-def _session(project: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def _session(project: Path, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
     argv = [
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly",
         "--devbox=debian-12,debian-11-9p", "--devbox-offline",
-        f"--devbox-cache={default_cache_dir()}", "-v", "-rs", "test_it.py",
+        f"--devbox-cache={default_cache_dir()}", "-v", "-rs", *extra, "test_it.py",
     ]  # fmt: skip
     return subprocess.Popen(
         argv,
@@ -238,3 +249,35 @@ def test_kill_9_leaves_no_guest_and_no_link_socket(tmp_path: Path) -> None:
         assert not ports & _udp_ports_bound(), "a link socket outlived its guests"
     finally:
         _stop(proc)
+
+
+def _devbox(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "pytest_devbox.cli", *args, "--cache", str(default_cache_dir())]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_keep_failed_keeps_the_whole_group_with_ssh_lines(tmp_path: Path) -> None:
+    proc = _session(_project(tmp_path, "a", FAILING), {}, "--devbox-keep-failed")
+    out, _ = proc.communicate(timeout=1200)
+    ours = [n for n, m in system_domains().items() if m.get("owner_pid") == str(proc.pid)]
+    try:
+        assert proc.returncode == 1, out
+        assert len(ours) == 2, out  # the server and the client, nothing else
+        lines = {n: next(ln for ln in out.splitlines() if n in ln and "kept running" in ln)
+                 for n in ours}  # fmt: skip
+        probes = {}
+        for name, line in lines.items():
+            argv = shlex.split(line.split("): ", 1)[1])
+            probes[name] = subprocess.run(
+                [*argv, "-o", "BatchMode=yes", "ls /tmp; getent hosts server"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+        # Both reachable by their lines; the server has what the test left; both still
+        # name the server on their private network.
+        assert all(p.returncode == 0 for p in probes.values()), probes
+        assert sum("kept-here" in p.stdout.split() for p in probes.values()) == 1, probes
+        assert all("10.77.0.1" in p.stdout for p in probes.values()), probes
+    finally:
+        destroyed = _devbox("destroy", *ours) if ours else None
+    assert destroyed is not None and destroyed.returncode == 0, destroyed
+    assert not set(ours) & set(system_domains())
