@@ -134,6 +134,23 @@ def test_sees_only_its_own(devbox_topology):
 """
 
 
+# Two topologies under pytest-xdist: each test's group is started by the worker that
+# runs it, and records which worker that was.
+XDIST = """
+import os
+import pytest
+from helpers import fetch, serve
+
+@pytest.mark.devbox_topology(server="debian-12", client="debian-11-9p")
+def test_one(devbox_topology):
+    serve(devbox_topology["server"], 8079, os.environ["PYTEST_XDIST_WORKER"])
+    got = fetch(devbox_topology["client"], "http://server:8079/token").stdout.strip()
+    assert got == os.environ["PYTEST_XDIST_WORKER"]
+
+@pytest.mark.devbox_topology(server="debian-11-9p", client="debian-12")
+def test_other(devbox_topology):
+    test_one(devbox_topology)
+"""
 FAILING = """
 import pytest
 
@@ -281,3 +298,13 @@ def test_keep_failed_keeps_the_whole_group_with_ssh_lines(tmp_path: Path) -> Non
         destroyed = _devbox("destroy", *ours) if ours else None
     assert destroyed is not None and destroyed.returncode == 0, destroyed
     assert not set(ours) & set(system_domains())
+
+
+def test_topologies_under_xdist_belong_to_their_worker(tmp_path: Path) -> None:
+    pytest.importorskip("xdist")
+    proc = _session(_project(tmp_path, "a", XDIST), {}, "-n", "2")
+    out, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0 and "2 passed" in out, out
+    # Both ran in workers (each client fetched the token its own worker's server wrote).
+    passed = [ln for ln in out.splitlines() if "PASSED" in ln and ln.startswith("[gw")]
+    assert len(passed) == 2, out
