@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DevboxError, DomainError
 from pytest_devbox.guest.restore import restore_xml
 from pytest_devbox.guest.topology import address_of, check_role, join_command
-from pytest_devbox.pool.topology import check_roles, free_udp_ports, mac_of
+from pytest_devbox.pool.link_hub import Hub
+from pytest_devbox.pool.topology import MAX_ROLES, check_roles, free_udp_ports, host_of, mac_of
 from pytest_devbox.virt import domain_xml
 from pytest_devbox.virt.domain_xml import DomainSpec, PrivateLink, build_xml
 
@@ -125,12 +127,14 @@ def test_free_udp_ports_are_distinct_and_free() -> None:
             s.bind((domain_xml.LINK_HOST, port))
 
 
-def test_roles_are_host_names_and_two() -> None:
+def test_roles_are_host_names_two_to_eight() -> None:
     assert check_role("db-1") == "db-1"
     with pytest.raises(DevboxError, match="not a host name"):
         check_role("Server_1")
-    with pytest.raises(DevboxError, match="exactly 2 roles"):
-        check_roles({"a": "debian-12", "b": "debian-12", "c": "debian-12"})
+    check_roles({"a": "debian-12", "b": "debian-12", "c": "debian-12"})
+    for count in (1, MAX_ROLES + 1):
+        with pytest.raises(DevboxError, match=f"2 to {MAX_ROLES} roles"):
+            check_roles({f"r{i}": "debian-12" for i in range(count)})
     assert address_of(2) == "10.77.0.2"
 
 
@@ -212,7 +216,7 @@ def test_a_role_on_an_unselected_distro_skips(pytester: pytest.Pytester) -> None
     [
         ('("debian-12")', "takes role=distro keywords"),
         ('(server="debain-12", client="*")', "role server='debain-12' names no known distro"),
-        ('(server="*")', "exactly 2 roles"),
+        ('(server="*")', "has 2 to 8 roles"),
         ('(Server="*", client="*")', "not a host name"),
         ("", "needs @pytest.mark.devbox_topology("),
     ],
@@ -228,3 +232,53 @@ def test_bad_marker_arguments_say_how(pytester: pytest.Pytester, marker: str, sa
 def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.devbox_topology(**roles):*"])
+
+
+def test_a_group_runs_on_one_host_and_a_hub_only_on_this_one() -> None:
+    two = {"server": "debian-12", "client": "debian-11"}
+    three = {**two, "db": "debian-12"}
+    remote = "qemu+ssh://builder@farm/system"
+    assert host_of(Settings(uri="qemu:///system"), three) == "qemu:///system"
+    assert host_of(Settings(uri=remote), two) == remote  # a direct link works there
+    with pytest.raises(DevboxError, match="needs its guests on this host"):
+        host_of(Settings(uri=remote), three)
+    split = Settings(uri="qemu:///system", hosts=(("debian-11", remote),))
+    with pytest.raises(DevboxError, match="run on one libvirt host"):
+        host_of(split, two)
+
+
+def _member() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((domain_xml.LINK_HOST, 0))
+    s.settimeout(5)
+    return s
+
+
+def test_the_hub_relays_each_frame_to_the_other_members_only() -> None:
+    members = [_member() for _ in range(3)]
+    stranger = _member()
+    ports = [m.getsockname()[1] for m in members]
+    try:
+        with Hub(ports) as hub:
+            to_hub = (domain_xml.LINK_HOST, hub.port)
+            stranger.sendto(b"from outside", to_hub)
+            members[0].sendto(b"frame-0", to_hub)
+            for m in members[1:]:
+                assert m.recvfrom(100) == (b"frame-0", to_hub)
+            members[2].sendto(b"frame-2", to_hub)
+            for m in members[:2]:
+                assert m.recv(100) == b"frame-2"  # never the stranger's datagram
+            members[0].settimeout(0.3)
+            with pytest.raises(socket.timeout):  # its own frames do not come back
+                members[0].recv(100)
+            assert (hub.relayed, hub.dropped) == (2, 1)
+        # Closed: nothing is relayed any more, and its port is free again.
+        members[0].sendto(b"after", to_hub)
+        members[1].settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            members[1].recv(100)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(to_hub)
+    finally:
+        for s in [*members, stranger]:
+            s.close()

@@ -1,7 +1,8 @@
 """Topologies on real guests (VM tier): a client on debian-11 (9p) reaches a server on
 debian-12 over their private network, by address and by role name; a guest of another
-topology running at the same time cannot reach them; kill -9 of the pytest session
-leaves no guest and no socket of the link behind.
+topology running at the same time (three roles, so through its hub) cannot reach them;
+kill -9 of the pytest session leaves no guest and no socket of the link behind;
+--devbox-keep-failed keeps a whole group; xdist workers start their own groups.
 
 Each test runs pytest sessions of its own with the plugin (the marker and the fixture
 as a user has them). The first run on a cache saves each end's guests once.
@@ -111,26 +112,30 @@ import time
 import pytest
 from helpers import fetch, heard, listen, send, serve
 
-@pytest.mark.devbox_topology(server="debian-12", client="debian-11-9p")
+# Three roles: their frames go through the group's hub (two have a direct link).
+@pytest.mark.devbox_topology(server="debian-12", client="debian-11-9p", peer="debian-12")
 def test_sees_only_its_own(devbox_topology):
-    server, client = devbox_topology["server"], devbox_topology["client"]
+    server, client, peer = (devbox_topology[r] for r in ("server", "client", "peer"))
+    assert peer.address == "10.77.0.3"
     serve(server, 8078, "from-b")
-    # Its own link works ...
+    # Its own network works, between any two of its guests ...
     assert fetch(client, f"http://{server.address}:8078/token").stdout.strip() == "from-b"
+    assert fetch(peer, "http://server:8078/token").stdout.strip() == "from-b"
     # ... and the other topology's server (same address, port 8077) is not on it: the
     # address is this topology's server, which does not listen there.
     other = fetch(client, f"http://{server.address}:8077/token")
     assert other.exit_status != 0 and "from-a" not in other.stdout, other
     assert "from-a" not in fetch(server, "http://10.77.0.1:8077/token").stdout
-    # Datagrams to both addresses and the broadcast address reach this topology's own
-    # listener (the probe works); the holding topology checks that none reached it.
+    # Datagrams to every address and the broadcast address reach this topology's own
+    # listeners (the probe works); the holding topology checks that none reached it.
     listen(server)
-    send(client, "from-b", "10.77.0.1", "10.77.0.2", "10.77.0.255")
+    listen(peer)
+    send(client, "from-b", "10.77.0.1", "10.77.0.2", "10.77.0.3", "10.77.0.255")
     for _ in range(20):
-        if "from-b" in heard(server):
+        if "from-b" in heard(server) and "from-b" in heard(peer):
             break
         time.sleep(0.5)
-    assert "from-b" in heard(server)
+    assert "from-b" in heard(server) and "from-b" in heard(peer)
 """
 
 

@@ -32,8 +32,9 @@ ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
 @dataclass(frozen=True)
 class PrivateLink:
-    """A guest's second NIC: one end of a point-to-point Ethernet link to another guest
-    of its topology, carried as UDP datagrams between the two QEMUs on 127.0.0.1.
+    """A guest's second NIC on its topology's private network: Ethernet frames carried as
+    UDP datagrams on 127.0.0.1, to the other guest's QEMU or to the group's hub
+    (pool/topology.py says which).
 
     Why `type='udp'` and not `type='mcast'` (tried here, libvirt 9.0 / QEMU 7.2): libvirt
     9.0 drops an mcast interface's `<local address>`, so QEMU joins and sends the group on
@@ -48,7 +49,7 @@ class PrivateLink:
 
     mac: str  # fixed per end: a save of one end restores only as that end
     local_port: int  # QEMU binds 127.0.0.1:local_port
-    peer_port: int  # and sends to 127.0.0.1:peer_port (the other end's local port)
+    peer_port: int  # and sends to 127.0.0.1:peer_port (the other end's, or the hub's)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", self.mac):
