@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .errors import BootTimeout, CommandFailed, CommandTimeout, DevboxError
     from .guest.machine import Machine
     from .pool.pool import Pool
+    from .pool.topology import topology
     from .result import Result
 
 _EXPORTS = {
@@ -28,6 +29,7 @@ _EXPORTS = {
     "CommandFailed": "errors",
     "CommandTimeout": "errors",
     "BootTimeout": "errors",
+    "topology": "pool.topology",
 }
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Result",
     "Settings",
     "load_profiles",
+    "topology",
 ]
 
 

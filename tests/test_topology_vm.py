@@ -156,6 +156,25 @@ def test_one(devbox_topology):
 def test_other(devbox_topology):
     test_one(devbox_topology)
 """
+# A group of the user's own scope: one per module, shared by its tests, gone after it.
+MODULE = """
+import pytest
+from helpers import fetch, serve
+from pytest_devbox import topology
+
+@pytest.fixture(scope="module")
+def pair(devbox_pool):
+    with topology(devbox_pool, {"server": "debian-12", "client": "debian-11-9p"}) as group:
+        yield group
+
+def test_first(pair):
+    serve(pair["server"], 8080, "kept-for-the-module")
+
+def test_second_sees_the_same_group(pair):
+    got = fetch(pair["client"], "http://server:8080/token").stdout.strip()
+    assert got == "kept-for-the-module"
+    print("GROUP", " ".join(g.name for g in pair.values()))
+"""
 FAILING = """
 import pytest
 
@@ -313,3 +332,11 @@ def test_topologies_under_xdist_belong_to_their_worker(tmp_path: Path) -> None:
     # Both ran in workers (each client fetched the token its own worker's server wrote).
     passed = [ln for ln in out.splitlines() if "PASSED" in ln and ln.startswith("[gw")]
     assert len(passed) == 2, out
+
+
+def test_a_group_of_module_scope_serves_the_module_and_goes_after_it(tmp_path: Path) -> None:
+    proc = _session(_project(tmp_path, "a", MODULE), {}, "-s")
+    out, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0 and "2 passed" in out, out
+    names = next(ln.split("GROUP ")[1].split()[:2] for ln in out.splitlines() if "GROUP " in ln)
+    assert len(names) == 2 and not set(names) & set(system_domains()), out

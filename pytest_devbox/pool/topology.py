@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 
+from ..config.profiles import canonical
 from ..config.settings import Settings
 from ..errors import DevboxError
 from ..guest.machine import Machine
@@ -71,7 +72,12 @@ def check_roles(roles: Mapping[str, str]) -> None:
 def topology(pool: Pool, roles: Mapping[str, str]) -> Iterator[dict[str, Machine]]:
     """Fresh guests {role: Machine} of `roles` ({role: distro}, in end order) on a
     private network, each with `.address`; all destroyed at exit (kept as `fresh`
-    keeps them: --devbox-keep, or --devbox-keep-failed for a failed test's)."""
+    keeps them: --devbox-keep, or --devbox-keep-failed for a failed test's).
+
+    The devbox_topology fixture's group lives for one test; a fixture of the user's
+    own scope gets one from `with topology(devbox_pool, {...}) as group: yield group`.
+    """
+    roles = {role: canonical(distro, pool.profiles) for role, distro in roles.items()}
     check_roles(roles)
     host_of(pool.settings, roles)
     names = list(roles)
