@@ -23,6 +23,9 @@ def test_public_names() -> None:
     assert pytest_devbox.Pool is pool.Pool
     assert pytest_devbox.Settings is settings.Settings
     assert pytest_devbox.load_profiles is profiles.load_profiles
+    from pytest_devbox.pool import topology
+
+    assert pytest_devbox.topology is topology.topology
     assert set(pytest_devbox.__all__) == {
         "Machine",
         "Pool",
@@ -34,6 +37,7 @@ def test_public_names() -> None:
         "CommandFailed",
         "CommandTimeout",
         "BootTimeout",
+        "topology",
     }
 
 
