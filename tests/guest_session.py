@@ -10,6 +10,14 @@ from pytest_devbox.config.settings import DEFAULT_URI
 from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.virt import domain as dom
 
+# A project's pyproject.toml that adds the 9p profile debian-11-9p (debian-11 sharing
+# /code over 9p), for sessions that start guests of it.
+NINE_P_PROJECT = """\
+[tool.pytest-devbox.distros.debian-11-9p]
+extends = "debian-11"
+share = "9p"
+"""
+
 
 def system_domains(uri: str = DEFAULT_URI) -> dict[str, dict[str, str]]:
     """Every devbox domain at `uri` (the host's libvirtd), name -> its devbox metadata."""

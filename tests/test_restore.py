@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from guest_session import NINE_P_PROJECT
 
 from pytest_devbox.config.profiles import Profile, load_profiles
 from pytest_devbox.config.settings import Settings
@@ -28,11 +29,7 @@ from pytest_devbox.virt import domain as dom
 pytestmark = pytest.mark.vm
 
 URI = "qemu:///system"
-PROJECT = """
-[tool.pytest-devbox.distros.debian-11-9p]
-extends = "debian-11"
-share = "9p"
-"""
+PROJECT = NINE_P_PROJECT
 
 
 @pytest.fixture(scope="module")

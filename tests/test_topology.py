@@ -16,8 +16,8 @@ from pytest_devbox.config.settings import Settings
 from pytest_devbox.errors import DevboxError, DomainError
 from pytest_devbox.guest.restore import restore_xml
 from pytest_devbox.guest.topology import address_of, check_role, join_command
-from pytest_devbox.pool.link_hub import Hub
-from pytest_devbox.pool.topology import MAX_ROLES, check_roles, free_udp_ports, host_of, mac_of
+from pytest_devbox.pool.link_hub import Hub, free_udp_ports
+from pytest_devbox.pool.topology import MAX_ROLES, check_roles, host_of, mac_of
 from pytest_devbox.virt import domain_xml
 from pytest_devbox.virt.domain_xml import DomainSpec, PrivateLink, build_xml
 

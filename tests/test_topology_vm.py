@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from guest_session import system_domains
+from guest_session import NINE_P_PROJECT, system_domains
 
 from pytest_devbox.host.layout import default_cache_dir
 from pytest_devbox.virt import domain as dom
@@ -30,11 +30,7 @@ from pytest_devbox.virt import domain as dom
 pytestmark = pytest.mark.vm
 
 URI = "qemu:///system"
-PROJECT = """
-[tool.pytest-devbox.distros.debian-11-9p]
-extends = "debian-11"
-share = "9p"
-"""
+PROJECT = NINE_P_PROJECT
 # Shared by the sessions' test files: a web server on the server role, started in the
 # background as the devbox user; and a client that fetches from it.
 HELPERS = """

@@ -268,15 +268,9 @@ def _after_failure(job: RestoreJob, saves: SaveCache, lease: Lease, e: DevboxErr
         job.log(f"{job.profile.name}: restore slot {lease.slot.index} failed: rebuilt next time")
 
 
-def _family(job: RestoreJob) -> str:
-    """Whose slots these are: the profile's, or one end of a private link's (its own
-    saves, with that end's NIC), so neither prunes the other's saves when it saves."""
-    link = job.make_spec(domain_xml.NAME_PREFIX + "slot", Path("/disk"), Path("/console")).link
-    return job.profile.name if link is None else f"{job.profile.name}-link{link.mac[-2:]}"
-
-
-def _key(job: RestoreJob) -> str:
-    # The XML without what differs per guest (name, paths, metadata): its shape only.
+def _shape(job: RestoreJob) -> domain_xml.DomainSpec:
+    """The spec of the job's guests without what differs per guest (name, paths,
+    metadata, a private link's ports): what a save depends on."""
     spec = dataclasses.replace(
         job.make_spec(domain_xml.NAME_PREFIX + "slot", Path("/disk"), Path("/console")),
         code_dir=Path("/code"),
@@ -285,6 +279,18 @@ def _key(job: RestoreJob) -> str:
     )
     if spec.link is not None:  # its MAC is the save's; its ports are each restore's
         spec = dataclasses.replace(spec, link=spec.link.shape())
+    return spec
+
+
+def _family(job: RestoreJob) -> str:
+    """Whose slots these are: the profile's, or one end of a private link's (its own
+    saves, with that end's NIC), so neither prunes the other's saves when it saves."""
+    link = _shape(job).link
+    return job.profile.name if link is None else f"{job.profile.name}-link{link.mac[-2:]}"
+
+
+def _key(job: RestoreJob) -> str:
+    spec = _shape(job)
     return save_key(
         cache_root=job.cache_root,
         image_key=job.image.key,

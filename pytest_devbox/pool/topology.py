@@ -28,7 +28,7 @@ from ..virt.qemu_user import is_local
 from .link_hub import Hub, free_udp_ports
 from .pool import Pool
 
-__all__ = ["MAX_ROLES", "check_roles", "free_udp_ports", "host_of", "mac_of", "topology"]
+__all__ = ["MAX_ROLES", "check_roles", "host_of", "mac_of", "topology"]
 
 MAX_ROLES = 8  # each end has save slots of its own (its MAC): a few, not a fleet
 
